@@ -1,0 +1,119 @@
+"""Nested configuration dictionaries with declared defaults and dotted-key updates.
+
+Every component of the toolkit declares its defaults next to its code as
+``get_default_config(updates=None) -> ConfigDict``.  A ``ConfigDict`` is an attribute
+dictionary that refuses unknown keys, so a misspelt config key fails at once with the
+closest valid names instead of being silently ignored.  It has no dependency beyond the
+standard library, so the same code runs on machines without ``ml_collections``.
+"""
+import copy
+import difflib
+import json
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot work; the message names the key."""
+
+
+class ConfigDict(dict):
+    """A dict with attribute access whose set of keys is fixed by its defaults."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        for key, value in dict(*args, **kwargs).items():
+            dict.__setitem__(self, key, _wrap(value))
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        if name not in self:
+            raise ConfigError(unknown_key_message(name, self.keys()))
+        self[name] = _wrap(value)
+
+    def __deepcopy__(self, memo):
+        return ConfigDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+    def copy_and_update(self, updates=None, prefix=""):
+        config = copy.deepcopy(self)
+        if updates:
+            config.update_from(updates, prefix)
+        return config
+
+    def update_from(self, updates, prefix=""):
+        """Apply nested or dotted updates; unknown keys raise ``ConfigError``."""
+        if isinstance(updates, str):
+            updates = json.loads(updates)
+        for key, value in dict(updates).items():
+            head, _, rest = key.partition(".")
+            full = f"{prefix}{head}"
+            if head not in self:
+                raise ConfigError(unknown_key_message(full, self.keys(), prefix))
+            current = self[head]
+            if rest:
+                if not isinstance(current, ConfigDict):
+                    raise ConfigError(f"config key '{full}' is a value, not a group; "
+                                      f"'{full}.{rest}' does not exist")
+                current.update_from({rest: value}, full + ".")
+            elif isinstance(current, ConfigDict) and isinstance(value, dict):
+                current.update_from(value, full + ".")
+            else:
+                self[head] = coerce_like(current, value, full)
+        return self
+
+    def flatten(self, prefix=""):
+        """``{'a.b': value}`` for every leaf."""
+        flat = {}
+        for key, value in self.items():
+            if isinstance(value, ConfigDict):
+                flat.update(value.flatten(f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    def to_dict(self):
+        return {k: v.to_dict() if isinstance(v, ConfigDict) else v for k, v in self.items()}
+
+
+def _wrap(value):
+    if isinstance(value, dict) and not isinstance(value, ConfigDict):
+        return ConfigDict(value)
+    return value
+
+
+def unknown_key_message(key, valid, prefix=""):
+    valid = [f"{prefix}{k}" for k in valid]
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown config key '{key}'.{hint}"
+
+
+def coerce_like(default, value, key):
+    """Convert a command-line or JSON value to the type of its default."""
+    if default is None or value is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return value if isinstance(value, str) else json.dumps(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': cannot use {value!r} where a "
+                          f"{type(default).__name__} is expected (default {default!r})") from None
+    return value

@@ -1,0 +1,125 @@
+"""Toolkit checkpoint -> a directory ``transformers.LlamaForCausalLM.from_pretrained`` loads.
+
+    python -m EasyLM.models.llama.convert_easylm_to_hf --load_checkpoint params::PATH \
+        --output_dir DIR [--dtype fp32|bf16|fp16] [--tokenizer_path TOKENIZER]
+
+The model config comes from the checkpoint (``params::`` or ``trainstate::``).  Weights are
+written as safetensors shards of at most ``--max_shard_size`` bytes with an index, the
+tokenizer (a SentencePiece ``.model`` file or a Hugging Face tokenizer directory) beside them.
+:func:`export` is the extension point for other model classes: it takes the tensor stream
+and the ``config.json`` contents separately.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
+from EasyLM.models.llama.hf_layout import native_to_hf
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def write_safetensors(tensors, output_dir, dtype="fp32", max_shard_size=5 * 2 ** 30):
+    """Write ``(name, array)`` pairs as sharded safetensors with ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+    shards, current, current_size = [], {}, 0
+
+    def flush():
+        nonlocal current, current_size
+        if current:
+            shards.append(current)
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(current, os.path.join(output_dir, name), metadata={"format": "pt"})
+            shards[-1] = (name, list(current))
+            current, current_size = {}, 0
+
+    total = 0
+    for name, array in tensors:
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32)).to(TORCH_DTYPES[dtype])
+        size = tensor.numel() * tensor.element_size()
+        if current and current_size + size > max_shard_size:
+            flush()
+        current[name] = tensor.contiguous()
+        current_size += size
+        total += size
+    flush()
+    if len(shards) == 1:
+        os.rename(os.path.join(output_dir, shards[0][0]),
+                  os.path.join(output_dir, "model.safetensors"))
+        return
+    renamed = {}
+    for i, (old, names) in enumerate(shards, 1):
+        new = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(os.path.join(output_dir, old), os.path.join(output_dir, new))
+        renamed.update({n: new for n in names})
+    with open(os.path.join(output_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": renamed}, f, indent=2)
+
+
+def copy_tokenizer(tokenizer_path, output_dir):
+    """Copy a HF tokenizer directory, or wrap a SentencePiece model as a LLaMA tokenizer."""
+    if os.path.isdir(tokenizer_path):
+        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_path, f))]
+        if not copied:
+            raise FileNotFoundError(f"{tokenizer_path} holds none of {TOKENIZER_FILES}")
+        for name in copied:
+            shutil.copy(os.path.join(tokenizer_path, name), output_dir)
+        return
+    if not os.path.exists(tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
+    if tokenizer_path.endswith(".json"):
+        shutil.copy(tokenizer_path, os.path.join(output_dir, "tokenizer.json"))
+        return
+    from transformers import LlamaTokenizer
+    LlamaTokenizer(vocab_file=tokenizer_path).save_pretrained(output_dir)
+
+
+def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
+           max_shard_size=5 * 2 ** 30, extra_files=()):
+    """Write a Hugging Face model directory from a tensor stream and ``config.json`` dict."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_safetensors(tensors, output_dir, dtype, max_shard_size)
+    hf_config = dict(hf_config, torch_dtype={"fp32": "float32", "bf16": "bfloat16",
+                                             "fp16": "float16"}[dtype])
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    for path in extra_files:
+        shutil.copy(path, output_dir)
+    if tokenizer_path:
+        copy_tokenizer(tokenizer_path, output_dir)
+
+
+def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
+            max_shard_size=5 * 2 ** 30):
+    _, path = parse_checkpoint_spec(load_checkpoint)
+    config = load_llama_config(path)
+    params = load_params(load_checkpoint)["params"]
+    export(native_to_hf(params, config), config.to_hf_dict(), output_dir, dtype,
+           tokenizer_path, max_shard_size)
+    return config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load_checkpoint", required=True,
+                        help="params::PATH or trainstate::PATH")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(TORCH_DTYPES))
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="SentencePiece .model file or Hugging Face tokenizer directory")
+    parser.add_argument("--max_shard_size", type=int, default=5 * 2 ** 30,
+                        help="bytes per safetensors shard")
+    args = parser.parse_args(argv)
+    convert(args.load_checkpoint, args.output_dir, args.dtype, args.tokenizer_path,
+            args.max_shard_size)
+    print(f"wrote {os.path.abspath(args.output_dir)}")
+
+
+if __name__ == "__main__":
+    main()

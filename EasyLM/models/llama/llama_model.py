@@ -1,0 +1,469 @@
+"""LLaMA with FoT memory layers: config, Flax modules and partition rules.
+
+The parameter tree follows EasyLM's names (``transformer/h/<i>/attention/wq/kernel`` ...), so
+sharding rules and converters address parameters by regex on those paths.  Memory layers
+(``mem_layers``) have the same parameters as ordinary layers; only their attention differs:
+with ``cross_batch_range > 0`` they run cross-batch attention (:mod:`FoT.cross_batch`).
+"""
+import copy
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as PS
+
+from EasyLM.jax_utils import BATCH_AXES, with_sharding_constraint
+from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
+from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
+from FoT.cross_batch import cross_batch_core
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("", "none", "nothing_saveable", "everything_saveable", "dots_saveable",
+                  "checkpoint_dots", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass
+class LLaMAConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    max_sequence_length: int = 2048
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    # FoT memory layers and cross-batch training (FOT_SPEC section 2).
+    mem_layers: tuple = ()
+    cross_batch_range: int = 0
+    cross_batch_stepping: bool = False
+    dataset_packing: int = 1
+    scan_cross_batch: bool = False
+    flip_sharding_in_cross_batch: bool = False
+    # "auto": pallas on GPU/TPU, reference on CPU ("blockwise" when scan_cross_batch is set).
+    cross_batch_implementation: str = "auto"
+    cross_batch_block_size: int = 512
+    # Non-memory layers: "auto" is cuDNN fused attention on GPU and XLA elsewhere.
+    attention_implementation: str = "auto"
+    remat_block: str = ""
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.mem_layers = tuple(int(i) for i in (self.mem_layers or ()))
+        self.validate()
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple "
+                             f"of num_key_value_heads {self.num_key_value_heads}")
+        bad = [i for i in self.mem_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"mem_layers {list(self.mem_layers)}: indices {bad} are out of "
+                             f"range for a model of {self.num_hidden_layers} layers "
+                             f"(valid: 0..{self.num_hidden_layers - 1})")
+        if self.cross_batch_range < 0 or self.dataset_packing < 1:
+            raise ValueError("cross_batch_range must be >= 0 and dataset_packing >= 1")
+        if self.cross_batch_implementation not in ("auto",) + CROSS_BATCH_IMPLEMENTATIONS:
+            raise ValueError(f"cross_batch_implementation {self.cross_batch_implementation!r}: "
+                             f"choose one of {('auto',) + CROSS_BATCH_IMPLEMENTATIONS}")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation {self.attention_implementation!r}: "
+                             f"choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.remat_block not in REMAT_POLICIES:
+            raise ValueError(f"remat_block {self.remat_block!r}: choose one of "
+                             f"{REMAT_POLICIES}")
+        inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    def replace(self, **updates):
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(updates) - fields)
+        if unknown:
+            raise ValueError(f"unknown LLaMA config fields {unknown}; valid fields: "
+                             f"{sorted(fields)}")
+        return dataclasses.replace(self, **updates)
+
+    def to_dict(self):
+        out = dataclasses.asdict(self)
+        out["mem_layers"] = list(self.mem_layers)
+        return out
+
+    def to_json_file(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls().replace(**values) if values else cls()
+
+    @classmethod
+    def from_hf_config(cls, hf, **overrides):
+        """A Hugging Face ``LlamaConfig`` (object or ``config.json`` dict) -> ``LLaMAConfig``."""
+        hf = hf if isinstance(hf, dict) else hf.to_dict()
+        model_type = hf.get("model_type")
+        architectures = hf.get("architectures") or []
+        if model_type not in ("llama", "fot_llama") or any(
+                "Llama" not in a for a in architectures):
+            raise ValueError(f"unsupported Hugging Face architecture: model_type={model_type!r}, "
+                             f"architectures={architectures}; only LLaMA-family models "
+                             f"(model_type 'llama', LlamaForCausalLM) can be converted")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"Hugging Face config sets {flag}=true; LLaMA layers here "
+                                 f"have no biases")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA: silu)")
+        values = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            max_sequence_length=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            initializer_range=hf.get("initializer_range", 0.02),
+            rope_theta=_hf_rope_theta(hf), rope_scaling=_hf_rope_scaling(hf),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=_first_id(hf.get("bos_token_id"), 1),
+            eos_token_id=_first_id(hf.get("eos_token_id"), 2),
+            mem_layers=tuple(hf.get("mem_layers") or ()),
+        )
+        if values["hidden_size"] // values["num_attention_heads"] != hf.get(
+                "head_dim", values["hidden_size"] // values["num_attention_heads"]):
+            raise ValueError("Hugging Face config sets head_dim != hidden_size / "
+                             "num_attention_heads; not supported")
+        values.update(overrides)
+        return cls(**values)
+
+    def to_hf_dict(self):
+        """``config.json`` contents of the equivalent Hugging Face ``LlamaForCausalLM``."""
+        out = dict(
+            architectures=["LlamaForCausalLM"], model_type="llama",
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            max_position_embeddings=self.max_sequence_length, rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range, rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling, tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, hidden_act="silu",
+            attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+        )
+        if self.rope_scaling is None:
+            out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        else:
+            out["rope_parameters"] = dict(self.rope_scaling, rope_theta=self.rope_theta)
+        return out
+
+    @classmethod
+    def load_config(cls, spec, **overrides):
+        """A standard name (``'7b_FoT'``), ``json::PATH`` (our fields) or ``hf::PATH``
+        (a Hugging Face ``config.json`` or the directory holding it)."""
+        if spec in STANDARD_CONFIGS:
+            return cls(**dict(STANDARD_CONFIGS[spec], **overrides))
+        kind, sep, path = spec.partition("::")
+        if not sep:
+            raise ValueError(f"unknown model config {spec!r}: use one of "
+                             f"{sorted(STANDARD_CONFIGS)}, 'json::PATH' or 'hf::PATH'")
+        if kind == "hf" and os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model config file {path!r} does not exist")
+        with open(path) as f:
+            values = json.load(f)
+        if kind == "json":
+            return cls.from_dict(dict(values, **overrides))
+        if kind == "hf":
+            return cls.from_hf_config(values, **overrides)
+        raise ValueError(f"unknown model config source {kind!r} in {spec!r} (json:: or hf::)")
+
+
+def _hf_rope_theta(hf):
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _hf_rope_scaling(hf):
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or None
+    if not scaling:
+        return None
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    scaling["rope_type"] = kind
+    scaling.pop("type", None)
+    return scaling
+
+
+def _first_id(value, default):
+    if value is None:
+        return default
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _size(hidden, intermediate, layers, heads, kv=None, max_len=2048, **extra):
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv or heads,
+                max_sequence_length=max_len, **extra)
+
+
+STANDARD_CONFIGS = {
+    "debug": _size(128, 256, 2, 4, max_len=1024),
+    "debug_fot": _size(128, 256, 2, 4, max_len=1024, mem_layers=(0,)),
+    "1b": _size(2048, 5504, 22, 16),
+    "3b": _size(3200, 8640, 26, 32),
+    "3b_FoT": _size(3200, 8640, 26, 32, mem_layers=(6, 12, 18)),
+    "7b": _size(4096, 11008, 32, 32),
+    "7b_FoT": _size(4096, 11008, 32, 32, max_len=4096, mem_layers=(8, 16, 24),
+                    rope_theta=1e6, vocab_size=32016),
+    "13b": _size(5120, 13824, 40, 40),
+    "30b": _size(6656, 17920, 60, 52),
+    "65b": _size(8192, 22016, 80, 64),
+}
+
+
+def get_partition_rules():
+    """Regex on parameter paths -> PartitionSpec over the ``(dp, fsdp, mp)`` mesh."""
+    return (
+        ("transformer/wte/embedding", PS("mp", "fsdp")),
+        ("attention/(wq|wk|wv)/kernel", PS("fsdp", "mp")),
+        ("attention/wo/kernel", PS("mp", "fsdp")),
+        ("feed_forward/(w1|w3)/kernel", PS("fsdp", "mp")),
+        ("feed_forward/w2/kernel", PS("mp", "fsdp")),
+        ("(attention_norm|ffn_norm|ln_f)/kernel", PS(None)),
+        ("lm_head/kernel", PS("fsdp", "mp")),
+    )
+
+
+class CausalLMOutput(NamedTuple):
+    logits: Any
+    hidden_states: Any = None
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("kernel", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(features, config, dtype, param_dtype, name):
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+def resolve_cross_batch_implementation(config):
+    if config.cross_batch_implementation != "auto":
+        return config.cross_batch_implementation
+    if config.scan_cross_batch:
+        return "blockwise"
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"
+
+
+def resolve_attention_implementation(config):
+    if config.attention_implementation != "auto":
+        return config.attention_implementation
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+class LLaMAAttention(nn.Module):
+    config: LLaMAConfig
+    is_memory_layer: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, position_ids, attention_mask):
+        cfg = self.config
+        batch, length, _ = hidden.shape
+        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(heads * head_dim, cfg, self.dtype, self.param_dtype, "wq")(hidden)
+        k = _dense(kv_heads * head_dim, cfg, self.dtype, self.param_dtype, "wk")(hidden)
+        v = _dense(kv_heads * head_dim, cfg, self.dtype, self.param_dtype, "wv")(hidden)
+        q = q.reshape(batch, length, heads, head_dim)
+        k = k.reshape(batch, length, kv_heads, head_dim)
+        v = v.reshape(batch, length, kv_heads, head_dim)
+        head_spec = PS(BATCH_AXES, None, "mp", None)
+        q, k, v = (with_sharding_constraint(x, head_spec) for x in (q, k, v))
+        inv_freq = inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q_rot = apply_rope(q, position_ids, inv_freq)
+        k_rot = apply_rope(k, position_ids, inv_freq)
+        bias = _padding_bias(attention_mask, length)
+        if self.is_memory_layer and cfg.cross_batch_range > 0:
+            k_mem = apply_rope_as_first(k, position_ids, inv_freq)
+            out = self._cross_batch(q_rot, k_rot, k_mem, v, bias)
+        else:
+            out = causal_attention(q_rot, k_rot, v, bias, resolve_attention_implementation(cfg))
+        out = with_sharding_constraint(out, head_spec)
+        out = out.reshape(batch, length, heads * head_dim)
+        return _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out)
+
+    def _cross_batch(self, q, k_loc, k_mem, v, bias):
+        cfg = self.config
+        if cfg.flip_sharding_in_cross_batch:
+            # Rows exchange keys in cross-batch; sharding heads instead of rows keeps that
+            # exchange local to each device.
+            flipped = PS(None, None, BATCH_AXES + ("mp",), None)
+            q, k_loc, k_mem, v = (with_sharding_constraint(x, flipped)
+                                  for x in (q, k_loc, k_mem, v))
+        implementation = resolve_cross_batch_implementation(cfg)
+        if implementation == "pallas" and bias is not None:
+            implementation = "blockwise"
+        return cross_batch_core(q, k_loc, k_mem, v, cross_batch_range=cfg.cross_batch_range,
+                                cross_batch_stepping=cfg.cross_batch_stepping,
+                                dataset_packing=cfg.dataset_packing, local_bias=bias,
+                                implementation=implementation,
+                                block_size=cfg.cross_batch_block_size)
+
+
+def _padding_bias(attention_mask, length):
+    """Additive ``[B, 1, L, L]`` causal + key-padding bias, or ``None`` for plain causal."""
+    if attention_mask is None:
+        return None
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    allowed = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    return jnp.where(allowed, 0.0, -1e6).astype(jnp.float32)
+
+
+def causal_attention(q, k, v, bias=None, implementation="xla"):
+    """Ordinary causal self-attention ``[B, L, H, D]`` (GQA allowed).
+
+    ``"xla"`` is the reference: cross-batch attention with no other rows.  ``"cudnn"`` is the
+    fused kernel behind ``jax.nn.dot_product_attention``.
+    """
+    if implementation == "cudnn":
+        mask = None if bias is None else bias > -1.0
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bias is None,
+                                            implementation="cudnn")
+    return cross_batch_core(q, k, k, v, cross_batch_range=0, local_bias=bias)
+
+
+class LLaMAMLP(nn.Module):
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w1")(x)
+        up = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w3")(x)
+        hidden = with_sharding_constraint(nn.silu(gate) * up, PS(BATCH_AXES, None, "mp"))
+        return _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "w2")(hidden)
+
+
+class LLaMABlock(nn.Module):
+    config: LLaMAConfig
+    is_memory_layer: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, position_ids, attention_mask):
+        cfg = self.config
+        norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="attention_norm")
+        hidden = hidden + LLaMAAttention(cfg, self.is_memory_layer, self.dtype,
+                                         self.param_dtype, name="attention")(
+            norm(hidden), position_ids, attention_mask)
+        norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ffn_norm")
+        hidden = hidden + LLaMAMLP(cfg, self.dtype, self.param_dtype, name="feed_forward")(
+            norm(hidden))
+        return with_sharding_constraint(hidden, PS(BATCH_AXES, None, "mp"))
+
+
+class LLaMABlockCollection(nn.Module):
+    """The decoder layers, named ``h/<i>`` as in EasyLM checkpoints."""
+    config: LLaMAConfig
+    block_class: Any = LLaMABlock
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, position_ids, attention_mask):
+        cfg = self.config
+        for i in range(cfg.num_hidden_layers):
+            hidden = self.block_class(cfg, i in cfg.mem_layers, self.dtype, self.param_dtype,
+                                      name=str(i))(hidden, position_ids, attention_mask)
+        return hidden
+
+
+class FlaxLLaMAModule(nn.Module):
+    """Embedding, decoder layers and final norm; returns hidden states ``[B, L, hidden]``."""
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        cfg = self.config
+        if input_ids.shape[0] % cfg.dataset_packing:
+            raise ValueError(f"batch of {input_ids.shape[0]} rows is not divisible by "
+                             f"dataset_packing {cfg.dataset_packing}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                         param_dtype=self.param_dtype,
+                         embedding_init=nn.initializers.normal(cfg.initializer_range),
+                         name="wte")
+        hidden = with_sharding_constraint(embed(input_ids.astype(jnp.int32)),
+                                          PS(BATCH_AXES, None, "mp"))
+        block = LLaMABlock
+        if cfg.remat_block not in ("", "none"):
+            block = nn.remat(LLaMABlock, policy=getattr(jax.checkpoint_policies, cfg.remat_block),
+                             prevent_cse=True)
+        hidden = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, name="h")(
+            hidden, position_ids, attention_mask)
+        return RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(hidden)
+
+
+class FlaxLLaMAForCausalLMModule(nn.Module):
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None,
+                 return_hidden_states=False):
+        cfg = self.config
+        hidden = FlaxLLaMAModule(cfg, self.dtype, self.param_dtype, name="transformer")(
+            input_ids, attention_mask, position_ids)
+        if cfg.tie_word_embeddings:
+            embedding = self.variables["params"]["transformer"]["wte"]["embedding"]
+            logits = hidden @ embedding.T.astype(self.dtype)
+        else:
+            logits = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")(hidden)
+        return CausalLMOutput(logits, hidden if return_hidden_states else None)
+
+
+def with_cross_batch(config, cross_batch_range, cross_batch_stepping=None, dataset_packing=None):
+    """A copy of ``config`` with other cross-batch settings (e.g. the eval model's)."""
+    updates = {"cross_batch_range": int(cross_batch_range)}
+    if cross_batch_stepping is not None:
+        updates["cross_batch_stepping"] = bool(cross_batch_stepping)
+    if dataset_packing is not None:
+        updates["dataset_packing"] = int(dataset_packing)
+    return copy.deepcopy(config).replace(**updates)

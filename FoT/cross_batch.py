@@ -1,0 +1,233 @@
+"""Cross-batch attention: the training-mode attention of a FoT memory layer (FOT_SPEC section 2).
+
+Row ``b`` of a batch attends jointly (one softmax) to its own causal local context and to the
+keys/values of the ``C`` previous rows ``(b - c) mod B``, whose keys carry RoPE as if they were
+at the first position of their row.  The slot-mask table decides how many of those slots a
+row may use.
+
+Three implementations share one interface (:func:`cross_batch_core`):
+
+* ``"reference"`` gathers ``C + 1`` copies of K/V and materialises the
+  ``[B, H, L, (C + 1) L]`` scores.  It is the oracle every other variant is tested against.
+* ``"blockwise"`` streams key blocks of all slots through an online softmax under
+  ``lax.scan`` (rematerialised in the backward pass), so memory is ``O(B H L block)``
+  whatever ``C`` is.
+* ``"pallas"`` is the fused kernel of :mod:`FoT.kernels`, which reads neighbouring rows'
+  keys/values in place.
+
+:func:`cross_batch_attention` keeps the call shape of the original LongLLaMA FoT code
+(un-rotated q/k plus RoPE callbacks and an additive local bias).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+IMPLEMENTATIONS = ("reference", "blockwise", "pallas")
+# The original code masks with -1e6: large enough that exp() underflows to exactly zero in
+# float32, small enough that adding it to a finite bias never overflows.
+MASK_VALUE = -1e6
+
+
+def allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):
+    """``n_b`` of FOT_SPEC 2.4: how many context slots (slot 0 included) each row may use."""
+    validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing)
+    num_slots = cross_batch_range + 1
+    rows = np.arange(batch_size)
+    if dataset_packing == 1 or not cross_batch_stepping:
+        n = np.full(batch_size, num_slots)
+    else:
+        step = -(-num_slots // max(dataset_packing - 1, 1))
+        n = np.minimum((rows % dataset_packing) * step + 1, num_slots)
+    return np.minimum(n, rows + 1).astype(np.int32)
+
+
+def slot_mask(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):
+    """Boolean ``[B, C + 1]`` table: ``slot_mask[b, c]`` is whether row ``b`` sees slot ``c``."""
+    n = allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping)
+    return np.arange(cross_batch_range + 1)[None, :] < n[:, None]
+
+
+def slot_sources(batch_size, cross_batch_range):
+    """``[B, C + 1]`` row index feeding each slot: ``(b - c) mod B``."""
+    return (np.arange(batch_size)[:, None] - np.arange(cross_batch_range + 1)[None, :]) % batch_size
+
+
+def validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing):
+    if cross_batch_range < 0:
+        raise ValueError(f"cross_batch_range must be >= 0, got {cross_batch_range}")
+    if dataset_packing < 1:
+        raise ValueError(f"dataset_packing must be >= 1, got {dataset_packing}")
+    if batch_size % dataset_packing != 0:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by dataset_packing {dataset_packing}: "
+            "each document occupies dataset_packing consecutive rows, so the batch must hold "
+            "whole groups (change the batch size or the data pipeline's kN)")
+
+
+def _check_shapes(q, k_loc, k_mem, v):
+    if q.ndim != 4 or k_loc.shape != k_mem.shape or k_loc.shape != v.shape:
+        raise ValueError(f"expected q [B, L, H, D] and k_loc, k_mem, v [B, L, KV, D] of one "
+                         f"shape, got {q.shape}, {k_loc.shape}, {k_mem.shape}, {v.shape}")
+    if q.shape[:2] != k_loc.shape[:2] or q.shape[3] != k_loc.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k_loc.shape} disagree in batch, length or head dim")
+    if q.shape[2] % k_loc.shape[2] != 0:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of "
+                         f"{k_loc.shape[2]} key/value heads")
+
+
+def cross_batch_core(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping=False,
+                     dataset_packing=1, local_bias=None, implementation="reference",
+                     mask_value=MASK_VALUE, block_size=512, precision=None, **kernel_options):
+    """Cross-batch attention on already-rotated inputs.
+
+    Args:
+      q: ``[B, L, H, D]`` queries, RoPE at their own positions.
+      k_loc: ``[B, L, KV, D]`` keys, RoPE at their own positions (the row's local context).
+      k_mem: ``[B, L, KV, D]`` the same keys rotated as if at the first position of the row
+        (what other rows see).
+      v: ``[B, L, KV, D]`` values.
+      local_bias: optional additive ``[B or 1, 1, L, L]`` bias for the local slot; ``None``
+        means the plain causal mask.
+      implementation: ``"reference"``, ``"blockwise"`` or ``"pallas"``.
+    Returns ``[B, L, H, D]`` in ``q.dtype``.
+    """
+    _check_shapes(q, k_loc, k_mem, v)
+    batch_size = q.shape[0]
+    n_slots = allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping)
+    if implementation == "reference":
+        return _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias,
+                          mask_value, precision)
+    if implementation == "blockwise":
+        return _blockwise(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias,
+                          mask_value, block_size, precision)
+    if implementation == "pallas":
+        if local_bias is not None:
+            raise ValueError("the pallas cross-batch kernel applies the causal mask itself and "
+                             "takes no local_bias; use implementation='blockwise' for padded "
+                             "inputs")
+        from FoT.kernels import flash_cross_batch
+        return flash_cross_batch(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
+                                 cross_batch_stepping=cross_batch_stepping,
+                                 dataset_packing=dataset_packing, **kernel_options)
+    raise ValueError(f"unknown cross-batch implementation {implementation!r}; "
+                     f"choose one of {IMPLEMENTATIONS}")
+
+
+def _group(q, num_kv_heads):
+    b, l, h, d = q.shape
+    return q.reshape(b, l, num_kv_heads, h // num_kv_heads, d)
+
+
+def _causal_allowed(length, key_offset=0, key_len=None):
+    key_len = length if key_len is None else key_len
+    return (jnp.arange(length)[:, None] >= key_offset + jnp.arange(key_len)[None, :])
+
+
+def _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_value,
+               precision):
+    batch_size, length, num_heads, head_dim = q.shape
+    num_kv = k_loc.shape[2]
+    num_slots = cross_batch_range + 1
+    sources = slot_sources(batch_size, cross_batch_range)
+    keys = jnp.concatenate([k_loc[:, None], k_mem[sources[:, 1:]]], axis=1)  # [B,S,L,KV,D]
+    values = v[sources]
+    qg = _group(q, num_kv)
+    scores = jnp.einsum("bqkgd,bcskd->bkgqcs", qg, keys, precision=precision,
+                        preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    slot_ok = jnp.arange(num_slots)[None, :] < jnp.asarray(n_slots)[:, None]  # [B, S]
+    scores = jnp.where(slot_ok[:, None, None, None, :, None], scores, mask_value)
+    local = scores[:, :, :, :, 0, :]
+    if local_bias is None:
+        local = jnp.where(_causal_allowed(length), local, mask_value)
+    else:
+        local = local + local_bias.astype(jnp.float32)[:, :, None]
+    scores = scores.at[:, :, :, :, 0, :].set(local)
+    flat = scores.reshape(scores.shape[:4] + (num_slots * length,))
+    probs = jax.nn.softmax(flat, axis=-1).reshape(scores.shape).astype(v.dtype)
+    out = jnp.einsum("bkgqcs,bcskd->bqkgd", probs, values, precision=precision,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(batch_size, length, num_heads, head_dim).astype(q.dtype)
+
+
+def _blockwise(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_value,
+               block_size, precision):
+    batch_size, length, num_heads, head_dim = q.shape
+    num_kv = k_loc.shape[2]
+    block = min(block_size, length)
+    if length % block != 0:
+        raise ValueError(f"blockwise cross-batch needs the sequence length ({length}) to be a "
+                         f"multiple of its block size ({block})")
+    blocks_per_slot = length // block
+    qg = _group(q, num_kv)
+    scale = 1.0 / math.sqrt(head_dim)
+    n_slots = jnp.asarray(n_slots)
+    rows = jnp.arange(batch_size)
+
+    def attend_block(carry, step):
+        m, l, acc = carry
+        slot, blk = step // blocks_per_slot, step % blocks_per_slot
+        start = blk * block
+        src = (rows - slot) % batch_size
+        k_own = lax.dynamic_slice_in_dim(k_loc, start, block, axis=1)
+        k_other = jnp.take(lax.dynamic_slice_in_dim(k_mem, start, block, axis=1), src, axis=0)
+        keys = jnp.where(slot == 0, k_own, k_other)
+        values = jnp.take(lax.dynamic_slice_in_dim(v, start, block, axis=1), src, axis=0)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, keys, precision=precision,
+                       preferred_element_type=jnp.float32) * scale
+        if local_bias is None:
+            local_ok = _causal_allowed(length, start, block)[None, None, None]
+            local_s = jnp.where(local_ok, s, mask_value)
+        else:
+            bias = lax.dynamic_slice_in_dim(local_bias, start, block, axis=3)
+            local_s = s + bias.astype(jnp.float32)[:, :, None]
+        other_s = jnp.where((slot < n_slots)[:, None, None, None, None], s, mask_value)
+        s = jnp.where(slot == 0, local_s, other_s)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * correction + p.sum(axis=-1)
+        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), values, precision=precision,
+                        preferred_element_type=jnp.float32)
+        acc = acc * correction[..., None] + pv
+        return (m_new, l, acc), None
+
+    stats_shape = (batch_size, num_kv, num_heads // num_kv, length)
+    init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape + (head_dim,), jnp.float32))
+    steps = jnp.arange((cross_batch_range + 1) * blocks_per_slot)
+    (_, l, acc), _ = lax.scan(jax.checkpoint(attend_block), init, steps)
+    out = acc / l[..., None]  # [B, KV, G, L, D]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch_size, length, num_heads, head_dim)
+    return out.astype(q.dtype)
+
+
+def cross_batch_attention(query, key, value, bias, min_value, cross_batch_range,
+                          cross_batch_stepping, dataset_packing, pos_encode_as_first,
+                          pos_encode, broadcast_dropout=True, dropout_rng=None,
+                          dropout_rate=0.0, deterministic=False, dtype=None, precision=None,
+                          implementation="reference", **options):
+    """The original LongLLaMA FoT call shape, on un-rotated ``[B, L, H, D]`` inputs.
+
+    ``pos_encode_as_first(xk=key)`` returns keys rotated as if first in their row;
+    ``pos_encode(xq=query, xk=key)`` returns ``(query, key)`` rotated at their positions;
+    ``bias`` ``[B, 1, L, L]`` is added to the local slot's scores (``None``: causal, as the
+    pallas kernel requires); masked slots get ``min_value``.  Dropout is not supported (FoT training does not use it).
+    """
+    del broadcast_dropout, dropout_rng, deterministic
+    if dropout_rate > 0.0:
+        raise ValueError("cross_batch_attention does not implement attention dropout")
+    if cross_batch_range <= 0:
+        raise ValueError("cross_batch_attention needs cross_batch_range >= 1; with 0 a memory "
+                         "layer is ordinary causal attention")
+    if dtype is not None:
+        query, key, value = (x.astype(dtype) for x in (query, key, value))
+    k_mem = pos_encode_as_first(xk=key)
+    q_loc, k_loc = pos_encode(xq=query, xk=key)
+    return cross_batch_core(q_loc, k_loc, k_mem, value, cross_batch_range=cross_batch_range,
+                            cross_batch_stepping=cross_batch_stepping,
+                            dataset_packing=dataset_packing, local_bias=bias,
+                            implementation=implementation, mask_value=min_value,
+                            precision=precision, **options)
