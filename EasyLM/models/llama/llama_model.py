@@ -21,6 +21,9 @@ from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_fr
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
 from FoT.cross_batch import cross_batch_core
 
+# The residual stream is sharded over rows only: it is what every tensor-parallel (mp) shard
+# needs whole, and constraining its hidden axis to "mp" also miscompiled on XLA:CPU.
+RESIDUAL_SPEC = PS(BATCH_AXES, None, None)
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("", "none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "checkpoint_dots", "dots_with_no_batch_dims_saveable",
@@ -392,7 +395,7 @@ class LLaMABlock(nn.Module):
         norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ffn_norm")
         hidden = hidden + LLaMAMLP(cfg, self.dtype, self.param_dtype, name="feed_forward")(
             norm(hidden))
-        return with_sharding_constraint(hidden, PS(BATCH_AXES, None, "mp"))
+        return with_sharding_constraint(hidden, RESIDUAL_SPEC)
 
 
 class LLaMABlockCollection(nn.Module):
@@ -429,8 +432,7 @@ class FlaxLLaMAModule(nn.Module):
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range),
                          name="wte")
-        hidden = with_sharding_constraint(embed(input_ids.astype(jnp.int32)),
-                                          PS(BATCH_AXES, None, "mp"))
+        hidden = with_sharding_constraint(embed(input_ids.astype(jnp.int32)), RESIDUAL_SPEC)
         block = LLaMABlock
         if cfg.remat_block not in ("", "none"):
             block = nn.remat(LLaMABlock, policy=getattr(jax.checkpoint_policies, cfg.remat_block),
