@@ -1,0 +1,106 @@
+"""Entry point of the fused cross-batch attention kernel: backend choice and custom VJP.
+
+The forward pass saves only the output and the base-2 log-sum-exp of each query; the
+backward pass recomputes probabilities tile by tile (FlashAttention-2): a dq kernel per query
+tile and a dk/dv kernel per key tile, after ``delta = rowsum(dO * O)``.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from FoT.kernels import mosaic_lowering, triton_lowering
+from FoT.kernels.plan import BlockSizes, make_plan
+from FoT.kernels.triton_lowering import TritonOptions
+
+BACKENDS = ("triton", "mosaic")
+_NATIVE_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
+_DEFAULT_BLOCKS = {"triton": BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64),
+                   "mosaic": BlockSizes(block_q=128, block_k=128, block_q_dkv=128,
+                                        block_k_dkv=128)}
+
+
+def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping=False,
+                      dataset_packing=1, backend=None, interpret=None, block_q=None,
+                      block_k=None, block_q_dkv=None, block_k_dkv=None, num_warps=None,
+                      num_stages=None):
+    """Cross-batch attention (FOT_SPEC section 2) on already-rotated inputs, fused.
+
+    Same contract as ``cross_batch_core(..., implementation="reference")`` with the causal
+    local mask: ``q [B, L, H, D]``, ``k_loc, k_mem, v [B, L, KV, D]`` (bf16 or float32,
+    ``H % KV == 0``, ``D`` in ``plan.SUPPORTED_HEAD_DIMS``, ``L`` a multiple of every block
+    size); returns ``[B, L, H, D]`` in ``q.dtype`` and is differentiable in all four inputs.
+
+    Args:
+      backend: ``"triton"`` (Pallas on GPU) or ``"mosaic"`` (Pallas on TPU).  ``None`` picks
+        from ``jax.default_backend()``: ``"mosaic"`` on TPU, otherwise ``"triton"`` (so on CPU
+        the Triton plan runs in interpret mode).
+      interpret: run the kernel in the Pallas interpreter.  ``None`` means: interpret unless
+        the chosen backend's hardware is present (on CPU it is always interpreted).
+      block_q, block_k: query and key tile of the forward and dq kernels.
+      block_q_dkv, block_k_dkv: query and key tile of the dk/dv kernel.
+      num_warps, num_stages: Triton only; an int for all three kernels or a tuple
+        ``(forward, dq, dkv)``.
+    """
+    platform = jax.default_backend()
+    if backend is None:
+        backend = "mosaic" if platform == "tpu" else "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    if interpret is None:
+        interpret = platform != _NATIVE_PLATFORM[backend]
+    if backend == "mosaic" and (num_warps is not None or num_stages is not None):
+        raise ValueError("num_warps and num_stages are Triton settings; the mosaic backend "
+                         "takes block sizes only")
+    length = q.shape[1]
+    chosen = dict(block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv,
+                  block_k_dkv=block_k_dkv)
+    defaults = dataclasses.asdict(_DEFAULT_BLOCKS[backend])
+    blocks = BlockSizes(**{name: min(defaults[name], length) if size is None else size
+                           for name, size in chosen.items()})
+    plan = make_plan(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
+                     cross_batch_stepping=cross_batch_stepping,
+                     dataset_packing=dataset_packing, blocks=blocks)
+    lowering = _Lowering(backend, bool(interpret), TritonOptions.make(num_warps, num_stages))
+    return _attention(plan, lowering, q, k_loc, k_mem, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lowering:
+    backend: str
+    interpret: bool
+    triton: TritonOptions
+
+    def forward(self, plan, *args):
+        if self.backend == "triton":
+            return triton_lowering.forward(plan, *args, options=self.triton,
+                                           interpret=self.interpret)
+        return mosaic_lowering.forward(plan, *args, interpret=self.interpret)
+
+    def backward(self, plan, *args):
+        if self.backend == "triton":
+            return triton_lowering.backward(plan, *args, options=self.triton,
+                                            interpret=self.interpret)
+        return mosaic_lowering.backward(plan, *args, interpret=self.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(plan, lowering, q, k_loc, k_mem, v):
+    return lowering.forward(plan, q, k_loc, k_mem, v)[0]
+
+
+def _attention_fwd(plan, lowering, q, k_loc, k_mem, v):
+    out, lse = lowering.forward(plan, q, k_loc, k_mem, v)
+    return out, (q, k_loc, k_mem, v, out, lse)
+
+
+def _attention_bwd(plan, lowering, residuals, d_out):
+    q, k_loc, k_mem, v, out, lse = residuals
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1,
+                    keepdims=True)
+    return lowering.backward(plan, q, k_loc, k_mem, v, lse, delta, d_out)
+
+
+_attention.__wrapped__.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,75 @@
+"""Per-tile maths of the fused cross-batch attention, shared by the Triton and Mosaic lowerings.
+
+Each function takes tiles already in registers / VMEM and returns updated float32
+accumulators; which tiles are visited, and in what order, is the lowerings' business (see
+:mod:`FoT.kernels.plan`).  Scores are in base 2 (``plan.score_scale``); row statistics are
+``[rows, 1]`` columns so that the same code lowers on GPU and TPU.  Matmuls take the input
+dtype (bf16 or float32) and accumulate in float32; probabilities are cast back to the value
+dtype before the ``P @ V`` product, as the reference does.
+"""
+import jax.numpy as jnp
+from jax import lax
+
+# Applied to base-2 scores above the causal diagonal.  Finite, so that a tile row that is
+# entirely masked before any visible key never forms inf - inf; any later visible score
+# rescales its contribution to exactly zero.
+MASKED_SCORE = -1e30
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def init_softmax(block_q, head_dim):
+    """Running max, running sum and unnormalised output of the online softmax."""
+    return (jnp.full((block_q, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q, 1), jnp.float32),
+            jnp.zeros((block_q, head_dim), jnp.float32))
+
+
+def softmax_step(carry, q, k, v, score_scale, mask=None):
+    """Folds one key/value tile into the online softmax of a query tile."""
+    m, l, acc = carry
+    s = _dot(q, k, _NT) * score_scale
+    if mask is not None:
+        s = jnp.where(mask, s, MASKED_SCORE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new)
+    l = l * correction + jnp.sum(p, axis=1, keepdims=True)
+    acc = acc * correction + _dot(p.astype(v.dtype), v, _NN)
+    return m_new, l, acc
+
+
+def finish_softmax(carry):
+    """Normalised output tile (float32) and its base-2 log-sum-exp column."""
+    m, l, acc = carry
+    return acc / l, m + jnp.log2(l)
+
+
+def _probabilities_and_dscores(q, k, v, do, lse, delta, score_scale, mask):
+    """Recomputed probabilities ``P`` and ``dS = P * (dO V^T - delta)`` of one tile pair."""
+    p = jnp.exp2(_dot(q, k, _NT) * score_scale - lse)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    ds = p * (_dot(do, v, _NT) - delta)
+    return p, ds
+
+
+def dq_step(dq, q, k, v, do, lse, delta, score_scale, mask=None):
+    """Adds one key tile's contribution to ``dQ / scale`` of a query tile."""
+    _, ds = _probabilities_and_dscores(q, k, v, do, lse, delta, score_scale, mask)
+    return dq + _dot(ds.astype(k.dtype), k, _NN)
+
+
+def dkv_step(carry, q, k, v, do, lse, delta, score_scale, mask=None):
+    """Adds one query tile's contribution to ``(dK / scale, dV)`` of a key tile."""
+    dk, dv = carry
+    p, ds = _probabilities_and_dscores(q, k, v, do, lse, delta, score_scale, mask)
+    dv = dv + _dot(p.astype(do.dtype), do, _TN)
+    dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+    return dk, dv
