@@ -206,3 +206,16 @@ def test_bad_inputs_fail_clearly():
         tiny_config(rope_scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(FileNotFoundError, match="no params checkpoint"):
         load_params("params::/nonexistent/ckpt")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_xla_on_gpu():
+    config = tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=256,
+                         mem_layers=())
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 128), 0, 61)
+    variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
+    outs = [FlaxLLaMAForCausalLMModule(config.replace(attention_implementation=impl),
+                                       dtype=jnp.bfloat16).apply(variables, tokens).logits
+            for impl in ("xla", "cudnn")]
+    np.testing.assert_allclose(np.asarray(outs[0], np.float32),
+                               np.asarray(outs[1], np.float32), atol=5e-2)

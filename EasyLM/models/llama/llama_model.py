@@ -287,10 +287,12 @@ def resolve_cross_batch_implementation(config):
     return "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"
 
 
-def resolve_attention_implementation(config):
+def resolve_attention_implementation(config, dtype):
     if config.attention_implementation != "auto":
         return config.attention_implementation
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    # cuDNN's fused attention takes half-precision inputs only.
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
 
 
 class LLaMAAttention(nn.Module):
@@ -320,7 +322,8 @@ class LLaMAAttention(nn.Module):
             k_mem = apply_rope_as_first(k, position_ids, inv_freq)
             out = self._cross_batch(q_rot, k_rot, k_mem, v, bias)
         else:
-            out = causal_attention(q_rot, k_rot, v, bias, resolve_attention_implementation(cfg))
+            out = causal_attention(q_rot, k_rot, v, bias,
+                                   resolve_attention_implementation(cfg, self.dtype))
         out = with_sharding_constraint(out, head_spec)
         out = out.reshape(batch, length, heads * head_dim)
         return _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out)
