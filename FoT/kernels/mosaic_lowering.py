@@ -30,6 +30,12 @@ def _head_major(x):
     return jnp.swapaxes(x, 1, 2)
 
 
+def _interpreter(interpret):
+    """The TPU interpreter (rather than the generic one) keeps Mosaic's semantics: scratch
+    starts as NaN and every block copy the index maps ask for is simulated."""
+    return pltpu.InterpretParams() if interpret else False
+
+
 def _semantics(parallel, sequential):
     return _CompilerParams(dimension_semantics=("parallel",) * parallel
                            + ("arbitrary",) * sequential)
@@ -155,7 +161,7 @@ def _query_tile_call(plan, kernel, extra_inputs, outputs, scratch, interpret, na
     call = pl.pallas_call(
         functools.partial(kernel, plan=plan), grid_spec=grid_spec,
         out_shape=[shape for _, shape in outputs], compiler_params=_semantics(3, 2),
-        interpret=interpret, name=name)
+        interpret=_interpreter(interpret), name=name)
     return lambda *args: call(jnp.asarray(plan.slot_table()), *args)
 
 
@@ -249,6 +255,6 @@ def _dkv_call(plan, q, k_loc, k_mem, v, do, lse, delta, interpret):
     kv_shape = jax.ShapeDtypeStruct(k_loc.shape, k_loc.dtype)
     return pl.pallas_call(
         functools.partial(_dkv_kernel, plan=plan), grid_spec=grid_spec,
-        out_shape=[kv_shape] * 3, compiler_params=_semantics(3, 3), interpret=interpret,
+        out_shape=[kv_shape] * 3, compiler_params=_semantics(3, 3), interpret=_interpreter(interpret),
         name="cross_batch_dkv",
     )(jnp.asarray(plan.last_reader_slot().reshape(-1)), q, k_loc, k_mem, v, do, lse, delta)
