@@ -16,7 +16,7 @@ from EasyLM.jax_utils import (get_jax_mesh, match_partition_rules, named_shardin
                               parse_mesh_dim)
 from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
-                                             LLaMAConfig, get_partition_rules,
+                                             LLaMAAttention, LLaMAConfig, get_partition_rules,
                                              with_cross_batch)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,9 +119,28 @@ def test_memory_layer_with_range_zero_equals_plain_model():
     assert np.abs(np.asarray(c[1:] - a[1:])).max() > 1e-3
 
 
+def test_memory_layer_attention_matches_per_row_loop():
+    from test_cross_batch import loop_cross_batch
+    config = tiny_config(cross_batch_range=3, cross_batch_stepping=True, dataset_packing=2,
+                         rope_theta=1e6)
+    attention = LLaMAAttention(config, is_memory_layer=True)
+    hidden = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 32))
+    positions = jnp.broadcast_to(jnp.arange(8), (6, 8)) + 5
+    variables = attention.init(jax.random.PRNGKey(1), hidden, positions, None)
+    ours = attention.apply(variables, hidden, positions, None)
+    p = variables["params"]
+    q = (hidden @ p["wq"]["kernel"]).reshape(6, 8, 4, 8)
+    k = (hidden @ p["wk"]["kernel"]).reshape(6, 8, 2, 8)
+    v = (hidden @ p["wv"]["kernel"]).reshape(6, 8, 2, 8)
+    expected = loop_cross_batch(q, k, v, positions, 3, True, 2, theta=1e6)
+    expected = expected.reshape(6, 8, 32) @ p["wo"]["kernel"]
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
 def test_blockwise_model_matches_reference_model():
     ref = tiny_config(cross_batch_range=2, cross_batch_stepping=True, dataset_packing=2)
-    blk = ref.replace(scan_cross_batch=True, cross_batch_block_size=8)
+    blk = ref.replace(scan_cross_batch=True, cross_batch_block_size=8,
+                      remat_block="nothing_saveable")
     tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, 61)
     variables = FlaxLLaMAForCausalLMModule(ref).init(jax.random.PRNGKey(1), tokens)
 
