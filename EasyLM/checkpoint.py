@@ -1,10 +1,15 @@
-"""Checkpoints on orbax: model parameters with their config, and ``load_checkpoint`` specs.
+"""Checkpoints on orbax: model parameters with their config, train checkpoints of a run, and
+``load_checkpoint`` specs.
 
 Layout of a checkpoint directory ``PATH``::
 
     PATH/llama_config.json   the model config (LLaMAConfig fields)
     PATH/params/             orbax PyTree of the Flax variables {"params": ...}   (params::)
     PATH/state/              orbax PyTree of the whole train state               (trainstate::)
+    PATH/metadata.json       train checkpoints: step, milestone flag, resolved run config
+    PATH/dataset_<p>.json    train checkpoints: data-pipeline state of process p
+
+A run keeps its train checkpoints as ``RUN/checkpoints/step_<N>/`` (see :class:`TrainCheckpointer`).
 
 ``load_checkpoint`` strings name what to load: ``params::PATH`` starts from weights (e.g. a
 converted Hugging Face model), ``trainstate::PATH`` resumes everything, and
@@ -12,15 +17,23 @@ converted Hugging Face model), ``trainstate::PATH`` resumes everything, and
 """
 import json
 import os
+import re
+import shutil
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from EasyLM.config import ConfigDict
+
 CONFIG_FILE = "llama_config.json"
 PARAMS_ITEM = "params"
 STATE_ITEM = "state"
+METADATA_FILE = "metadata.json"
 CHECKPOINT_KINDS = ("params", "trainstate", "trainstate_params")
+TRAIN_CHECKPOINTS_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def parse_checkpoint_spec(spec, key="load_checkpoint"):
@@ -85,3 +98,166 @@ def _restore_args(tree, shardings):
         return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return jax.tree_util.tree_map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s), tree,
                                   shardings)
+
+
+def get_default_config(updates=None):
+    """``checkpointer.*``: how train checkpoints are kept (when is set by ``save_*_freq``)."""
+    config = ConfigDict(
+        # Rolling (non-milestone) checkpoints kept; older ones are deleted once a newer one is
+        # complete. 0 keeps every checkpoint.
+        keep_last=2,
+        # Write in a background thread after copying the state to host memory.
+        async_save=True,
+    )
+    return config.copy_and_update(updates)
+
+
+def dataset_state_file(process_index):
+    return f"dataset_{process_index}.json"
+
+
+def is_complete(step_dir):
+    """Whether a train checkpoint finished writing.
+
+    Orbax writes the state into a temporary directory and renames it to ``state`` when every
+    process is done (on object stores it writes ``commit_success.txt`` instead); the small JSON
+    files are written before the state, so a finished state means a usable checkpoint.
+    """
+    state = os.path.join(step_dir, STATE_ITEM)
+    if "://" in str(step_dir):
+        from etils import epath
+        return (epath.Path(state) / "commit_success.txt").exists()
+    return os.path.isdir(state)
+
+
+def list_train_checkpoints(run_dir):
+    """``[(step, path, complete)]`` of ``run_dir/checkpoints/step_<N>``, by step."""
+    root = os.path.join(run_dir, TRAIN_CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        if match:
+            path = os.path.join(root, name)
+            found.append((int(match.group(1)), path, is_complete(path)))
+    return sorted(found)
+
+
+def latest_train_checkpoint(run_dir):
+    """Path of the newest complete train checkpoint of a run, or ``None``."""
+    complete = [path for _, path, ok in list_train_checkpoints(run_dir) if ok]
+    return complete[-1] if complete else None
+
+
+def read_metadata(step_dir):
+    with open(os.path.join(step_dir, METADATA_FILE)) as f:
+        return json.load(f)
+
+
+def load_dataset_state(step_dir, process_index=0):
+    """The data-pipeline state process ``process_index`` saved with a checkpoint, or ``None``."""
+    path = os.path.join(step_dir, dataset_state_file(process_index))
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def restore_train_state(step_dir, abstract_state):
+    """The train state of a checkpoint, placed as ``abstract_state`` (``ShapeDtypeStruct``s with
+    shardings) says; each host reads only its shards."""
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    return checkpointer.restore(os.path.join(step_dir, STATE_ITEM),
+                                args=ocp.args.StandardRestore(abstract_state))
+
+
+def _write_json(path, value):
+    # Write-then-rename, so a reader never sees half a file.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+class TrainCheckpointer:
+    """Saves train checkpoints of one run without stalling training, and prunes old ones.
+
+    ``save`` copies the state to host memory and returns while orbax writes it in the
+    background; the next ``save`` (or ``wait``) waits for that write first. A save that is
+    killed half-way leaves only a temporary directory, never touches earlier checkpoints, and
+    is removed by the next prune. Milestones are never pruned. All processes call ``save``;
+    only process 0 writes the shared files, every process writes its own data-pipeline state.
+    """
+
+    def __init__(self, run_dir, config=None, process_index=None):
+        config = get_default_config() if config is None else config
+        self.root = os.path.join(os.path.abspath(run_dir), TRAIN_CHECKPOINTS_DIR)
+        self.keep_last = int(config.keep_last)
+        self.process_index = jax.process_index() if process_index is None else process_index
+        handler = ocp.StandardCheckpointHandler()
+        self._checkpointer = (ocp.AsyncCheckpointer(handler) if config.async_save
+                              else ocp.Checkpointer(handler))
+        self._remove_incomplete()
+
+    def _remove_incomplete(self):
+        """Delete what saves killed in an earlier life of this run left behind."""
+        if self.process_index == 0 and os.path.isdir(self.root):
+            for _, path, ok in list_train_checkpoints(os.path.dirname(self.root)):
+                if not ok:
+                    _remove(path)
+            for name in os.listdir(self.root):
+                if name.endswith(".deleting"):
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("train_checkpointer_cleanup")
+
+    def step_dir(self, step):
+        return os.path.join(self.root, f"step_{int(step)}")
+
+    def save(self, step, state, llama_config, metadata, dataset_state=None, milestone=False):
+        """Start writing checkpoint ``step``; returns its directory."""
+        self.wait()
+        path = self.step_dir(step)
+        if is_complete(path):
+            return path
+        os.makedirs(path, exist_ok=True)
+        if self.process_index == 0:
+            llama_config.to_json_file(os.path.join(path, CONFIG_FILE))
+            _write_json(os.path.join(path, METADATA_FILE),
+                        dict(metadata, step=int(step), milestone=bool(milestone),
+                             saved_at=time.strftime("%Y-%m-%d %H:%M:%S")))
+        if dataset_state is not None:
+            _write_json(os.path.join(path, dataset_state_file(self.process_index)),
+                        dataset_state)
+        self._checkpointer.save(os.path.join(path, STATE_ITEM), args=ocp.args.StandardSave(state))
+        return path
+
+    def wait(self):
+        """Block until the last save is complete, then prune."""
+        if hasattr(self._checkpointer, "wait_until_finished"):
+            self._checkpointer.wait_until_finished()
+        self._prune()
+
+    def close(self):
+        self.wait()
+        self._checkpointer.close()
+
+    def _prune(self):
+        if self.process_index != 0:
+            return
+        if self.keep_last <= 0:
+            return
+        rolling = [path for _, path, ok in list_train_checkpoints(os.path.dirname(self.root))
+                   if ok and not read_metadata(path).get("milestone")]
+        for path in rolling[:-self.keep_last]:
+            _remove(path)
+
+
+def _remove(path):
+    # Renamed first, so a kill during the deletion never leaves a half-deleted checkpoint
+    # under a name that looks like a checkpoint.
+    doomed = f"{path}.deleting"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
