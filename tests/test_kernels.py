@@ -1,7 +1,8 @@
 """The fused cross-batch kernel (FoT.kernels) against the reference cross-batch attention.
 
-On CPU both lowerings run in the Pallas interpreter (Triton plan and Mosaic plan); the
-``gpu``-marked tests run the compiled Triton kernel and are skipped elsewhere.  Errors are
+On CPU both lowerings run in the Pallas interpreter (Triton plan and Mosaic plan) and are
+lowered, without running, for GPU and TPU; the ``gpu``-marked tests run the compiled Triton
+kernel and are skipped elsewhere.  Errors are
 relative in the Frobenius norm: ``|a - b| / |b|``.
 """
 import jax
@@ -116,6 +117,25 @@ def test_through_cross_batch_core():
     want = cross_batch_core(q, k_loc, k_mem, v, implementation="reference", **args)
     got = cross_batch_core(q, k_loc, k_mem, v, implementation="pallas", **args, **SMALL_BLOCKS)
     assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic")])
+@pytest.mark.parametrize("dtype,kv_heads,head_dim", [(jnp.bfloat16, 8, 128),
+                                                     (jnp.float32, 32, 64)])
+def test_lowers_for_the_hardware(platform, backend, dtype, kv_heads, head_dim):
+    """Forward and backward lower to Triton IR / Mosaic MLIR at a production shape with the
+    default tiles (the hardware compiler itself only runs on the device)."""
+    q = jax.ShapeDtypeStruct((8, 2048, 32, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((8, 2048, kv_heads, head_dim), dtype)
+
+    def forward_backward(*inputs):
+        out, vjp = jax.vjp(lambda *x: flash_cross_batch(
+            *x, cross_batch_range=4, backend=backend, interpret=False), *inputs)
+        return vjp(out)
+
+    lowered = jax.jit(forward_backward).trace(q, kv, kv, kv).lower(
+        lowering_platforms=(platform,))
+    assert lowered.as_text()
 
 
 @pytest.mark.parametrize("shape,options,message", [

@@ -62,17 +62,17 @@ def _query_tile_specs(plan):
 
     def k_loc_map(b, h, i, c, j, slots_ref):
         used, kb, last_local = _visited_key_tile(plan, i, c, j, slots_ref[b])
-        return b, h // plan.group, jnp.where(used == 0, kb, last_local), 0
+        return b, plan.kv_head(h), jnp.where(used == 0, kb, last_local), 0
 
     def k_mem_map(b, h, i, c, j, slots_ref):
         used, kb, _ = _visited_key_tile(plan, i, c, j, slots_ref[b])
         # During the local slot, prefetch the first memory tile.
-        return (plan.neighbour_row(b, jnp.maximum(used, 1)), h // plan.group,
+        return (plan.neighbour_row(b, jnp.maximum(used, 1)), plan.kv_head(h),
                 jnp.where(used == 0, 0, kb), 0)
 
     def v_map(b, h, i, c, j, slots_ref):
         used, kb, _ = _visited_key_tile(plan, i, c, j, slots_ref[b])
-        return plan.neighbour_row(b, used), h // plan.group, kb, 0
+        return plan.neighbour_row(b, used), plan.kv_head(h), kb, 0
 
     def spec(size, width, index_map):
         return pl.BlockSpec((None, None, size, width), index_map)

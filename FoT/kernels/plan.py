@@ -67,7 +67,12 @@ class TilingPlan:
     def num_blocks(self, block):
         return self.length // block
 
-    # --- slot / neighbour arithmetic (works on Python ints and traced int32 scalars) ---
+    # --- index arithmetic (works on Python ints and traced int32 scalars) ---
+
+    def kv_head(self, head):
+        """Key/value head read by query ``head`` (lax.div: indices are non-negative, and
+        Mosaic lowers ``//`` through a sign test)."""
+        return lax.div(head, self.group)
 
     def neighbour_row(self, row, slot):
         """Row whose memory keys/values fill ``slot`` of ``row``: ``(row - slot) mod B``."""

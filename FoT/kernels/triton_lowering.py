@@ -175,7 +175,7 @@ def _whole_array(shape):
 def forward(plan, q, k_loc, k_mem, v, *, options, interpret):
     grid, q_block_of = _query_tile_grid(plan, plan.blocks.block_q)
     block_q, d = plan.blocks.block_q, plan.head_dim
-    kv_of = lambda p, b, h: h // plan.group  # noqa: E731
+    kv_of = lambda p, b, h: plan.kv_head(h)  # noqa: E731
     q_spec = pl.BlockSpec((None, block_q, None, d), lambda p, b, h: (b, q_block_of(p), h, 0))
     lse_spec = pl.BlockSpec((None, block_q, None, 1), lambda p, b, h: (b, q_block_of(p), h, 0))
     slots = jnp.asarray(plan.slot_table())
@@ -193,7 +193,7 @@ def forward(plan, q, k_loc, k_mem, v, *, options, interpret):
 def backward(plan, q, k_loc, k_mem, v, lse, delta, do, *, options, interpret):
     blocks, d = plan.blocks, plan.head_dim
     grid, q_block_of = _query_tile_grid(plan, blocks.block_q)
-    kv_of = lambda p, b, h: h // plan.group  # noqa: E731
+    kv_of = lambda p, b, h: plan.kv_head(h)  # noqa: E731
     q_spec = pl.BlockSpec((None, blocks.block_q, None, d), lambda p, b, h: (b, q_block_of(p), h, 0))
     lse_spec = pl.BlockSpec((None, blocks.block_q, None, 1),
                             lambda p, b, h: (b, q_block_of(p), h, 0))
