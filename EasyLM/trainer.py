@@ -1,0 +1,344 @@
+"""Train and eval steps under ``jax.jit`` with explicit shardings, gradient accumulation, FLOP
+accounting, and the training loop (logging, evaluation, checkpoints).
+
+The train state is a plain dict ``{"step", "params", "opt_state", "skipped_steps"}``: float32
+master parameters (the Flax variables' ``params`` tree), the optax state, the number of updates
+done and the number of non-finite updates skipped.  The model computes in ``dtype`` (e.g. bf16)
+and casts the float32 parameters on use.
+
+Loss and accuracy are means over the target tokens whose ``loss_mask > 0`` (FOT_SPEC 4).  With
+``accumulate_gradient_steps = n`` the global batch is cut into ``n`` consecutive micro-batches of
+``B / n`` rows (whole groups of ``dataset_packing`` rows, so cross-batch attention sees the same
+neighbours as the data pipeline laid out); per-token losses are summed and divided by the token
+count of the whole batch, so the update equals the one of a single step over the full batch.
+"""
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as PS
+
+from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
+                              with_sharding_constraint)
+from EasyLM.logging_utils import WindowAggregator, with_prefix
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, get_partition_rules
+from EasyLM.optimizers import get_optimizer
+from FoT.cross_batch import allowed_slots
+
+BATCH_KEYS = ("input_tokens", "target_tokens", "loss_masks")
+# Dense bf16 peak FLOP/s of one JAX device, matched against ``device.device_kind`` in order.
+# TPU v2/v3 expose each TensorCore as a device; later TPUs one device per chip.
+PEAK_FLOPS_PER_DEVICE = (
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12), ("v3", 61.5e12), ("v2", 22.5e12),
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+)
+# Metrics whose last value in a logging window is reported (the others are averaged).
+LATEST_METRICS = ("learning_rate", "param_norm", "skipped_steps")
+
+
+def token_sums(logits, targets, loss_masks):
+    """``(sum of cross-entropy, number correct, number counted)`` over tokens with mask > 0."""
+    counted = (loss_masks > 0).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return (-jnp.sum(target_log_probs * counted), jnp.sum(correct * counted),
+            jnp.sum(counted))
+
+
+def state_partition_specs(state_shapes):
+    """PartitionSpecs for the whole train state: the parameter rules match optimizer moments by
+    their path too; statistics of another rank (Adafactor's factored moments) are replicated."""
+    specs = match_partition_rules(get_partition_rules(), state_shapes)
+    return jax.tree_util.tree_map(
+        lambda spec, leaf: spec if len(spec) <= np.ndim(leaf) else PS(), specs, state_shapes,
+        is_leaf=lambda x: isinstance(x, PS))
+
+
+def peak_flops_per_device(device=None):
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS_PER_DEVICE:
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def flops_per_step(config, batch_size, seq_length, training=True):
+    """Model FLOPs of one step (forward; x3 for forward + backward), written out:
+
+    - matmuls: ``2 * P * B * L`` for ``P`` parameters used in matmuls (all but the input
+      embedding lookup; a tied head counts the embedding once);
+    - attention scores and values, per layer: ``4 * B * H * D * L^2 / 2`` for the causal local
+      context, plus ``4 * H * D * L^2 * sum_b (n_b - 1)`` in memory layers for the cross-batch
+      slots each row may use (FOT_SPEC 2.4), every key of a slot visible.
+    """
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    layer = h * h * 2 + 2 * h * kv + 3 * h * i
+    params = config.num_hidden_layers * layer + h * v
+    tokens = batch_size * seq_length
+    heads_dim = config.num_attention_heads * config.head_dim
+    local = 2 * batch_size * heads_dim * seq_length ** 2 * config.num_hidden_layers
+    extra_slots = 0
+    if config.cross_batch_range > 0 and config.mem_layers:
+        n = allowed_slots(batch_size, config.cross_batch_range, config.dataset_packing,
+                          config.cross_batch_stepping)
+        extra_slots = int(np.sum(n - 1)) * len(config.mem_layers)
+    memory = 4 * heads_dim * seq_length ** 2 * extra_slots
+    forward = 2 * params * tokens + local + memory
+    return (3 if training else 1) * forward
+
+
+def data_split(mesh):
+    """``(index, count)``: which consecutive block of batch rows this process feeds.
+
+    Rows are sharded over the mesh axes ``dp, fsdp``; processes whose devices hold the same
+    rows (e.g. model-parallel peers) feed the same block.
+    """
+    shards = mesh.shape["dp"] * mesh.shape["fsdp"]
+    sharding = NamedSharding(mesh, PS(BATCH_AXES))
+    held = sorted({idx[0].indices(shards)[:2]
+                   for idx in sharding.addressable_devices_indices_map((shards,)).values()})
+    start, stop = held[0][0], held[-1][1]
+    rows = stop - start
+    if sum(b - a for a, b in held) != rows or shards % rows or start % rows:
+        raise ValueError(f"process {jax.process_index()} holds batch rows {held} of {shards} "
+                         f"row shards, not one aligned block; use a mesh whose dp/fsdp axes "
+                         f"follow the process order")
+    return start // rows, shards // rows
+
+
+class Trainer:
+    """Jitted, sharded train/eval steps for a LLaMA model and its eval twin (same parameters,
+    own cross-batch settings)."""
+
+    def __init__(self, mesh, model_config, optimizer_config, dtype="fp32",
+                 eval_model_config=None, skip_nonfinite=False):
+        self.mesh = mesh
+        self.model_config = model_config
+        compute = float_dtype(dtype)
+        self.model = FlaxLLaMAForCausalLMModule(model_config, dtype=compute,
+                                                param_dtype=jnp.float32)
+        self.eval_model = FlaxLLaMAForCausalLMModule(eval_model_config or model_config,
+                                                     dtype=compute, param_dtype=jnp.float32)
+        self.tx, self.schedule = get_optimizer(optimizer_config)
+        self.accumulate = int(optimizer_config.accumulate_gradient_steps)
+        self.skip_nonfinite = skip_nonfinite
+        self.state_shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        self.state_shardings = named_shardings(mesh, state_partition_specs(self.state_shapes))
+        self.params_shardings = {"params": self.state_shardings["params"]}
+        self.batch_sharding = NamedSharding(mesh, PS(BATCH_AXES))
+        replicated = NamedSharding(mesh, PS())
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._from_params = jax.jit(
+            self._state_from_params, in_shardings=(self.state_shardings["params"],),
+            out_shardings=self.state_shardings, donate_argnums=0)
+        self._train = jax.jit(self._train_step,
+                              in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self._eval = jax.jit(self._eval_step,
+                             in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                             out_shardings=replicated)
+
+    # Pure functions (traced under jit).
+
+    def _init_state(self, rng):
+        rows = self.model_config.dataset_packing
+        variables = self.model.init(rng, jnp.zeros((rows, 1), jnp.int32))
+        return self._state_from_params(variables["params"])
+
+    def _state_from_params(self, params):
+        params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": self.tx.init(params), "skipped_steps": jnp.zeros((), jnp.int32)}
+
+    def _gradients(self, params, batch, token_count):
+        def loss_fn(params):
+            logits = self.model.apply({"params": params}, batch["input_tokens"]).logits
+            loss_sum, correct, _ = token_sums(logits, batch["target_tokens"], batch["loss_masks"])
+            return loss_sum / token_count, (loss_sum, correct)
+        (_, (loss_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, loss_sum, correct
+
+    def _train_step(self, state, batch):
+        params = state["params"]
+        token_count = jnp.maximum(jnp.sum(batch["loss_masks"] > 0), 1).astype(jnp.float32)
+        if self.accumulate == 1:
+            grads, loss_sum, correct = self._gradients(params, batch, token_count)
+        else:
+            n = self.accumulate
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+            micro = with_sharding_constraint(micro, PS(None, BATCH_AXES))
+
+            def accumulate(total, micro_batch):
+                part = self._gradients(params, micro_batch, token_count)
+                return jax.tree_util.tree_map(jnp.add, total, part), None
+
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+            (grads, loss_sum, correct), _ = jax.lax.scan(accumulate, zeros, micro)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        skipped = state["skipped_steps"]
+        if self.skip_nonfinite:
+            finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+            keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            new_params = jax.tree_util.tree_map(keep_old, new_params, params)
+            opt_state = jax.tree_util.tree_map(keep_old, opt_state, state["opt_state"])
+            skipped = skipped + (1 - finite.astype(jnp.int32))
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+                     "skipped_steps": skipped}
+        metrics = {"loss": loss_sum / token_count, "accuracy": correct / token_count,
+                   "learning_rate": self.schedule(state["step"]), "gradient_norm": grad_norm,
+                   "param_norm": optax.global_norm(new_params), "skipped_steps": skipped}
+        return new_state, metrics
+
+    def _eval_step(self, params, batch):
+        logits = self.eval_model.apply({"params": params}, batch["input_tokens"]).logits
+        loss_sum, correct, count = token_sums(logits, batch["target_tokens"], batch["loss_masks"])
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+    # Host-side API; call these inside ``jax.set_mesh(trainer.mesh)``.
+
+    def init_state(self, seed):
+        return self._init(jax.random.PRNGKey(seed))
+
+    def state_from_params(self, variables):
+        return self._from_params(variables["params"])
+
+    def abstract_state(self):
+        return jax.tree_util.tree_map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            self.state_shapes, self.state_shardings)
+
+    def global_batch(self, local_batch, global_rows):
+        """This process's rows -> global arrays sharded over the batch axes."""
+        out = {}
+        for key in BATCH_KEYS:
+            local = np.asarray(local_batch[key])
+            out[key] = jax.make_array_from_process_local_data(
+                self.batch_sharding, local, (global_rows,) + local.shape[1:])
+        return out
+
+    def train_step(self, state, batch):
+        return self._train(state, batch)
+
+    def eval_step(self, params, batch):
+        return self._eval(params, batch)
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    total_steps: int
+    log_freq: int = 50
+    eval_freq: int = 0
+    eval_steps: int = 0
+    save_model_freq: int = 0
+    save_milestone_freq: int = 0
+    peak_flops_per_device: Optional[float] = None
+    show_progress: bool = True
+
+
+@dataclasses.dataclass
+class Checkpointing:
+    """What the loop needs to save: the checkpointer, the model config stored beside the state
+    and a function giving the metadata (e.g. the resolved run config)."""
+    checkpointer: Any
+    llama_config: Any
+    metadata: Callable[[], dict] = dict
+
+
+def evaluate(trainer, state, eval_data, eval_steps, start_state):
+    """Token-weighted eval loss/accuracy over the first ``eval_steps`` batches of the eval data
+    (restarted from ``start_state`` each time, so every evaluation sees the same tokens)."""
+    eval_data.load_state_dict(start_state)
+    iterator = iter(eval_data)
+    totals, data_metrics = [], {}
+    for _ in range(eval_steps):
+        batch, data_metrics = next(iterator)
+        totals.append(trainer.eval_step(state["params"],
+                                        trainer.global_batch(batch, eval_data.batch_size)))
+    totals = jax.tree_util.tree_map(lambda *x: float(np.sum(x)), *jax.device_get(totals))
+    count = max(totals["count"], 1.0)
+    out = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
+           "tokens": totals["count"]}
+    out.update(with_prefix(data_metrics, "dataset"))
+    return with_prefix(out, "eval")
+
+
+def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpointing=None):
+    """Train from ``state`` (whose step is where to start) to ``settings.total_steps``.
+
+    Logs at every ``log_freq``-th step, every checkpoint step and the last step (cutting the
+    averaging windows at checkpoints keeps a resumed run's records identical to an
+    uninterrupted one's); evaluates at step 0 of a fresh run and every ``eval_freq`` steps;
+    saves after logging, so a checkpoint at step S has every record up to S written.
+    """
+    from tqdm import tqdm
+
+    s = settings
+    start = int(jax.device_get(state["step"]))
+    eval_start = eval_data.get_state_dict() if eval_data is not None else None
+    evaluating = eval_data is not None and s.eval_steps > 0 and s.eval_freq > 0
+    peak = s.peak_flops_per_device or peak_flops_per_device()
+    step_flops = flops_per_step(trainer.model_config, train_data.batch_size,
+                                train_data.seq_length)
+    window = WindowAggregator(latest=LATEST_METRICS)
+    progress = tqdm(initial=start, total=s.total_steps, disable=not s.show_progress,
+                    dynamic_ncols=True, desc="train")
+    if evaluating and start == 0:
+        logger.write(0, evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
+    iterator = iter(train_data)
+    window_start, data_wait = time.perf_counter(), 0.0
+    step = start
+    while step < s.total_steps:
+        wait_start = time.perf_counter()
+        local_batch, data_metrics = next(iterator)
+        data_wait += time.perf_counter() - wait_start
+        state, metrics = trainer.train_step(
+            state, trainer.global_batch(local_batch, train_data.batch_size))
+        window.add(metrics)
+        step += 1
+        milestone = s.save_milestone_freq > 0 and step % s.save_milestone_freq == 0
+        saving = checkpointing is not None and (
+            milestone or (s.save_model_freq > 0 and step % s.save_model_freq == 0)
+            or (s.save_model_freq > 0 and step == s.total_steps))
+        record = {}
+        if step % s.log_freq == 0 or saving or step == s.total_steps:
+            steps_done = len(window)
+            train = window.reduce()
+            elapsed = time.perf_counter() - window_start
+            train.update(_throughput(steps_done, elapsed, data_wait, step_flops, peak,
+                                     train_data.batch_size * train_data.seq_length))
+            record.update(with_prefix(train, "train"))
+            record.update(with_prefix(data_metrics, "train/dataset"))
+            progress.set_postfix(loss=f"{train['loss']:.4f}", refresh=False)
+            window_start, data_wait = time.perf_counter(), 0.0
+        if evaluating and step % s.eval_freq == 0:
+            record.update(evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
+        logger.write(step, record)
+        if saving:
+            checkpointing.checkpointer.save(
+                step, state, checkpointing.llama_config, checkpointing.metadata(),
+                dataset_state=train_data.get_state_dict(), milestone=milestone)
+        progress.update(1)
+    progress.close()
+    if checkpointing is not None:
+        checkpointing.checkpointer.wait()
+    return state
+
+
+def _throughput(steps, elapsed, data_wait, step_flops, peak, tokens_per_step):
+    """Timing metrics of a logging window (the first window includes compilation)."""
+    out = {"step_time": elapsed / steps, "data_wait_time": data_wait / steps,
+           "tokens_per_second": tokens_per_step * steps / elapsed,
+           "tflops_per_device": step_flops * steps / elapsed / jax.device_count() / 1e12}
+    if peak:
+        out["mfu"] = step_flops * steps / elapsed / (jax.device_count() * peak)
+    return out
