@@ -178,13 +178,15 @@ def forward(plan, q, k_loc, k_mem, v, *, interpret):
 
 def backward(plan, q, k_loc, k_mem, v, lse, delta, do, *, interpret):
     blocks, d = plan.blocks, plan.head_dim
+    lse_rows, delta_rows = (jnp.transpose(x, (0, 2, 3, 1)) for x in (lse, delta))
     q, k_loc, k_mem, v, lse, delta, do = (
         _head_major(x) for x in (q, k_loc, k_mem, v, lse, delta, do))
     [dq] = _query_tile_call(plan, _dq_kernel, ["q", "stat", "stat"],
                             [("q", jax.ShapeDtypeStruct(q.shape, q.dtype))],
                             [(blocks.block_q, d)], interpret, "cross_batch_dq",
                             )(q, k_loc, k_mem, v, do, lse, delta)
-    dk_loc, dk_mem, dv = _dkv_call(plan, q, k_loc, k_mem, v, do, lse, delta, interpret)
+    dk_loc, dk_mem, dv = _dkv_call(plan, q, k_loc, k_mem, v, do, lse_rows, delta_rows,
+                                   interpret)
     return tuple(_head_major(x) for x in (dq, dk_loc, dk_mem, dv))
 
 
@@ -210,7 +212,8 @@ def _dkv_kernel(last_ref, q_ref, k_loc_ref, k_mem_ref, v_ref, do_ref, lse_ref, d
 
     @pl.when((c == 0) & (i >= masked_start) & (i < full_start))
     def _():
-        visit(k_loc_ref, dk_loc_acc, plan.causal_mask(i, k_block, block_q, block_k))
+        visit(k_loc_ref, dk_loc_acc,
+              plan.causal_mask(i, k_block, block_q, block_k, key_major=True))
 
     @pl.when((c == 0) & (i >= full_start))
     def _():
@@ -227,7 +230,9 @@ def _dkv_kernel(last_ref, q_ref, k_loc_ref, k_mem_ref, v_ref, do_ref, lse_ref, d
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dkv_call(plan, q, k_loc, k_mem, v, do, lse, delta, interpret):
+def _dkv_call(plan, q, k_loc, k_mem, v, do, lse_rows, delta_rows, interpret):
+    """dk/dv pass; ``lse_rows``/``delta_rows`` are ``[B, H, 1, L]`` so that their tiles are
+    the ``[1, block_q]`` rows of the key-major tile maths."""
     block_q, block_k, d = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv, plan.head_dim
     num_q = plan.num_blocks(block_q)
 
@@ -242,8 +247,12 @@ def _dkv_call(plan, q, k_loc, k_mem, v, do, lse, delta, interpret):
     def key_map(r, h, kb, g, c, i, last_ref):
         return r, h, kb, 0
 
+    def stat_map(*ids):
+        row, head, tile, _ = query_side_map(*ids)
+        return row, head, 0, tile
+
     query_spec = pl.BlockSpec((None, None, block_q, d), query_side_map)
-    stat_spec = pl.BlockSpec((None, None, block_q, 1), query_side_map)
+    stat_spec = pl.BlockSpec((None, None, 1, block_q), stat_map)
     key_spec = pl.BlockSpec((None, None, block_k, d), key_map)
     grid = (plan.batch, plan.num_kv_heads, plan.num_blocks(block_k), plan.group,
             plan.num_slots, num_q)
@@ -257,4 +266,5 @@ def _dkv_call(plan, q, k_loc, k_mem, v, do, lse, delta, interpret):
         functools.partial(_dkv_kernel, plan=plan), grid_spec=grid_spec,
         out_shape=[kv_shape] * 3, compiler_params=_semantics(3, 3), interpret=_interpreter(interpret),
         name="cross_batch_dkv",
-    )(jnp.asarray(plan.last_reader_slot().reshape(-1)), q, k_loc, k_mem, v, do, lse, delta)
+    )(jnp.asarray(plan.last_reader_slot().reshape(-1)), q, k_loc, k_mem, v, do, lse_rows,
+      delta_rows)

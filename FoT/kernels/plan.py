@@ -133,10 +133,14 @@ class TilingPlan:
         return masked_start, lax.min(full_start, self.num_blocks(block_q))
 
     @staticmethod
-    def causal_mask(q_block, k_block, block_q, block_k):
-        rows = q_block * block_q + lax.broadcasted_iota(np.int32, (block_q, block_k), 0)
-        cols = k_block * block_k + lax.broadcasted_iota(np.int32, (block_q, block_k), 1)
-        return rows >= cols
+    def causal_mask(q_block, k_block, block_q, block_k, key_major=False):
+        """Which (query, key) pairs of two tiles are visible; ``[block_q, block_k]``, or
+        ``[block_k, block_q]`` when ``key_major``."""
+        shape = (block_k, block_q) if key_major else (block_q, block_k)
+        q_axis, k_axis = (1, 0) if key_major else (0, 1)
+        queries = q_block * block_q + lax.broadcasted_iota(np.int32, shape, q_axis)
+        keys = k_block * block_k + lax.broadcasted_iota(np.int32, shape, k_axis)
+        return queries >= keys
 
 
 def pad_pow2(values):

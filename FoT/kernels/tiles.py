@@ -17,7 +17,6 @@ MASKED_SCORE = -1e30
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 def _dot(a, b, dims):
@@ -51,25 +50,29 @@ def finish_softmax(carry):
     return acc / l, m + jnp.log2(l)
 
 
-def _probabilities_and_dscores(q, k, v, do, lse, delta, score_scale, mask):
-    """Recomputed probabilities ``P`` and ``dS = P * (dO V^T - delta)`` of one tile pair."""
-    p = jnp.exp2(_dot(q, k, _NT) * score_scale - lse)
+def _probabilities_and_dscores(a, b, da, db, lse, delta, score_scale, mask):
+    """Recomputed probabilities ``P = exp2(a b^T * scale - lse)`` and
+    ``dS = P * (da db^T - delta)`` of one tile pair, in whichever orientation (query-major
+    or key-major) the operands are given."""
+    p = jnp.exp2(_dot(a, b, _NT) * score_scale - lse)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
-    ds = p * (_dot(do, v, _NT) - delta)
-    return p, ds
+    return p, p * (_dot(da, db, _NT) - delta)
 
 
 def dq_step(dq, q, k, v, do, lse, delta, score_scale, mask=None):
-    """Adds one key tile's contribution to ``dQ / scale`` of a query tile."""
-    _, ds = _probabilities_and_dscores(q, k, v, do, lse, delta, score_scale, mask)
+    """Adds one key tile's contribution to ``dQ / scale`` of a query tile (query-major:
+    ``lse``/``delta`` are ``[block_q, 1]`` columns, ``mask`` is ``[block_q, block_k]``)."""
+    _, ds = _probabilities_and_dscores(q, k, do, v, lse, delta, score_scale, mask)
     return dq + _dot(ds.astype(k.dtype), k, _NN)
 
 
 def dkv_step(carry, q, k, v, do, lse, delta, score_scale, mask=None):
-    """Adds one query tile's contribution to ``(dK / scale, dV)`` of a key tile."""
+    """Adds one query tile's contribution to ``(dK / scale, dV)`` of a key tile.  Key-major,
+    so that no probability tile needs a transpose: scores are ``[block_k, block_q]``,
+    ``lse``/``delta`` are ``[1, block_q]`` rows and ``mask`` is ``[block_k, block_q]``."""
     dk, dv = carry
-    p, ds = _probabilities_and_dscores(q, k, v, do, lse, delta, score_scale, mask)
-    dv = dv + _dot(p.astype(do.dtype), do, _TN)
-    dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+    p, ds = _probabilities_and_dscores(k, q, v, do, lse, delta, score_scale, mask)
+    dv = dv + _dot(p.astype(do.dtype), do, _NN)
+    dk = dk + _dot(ds.astype(q.dtype), q, _NN)
     return dk, dv

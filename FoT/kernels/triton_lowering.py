@@ -50,6 +50,11 @@ def _tile(ref, row, start, size, head=None):
     return ref[row, positions, head, :]
 
 
+def _stat_row(ref, row, start, size, head):
+    """``[1, size]`` row of a ``[B, L, H, 1]`` per-query statistic."""
+    return ref[row, pl.ds(pl.multiple_of(start, size), size), head, 0][None, :]
+
+
 def _stream_keys(plan, block_q, block_k, row, q_block, n_slots, k_loc_ref, k_mem_ref, v_ref,
                  visit, carry):
     """Folds ``visit(carry, k, v, mask)`` over every key tile query tile ``q_block`` of
@@ -129,12 +134,13 @@ def _dkv_kernel(reader_slots_ref, reader_counts_ref, q_ref, k_loc_ref, k_mem_ref
     def fold_queries(carry, k, reader, head, q_lo, q_hi, masked):
         def step(i, carry):
             start = i * block_q
-            mask = plan.causal_mask(i, k_block, block_q, block_k) if masked else None
+            mask = (plan.causal_mask(i, k_block, block_q, block_k, key_major=True)
+                    if masked else None)
             return tiles.dkv_step(
                 carry, _tile(q_ref, reader, start, block_q, head), k, v,
                 _tile(do_ref, reader, start, block_q, head),
-                _tile(lse_ref, reader, start, block_q, head),
-                _tile(delta_ref, reader, start, block_q, head), plan.score_scale, mask)
+                _stat_row(lse_ref, reader, start, block_q, head),
+                _stat_row(delta_ref, reader, start, block_q, head), plan.score_scale, mask)
         return lax.fori_loop(q_lo, q_hi, step, carry)
 
     k_loc = k_loc_ref[...]
