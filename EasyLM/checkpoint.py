@@ -34,6 +34,8 @@ METADATA_FILE = "metadata.json"
 CHECKPOINT_KINDS = ("params", "trainstate", "trainstate_params")
 TRAIN_CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"
+_RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(?:_(\d+))?$")
 
 
 def parse_checkpoint_spec(spec, key="load_checkpoint"):
@@ -150,6 +152,40 @@ def latest_train_checkpoint(run_dir):
     return complete[-1] if complete else None
 
 
+def _run_order(name):
+    match = _RUN_NAME.match(name)
+    return name[:19], int(match.group(1) or 0)
+
+
+def list_runs(workdir):
+    """Time-stamped run directories under ``workdir``, oldest first."""
+    if not os.path.isdir(workdir):
+        return []
+    names = [n for n in os.listdir(workdir)
+             if _RUN_NAME.match(n) and os.path.isdir(os.path.join(workdir, n))]
+    return [os.path.join(workdir, n) for n in sorted(names, key=_run_order)]
+
+
+def find_resumable_run(workdir):
+    """``(run_dir, checkpoint)`` of the newest run under ``workdir`` that has a complete train
+    checkpoint (its newest), or ``(None, None)``."""
+    for run_dir in reversed(list_runs(workdir)):
+        checkpoint = latest_train_checkpoint(run_dir)
+        if checkpoint is not None:
+            return run_dir, checkpoint
+    return None, None
+
+
+def new_run_dir(workdir, now=None):
+    """A fresh ``workdir/<YYYY-mm-dd_HH-MM-SS>[_<n>]`` name (not created)."""
+    base = time.strftime(RUN_NAME_FORMAT, time.localtime(now))
+    name, n = base, 0
+    while os.path.exists(os.path.join(workdir, name)):
+        n += 1
+        name = f"{base}_{n}"
+    return os.path.join(os.path.abspath(workdir), name)
+
+
 def read_metadata(step_dir):
     with open(os.path.join(step_dir, METADATA_FILE)) as f:
         return json.load(f)
@@ -172,7 +208,7 @@ def restore_train_state(step_dir, abstract_state):
                                 args=ocp.args.StandardRestore(abstract_state))
 
 
-def _write_json(path, value):
+def write_json(path, value):
     # Write-then-rename, so a reader never sees half a file.
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -225,11 +261,11 @@ class TrainCheckpointer:
         os.makedirs(path, exist_ok=True)
         if self.process_index == 0:
             llama_config.to_json_file(os.path.join(path, CONFIG_FILE))
-            _write_json(os.path.join(path, METADATA_FILE),
+            write_json(os.path.join(path, METADATA_FILE),
                         dict(metadata, step=int(step), milestone=bool(milestone),
                              saved_at=time.strftime("%Y-%m-%d %H:%M:%S")))
         if dataset_state is not None:
-            _write_json(os.path.join(path, dataset_state_file(self.process_index)),
+            write_json(os.path.join(path, dataset_state_file(self.process_index)),
                         dataset_state)
         self._checkpointer.save(os.path.join(path, STATE_ITEM), args=ocp.args.StandardSave(state))
         return path

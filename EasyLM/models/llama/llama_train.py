@@ -1,0 +1,306 @@
+"""Flags of a FoT continued-pretraining run, their validation, and ``main``: config -> library.
+
+Use it through ``python -m running_utils.runner --config configs/X.json`` (JSON of the dotted
+flag names below), or call :func:`main` with a config from :func:`get_default_config`.
+The maths lives in :mod:`EasyLM.trainer`; this file only checks the flags and wires the parts.
+"""
+import ast
+import json
+import logging
+import os
+
+import jax
+
+from EasyLM import checkpoint, logging_utils, optimizers
+from EasyLM import tokenizer as tokenizer_lib
+from EasyLM.config import ConfigDict, ConfigError
+from EasyLM.data import DatasetFactory
+from EasyLM.jax_utils import float_dtype, get_jax_mesh, parse_mesh_dim
+from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
+from EasyLM.trainer import Checkpointing, LoopSettings, Trainer, data_split, fit
+from FoT.data_pipeline import dataset_packing_for
+
+log = logging.getLogger("EasyLM")
+log.propagate = False  # our own handlers; a root handler would print each line twice
+
+
+def get_default_config(updates=None):
+    config = ConfigDict(
+        seed=42,
+        mesh_dim="1,-1,1",  # dp,fsdp,mp sizes; one may be -1
+        dtype="fp32",  # compute dtype (fp32, bf16, fp16); parameters stay float32
+        total_steps=10000,
+        load_llama_config="",  # '7b_FoT', 'json::PATH' or 'hf::PATH'; '' = the checkpoint's
+        update_llama_config="",  # JSON (or Python dict literal) of LLaMAConfig overrides
+        load_checkpoint="",  # params::PATH, trainstate::PATH or trainstate_params::PATH
+        load_dataset_state="",  # JSON data-pipeline state; '{process_index}' is substituted
+        train_log_freq=50,
+        eval_freq=100,
+        eval_steps=0,  # eval batches per evaluation; 0 disables evaluation
+        save_model_freq=0,  # rolling checkpoints (checkpointer.keep_last kept)
+        save_milestone_freq=0,  # checkpoints kept forever
+        workdir="./workdir",  # each run gets workdir/<timestamp>/
+        resume=True,  # continue the newest run under workdir from its last checkpoint
+        log_all_worker=False,
+        skip_nonfinite_steps=False,  # drop updates whose loss or gradient norm is not finite
+        peak_flops_per_device=0.0,  # for MFU; 0 = look the device up in trainer's table
+        train_cross_batch_range=1,
+        train_cross_batch_stepping=True,
+        eval_cross_batch_range=0,
+        eval_cross_batch_stepping=True,
+        flip_sharding_in_cross_batch=False,
+        scan_cross_batch=False,
+        tokenizer=tokenizer_lib.get_default_config(),
+        train_dataset=DatasetFactory.get_default_config(),
+        eval_dataset=DatasetFactory.get_default_config(),
+        optimizer=optimizers.get_default_config(),
+        checkpointer=checkpoint.get_default_config(),
+        logging=logging_utils.get_default_config(),
+    )
+    return config.copy_and_update(updates)
+
+
+def parse_llama_overrides(text, key="update_llama_config"):
+    """``'{"vocab_size": 512}'``, ``"{'vocab_size': 512}"`` or ``"dict(vocab_size=512)"``."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            node = ast.parse(text, mode="eval").body
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict"
+                    and not node.args):
+                value = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+            else:
+                value = ast.literal_eval(node)
+        except (SyntaxError, ValueError):
+            raise ConfigError(f"{key}={text!r}: expected a JSON object such as "
+                              f'{{"vocab_size": 32000}}') from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={text!r}: expected a JSON object of LLaMAConfig fields")
+    return value
+
+
+def _dataset_source(config, name):
+    dataset = config[name]
+    key = f"{name}.type"
+    if dataset.type not in ("json", "huggingface"):
+        raise ConfigError(f"{key}={dataset.type!r}: use 'json' or 'huggingface'")
+    return dataset[f"{dataset.type}_dataset"], f"{name}.{dataset.type}_dataset"
+
+
+def _check_batch(config, name, shards, mesh_key, micro_batches=1):
+    source, prefix = _dataset_source(config, name)
+    try:
+        packing = dataset_packing_for(source.data_pipeline)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}.data_pipeline: {error}") from None
+    batch = source.batch_size
+    if batch % packing:
+        raise ConfigError(f"{prefix}.batch_size={batch} is not divisible by the packing factor "
+                          f"{packing} of {prefix}.data_pipeline={source.data_pipeline!r}")
+    if batch % shards:
+        raise ConfigError(f"{prefix}.batch_size={batch} is not divisible by the {shards} "
+                          f"data-parallel shards (dp x fsdp) of {mesh_key}")
+    if micro_batches > 1:
+        key = "optimizer.accumulate_gradient_steps"
+        micro = batch // micro_batches
+        if batch % micro_batches or micro % packing or micro % shards:
+            raise ConfigError(
+                f"{key}={micro_batches}: micro-batches of {prefix}.batch_size={batch} must be "
+                f"whole multiples of dataset_packing={packing} rows and of the {shards} "
+                f"data-parallel shards")
+
+
+def validate(config):
+    """Checks that need no model, data or device work: fail in the first second."""
+    try:
+        dims = parse_mesh_dim(config.mesh_dim)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        float_dtype(config.dtype)
+    except ValueError as error:
+        raise ConfigError(f"dtype: {error}") from None
+    optimizers.validate(config.optimizer)
+    for key in ("total_steps", "eval_freq", "eval_steps", "save_model_freq",
+                "save_milestone_freq", "train_cross_batch_range", "eval_cross_batch_range"):
+        if config[key] < 0:
+            raise ConfigError(f"{key}={config[key]} must be >= 0")
+    if config.train_log_freq < 1:
+        raise ConfigError(f"train_log_freq={config.train_log_freq} must be >= 1")
+    shards = dims[0] * dims[1]
+    mesh_key = f"mesh_dim={config.mesh_dim!r}"
+    _check_batch(config, "train_dataset", shards, mesh_key,
+                 config.optimizer.accumulate_gradient_steps)
+    if config.eval_steps > 0:
+        _check_batch(config, "eval_dataset", shards, mesh_key)
+    if config.load_checkpoint:
+        try:
+            checkpoint.parse_checkpoint_spec(config.load_checkpoint)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from None
+    if config.load_dataset_state:
+        path = _dataset_state_path(config.load_dataset_state)
+        if not os.path.exists(path):
+            raise ConfigError(f"load_dataset_state={config.load_dataset_state!r}: {path} does "
+                              f"not exist")
+    parse_llama_overrides(config.update_llama_config)
+
+
+def _dataset_state_path(template):
+    return template.replace("{process_index}", str(jax.process_index()))
+
+
+def build_llama_config(config, tokenizer):
+    """The model config: named / file config or the checkpoint's, overrides, tokenizer ids."""
+    overrides = parse_llama_overrides(config.update_llama_config)
+    try:
+        if config.load_llama_config:
+            llama = LLaMAConfig.load_config(config.load_llama_config)
+        elif config.load_checkpoint:
+            llama = checkpoint.load_llama_config(
+                checkpoint.parse_checkpoint_spec(config.load_checkpoint)[1])
+        else:
+            raise ConfigError("load_llama_config is empty and no load_checkpoint gives a model "
+                              "config: set load_llama_config (e.g. '7b_FoT', 'json::PATH', "
+                              "'hf::PATH')")
+    except (ValueError, FileNotFoundError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"load_llama_config={config.load_llama_config!r}: {error}") from None
+    try:
+        llama = llama.replace(**overrides)
+    except ValueError as error:
+        raise ConfigError(f"update_llama_config: {error}") from None
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id")
+           if getattr(tokenizer, k, None) is not None}
+    llama = llama.replace(scan_cross_batch=config.scan_cross_batch,
+                          flip_sharding_in_cross_batch=config.flip_sharding_in_cross_batch, **ids)
+    if llama.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"vocab_size {llama.vocab_size} of the model (load_llama_config / "
+                          f"update_llama_config) is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} (tokenizer.vocab_file); set "
+                          f'update_llama_config=\'{{"vocab_size": {tokenizer.vocab_size}}}\'')
+    return llama
+
+
+def _agree(text):
+    """Process 0's ``text`` on every process (run directories are named by its clock)."""
+    if jax.process_count() == 1:
+        return text
+    import numpy as np
+    from jax.experimental import multihost_utils
+    data = np.zeros(4096, np.uint8)
+    raw = text.encode()
+    data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    data = multihost_utils.broadcast_one_to_all(data)
+    return bytes(np.asarray(data)).rstrip(b"\0").decode()
+
+
+def select_run(config):
+    """``(run_dir, checkpoint to resume or None)``, the same on every process."""
+    choice = ""
+    if jax.process_index() == 0:
+        run_dir, resume_from = (checkpoint.find_resumable_run(config.workdir) if config.resume
+                                else (None, None))
+        if run_dir is None:
+            run_dir = checkpoint.new_run_dir(config.workdir)
+            os.makedirs(run_dir)
+        choice = json.dumps([run_dir, resume_from])
+    run_dir, resume_from = json.loads(_agree(choice))
+    return run_dir, resume_from
+
+
+def _setup_logging(log_dir, enabled):
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    if not enabled:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    formatter = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s")
+    for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(log_dir,
+                                                                              "train.log"))):
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+def initial_state(trainer, config, resume_from):
+    """``(train state, train data-pipeline state or None)``: resume, load, or initialise."""
+    dataset_state = None
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+        state = checkpoint.restore_train_state(resume_from, trainer.abstract_state())
+        return state, checkpoint.load_dataset_state(resume_from, jax.process_index())
+    if config.load_checkpoint:
+        kind, path = checkpoint.parse_checkpoint_spec(config.load_checkpoint)
+        log.info("loading %s", config.load_checkpoint)
+        if kind == "trainstate":
+            state = checkpoint.restore_train_state(path, trainer.abstract_state())
+            dataset_state = checkpoint.load_dataset_state(path, jax.process_index())
+        else:
+            state = trainer.state_from_params(
+                checkpoint.load_params(config.load_checkpoint, trainer.params_shardings))
+    else:
+        state = trainer.init_state(config.seed)
+    if config.load_dataset_state:
+        with open(_dataset_state_path(config.load_dataset_state)) as f:
+            dataset_state = json.load(f)
+    return state, dataset_state
+
+
+def main(config):
+    """Run training as ``config`` (see :func:`get_default_config`) says; returns the run dir."""
+    validate(config)
+    mesh = get_jax_mesh(config.mesh_dim)
+    tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer)
+    index, count = data_split(mesh)
+    train_data = DatasetFactory.load_dataset(config.train_dataset, tokenizer, index, count,
+                                             name="train_dataset")
+    eval_data = None
+    if config.eval_steps > 0:
+        eval_data = DatasetFactory.load_dataset(config.eval_dataset, tokenizer, index, count,
+                                                name="eval_dataset")
+    llama = build_llama_config(config, tokenizer)
+    train_llama = with_cross_batch(llama, config.train_cross_batch_range,
+                                   config.train_cross_batch_stepping, train_data.dataset_packing)
+    eval_llama = (with_cross_batch(llama, config.eval_cross_batch_range,
+                                   config.eval_cross_batch_stepping, eval_data.dataset_packing)
+                  if eval_data is not None else None)
+    trainer = Trainer(mesh, train_llama, config.optimizer, config.dtype, eval_llama,
+                      config.skip_nonfinite_steps)
+
+    run_dir, resume_from = select_run(config)
+    writes = config.log_all_worker or jax.process_index() == 0
+    log_dir = run_dir if jax.process_index() == 0 else os.path.join(
+        run_dir, f"worker_{jax.process_index()}")
+    _setup_logging(log_dir, writes)
+    flat = config.flatten()
+    if jax.process_index() == 0:
+        checkpoint.write_json(os.path.join(run_dir, "config.json"), flat)
+    log.info("run directory %s (%d processes, %d devices, mesh %s)", run_dir,
+             jax.process_count(), jax.device_count(), dict(mesh.shape))
+    with jax.set_mesh(mesh):
+        state, dataset_state = initial_state(trainer, config, resume_from)
+        if dataset_state is not None:
+            train_data.load_state_dict(dataset_state)
+        start = int(jax.device_get(state["step"]))
+        logger = logging_utils.MetricsLogger(
+            log_dir, config.logging, enabled=writes,
+            resume_step=start if resume_from is not None else None, run_config=flat)
+        checkpointer = checkpoint.TrainCheckpointer(run_dir, config.checkpointer)
+        settings = LoopSettings(
+            total_steps=config.total_steps, log_freq=config.train_log_freq,
+            eval_freq=config.eval_freq, eval_steps=config.eval_steps,
+            save_model_freq=config.save_model_freq,
+            save_milestone_freq=config.save_milestone_freq,
+            peak_flops_per_device=config.peak_flops_per_device or None, show_progress=writes)
+        saving = Checkpointing(checkpointer, llama, lambda: {"config": flat, "run_dir": run_dir})
+        try:
+            fit(trainer, state, train_data, settings, logger, eval_data, saving)
+        finally:
+            checkpointer.close()
+            logger.close()
+    log.info("finished at step %d; outputs in %s", config.total_steps, run_dir)
+    return run_dir
