@@ -1,0 +1,58 @@
+"""Configuration of a LLaMA model with Focused Transformer (FoT) memory layers.
+
+It is Hugging Face's ``LlamaConfig`` plus the memory fields, so every LLaMA field (RoPE
+parameters, GQA, tied embeddings ...) keeps its meaning.  This file is copied into exported
+model directories and must import nothing from the toolkit.
+"""
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+
+@strict
+class FoTLlamaConfig(LlamaConfig):
+    r"""
+    mem_layers (`list[int]`): 0-based indices of the memory layers.
+    last_context_length (`int`, *optional*): local context window ``W``.  Inputs are processed
+        in windows of ``W`` tokens, and generation keeps the last ``W`` tokens in the local
+        cache; older tokens live in the memory of the memory layers.  Defaults to
+        ``max_position_embeddings``.
+    mem_positionals (`bool`): whether memory layers use RoPE (memory keys rotated as if at
+        position 0).  ``False`` removes positional encoding from memory layers altogether,
+        for models trained that way.
+    mem_dtype (`str`, *optional*): torch dtype name in which memory keys/values are stored
+        (e.g. ``"bfloat16"``); ``None`` stores them in the activation dtype.
+    mem_attention_grouping (`(heads, queries)`, *optional*): memory layers attend for at
+        most this many heads and queries at a time, which bounds their score tensor.
+    torch_attention (`bool`): use ``torch.nn.functional.scaled_dot_product_attention``;
+        ``False`` uses an explicit float32 softmax (slower, a reference).
+    """
+
+    model_type = "fot_llama"
+
+    mem_layers: list[int] | tuple[int, ...] = ()
+    last_context_length: int | None = None
+    mem_positionals: bool = True
+    mem_dtype: str | None = None
+    mem_attention_grouping: list[int] | tuple[int, ...] | None = None
+    torch_attention: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.mem_layers = [int(i) for i in self.mem_layers or ()]
+        if self.last_context_length is None:
+            self.last_context_length = self.max_position_embeddings
+        if self.mem_attention_grouping is not None:
+            self.mem_attention_grouping = [int(x) for x in self.mem_attention_grouping]
+
+    def validate_fot(self):
+        """Raise ``ValueError`` naming the field to change when the memory fields are wrong."""
+        bad = [i for i in self.mem_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"mem_layers {self.mem_layers}: {bad} out of range for "
+                             f"{self.num_hidden_layers} layers")
+        if self.last_context_length < 1:
+            raise ValueError(f"last_context_length must be >= 1, got {self.last_context_length}")
+        grouping = self.mem_attention_grouping
+        if grouping is not None and (len(grouping) != 2 or min(grouping) < 1):
+            raise ValueError(f"mem_attention_grouping must be two positive integers "
+                             f"(heads, queries), got {grouping}")
