@@ -1,9 +1,15 @@
-"""Toolkit checkpoint -> a directory ``transformers.LlamaForCausalLM.from_pretrained`` loads.
+"""Toolkit checkpoint -> a Hugging Face model directory.
 
     python -m EasyLM.models.llama.convert_easylm_to_hf --load_checkpoint params::PATH \
-        --output_dir DIR [--dtype fp32|bf16|fp16] [--tokenizer_path TOKENIZER]
+        --output_dir DIR [--dtype fp32|bf16|fp16] [--tokenizer_path TOKENIZER] \
+        [--last_context_length W] [--mem_attention_grouping HEADS,QUERIES] [--no_memory]
 
-The model config comes from the checkpoint (``params::`` or ``trainstate::``).  Weights are
+The model config comes from the checkpoint (``params::`` or ``trainstate::``).  A plain LLaMA
+becomes a ``LlamaForCausalLM``.  A FoT model (non-empty ``mem_layers``) becomes a
+``FoTLlamaForCausalLM`` with memory: the modelling files of :mod:`FoT.hf` are copied beside
+the weights and ``config.json`` maps the Auto classes to them, so
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it;
+``--no_memory`` writes it as a plain ``LlamaForCausalLM`` instead (same tensors).  Weights are
 written as safetensors shards of at most ``--max_shard_size`` bytes with an index, the
 tokenizer (a SentencePiece ``.model`` file or a Hugging Face tokenizer directory) beside them.
 :func:`export` is the extension point for other model classes: it takes the tensor stream
@@ -13,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -77,7 +84,10 @@ def copy_tokenizer(tokenizer_path, output_dir):
         shutil.copy(tokenizer_path, os.path.join(output_dir, "tokenizer.json"))
         return
     from transformers import LlamaTokenizer
-    LlamaTokenizer(vocab_file=tokenizer_path).save_pretrained(output_dir)
+    # transformers 5 builds a SentencePiece tokenizer only when loading a directory.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        LlamaTokenizer.from_pretrained(tmp, add_bos_token=True).save_pretrained(output_dir)
 
 
 def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
@@ -96,13 +106,37 @@ def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
 
 
 def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
-            max_shard_size=5 * 2 ** 30):
+            max_shard_size=5 * 2 ** 30, no_memory=False, **memory_options):
+    """Export a checkpoint; ``memory_options`` (``last_context_length``,
+    ``mem_attention_grouping``, ``mem_dtype``, ``mem_positionals``, ``torch_attention``) go to
+    the config of a FoT model, whose ``last_context_length`` defaults to the model's
+    ``max_sequence_length``."""
     _, path = parse_checkpoint_spec(load_checkpoint)
     config = load_llama_config(path)
     params = load_params(load_checkpoint)["params"]
-    export(native_to_hf(params, config), config.to_hf_dict(), output_dir, dtype,
-           tokenizer_path, max_shard_size)
+    hf_config, extra_files = config.to_hf_dict(), ()
+    if config.mem_layers and not no_memory:
+        from FoT.hf import MODEL_FILES, fot_config_dict
+        options = {k: v for k, v in memory_options.items() if v is not None}
+        options.setdefault("last_context_length", config.max_sequence_length)
+        hf_config = fot_config_dict(hf_config, config.mem_layers, **options)
+        extra_files = MODEL_FILES
+    export(native_to_hf(params, config), hf_config, output_dir, dtype, tokenizer_path,
+           max_shard_size, extra_files)
     return config
+
+
+def _pair(text):
+    values = tuple(int(x) for x in text.split(","))
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected HEADS,QUERIES, got {text!r}")
+    return values
+
+
+def _flag(text):
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
 
 
 def main(argv=None):
@@ -115,9 +149,23 @@ def main(argv=None):
                         help="SentencePiece .model file or Hugging Face tokenizer directory")
     parser.add_argument("--max_shard_size", type=int, default=5 * 2 ** 30,
                         help="bytes per safetensors shard")
+    memory = parser.add_argument_group("FoT memory (models with mem_layers)")
+    memory.add_argument("--no_memory", action="store_true",
+                        help="export as a plain LlamaForCausalLM, without memory")
+    memory.add_argument("--last_context_length", type=int, default=None,
+                        help="local context window in tokens (default: max_sequence_length)")
+    memory.add_argument("--mem_attention_grouping", default=None, type=_pair,
+                        help="HEADS,QUERIES processed at a time in memory layers")
+    memory.add_argument("--mem_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="dtype of stored memory (default: the activation dtype)")
+    memory.add_argument("--torch_attention", default=True, type=_flag,
+                        help="use torch scaled_dot_product_attention (true/false)")
     args = parser.parse_args(argv)
     convert(args.load_checkpoint, args.output_dir, args.dtype, args.tokenizer_path,
-            args.max_shard_size)
+            args.max_shard_size, no_memory=args.no_memory,
+            last_context_length=args.last_context_length,
+            mem_attention_grouping=args.mem_attention_grouping, mem_dtype=args.mem_dtype,
+            torch_attention=args.torch_attention)
     print(f"wrote {os.path.abspath(args.output_dir)}")
 
 
