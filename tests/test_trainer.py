@@ -1,0 +1,170 @@
+"""Trainer library: masked loss, the same run on 1 and 8 devices, exact gradient accumulation,
+skipped non-finite steps, FLOP accounting."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from EasyLM import logging_utils
+from EasyLM.data import DatasetFactory
+from EasyLM.jax_utils import MESH_AXES, get_jax_mesh
+from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
+from EasyLM.optimizers import get_default_config as optimizer_config
+from EasyLM.tokenizer import get_default_config as tokenizer_config
+from EasyLM.tokenizer import load_tokenizer
+from EasyLM.trainer import (LoopSettings, Trainer, data_split, fit, flops_per_step,
+                            token_sums)
+from FoT.cross_batch import allowed_slots
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIMIZER = optimizer_config({"adamw_optimizer.lr": 3e-3, "adamw_optimizer.lr_warmup_steps": 2,
+                              "adamw_optimizer.weight_decay": 0.05})
+
+
+def dataset(pipeline, batch_size=8, seq_length=32, path="data/tiny_corpus.jsonl"):
+    tokenizer = load_tokenizer(tokenizer_config({"vocab_file": f"{REPO}/tokenizers/tiny_sp.model"}))
+    config = DatasetFactory.get_default_config({
+        "type": "json", "json_dataset.path": f"{REPO}/{path}",
+        "json_dataset.data_pipeline": pipeline, "json_dataset.batch_size": batch_size,
+        "json_dataset.seq_length": seq_length})
+    return DatasetFactory.load_dataset(config, tokenizer)
+
+
+def single_device_mesh():
+    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def test_loss_and_accuracy_are_means_over_masked_tokens():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, size=(2, 5))
+    masks = (rng.random((2, 5)) > 0.4).astype(np.float32)
+    loss_sum, correct, count = token_sums(jnp.asarray(logits), jnp.asarray(targets),
+                                          jnp.asarray(masks))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    keep = masks > 0
+    np.testing.assert_allclose(loss_sum / count, nll[keep].mean(), rtol=1e-5)
+    np.testing.assert_allclose(correct / count, (logits.argmax(-1) == targets)[keep].mean())
+    assert count == keep.sum()
+
+
+def run_loop(mesh, tmp_path, steps=3):
+    """Three steps of the setup_test model (memory layer, C=2 with stepping, doc_aware_k2)
+    with an eval model of its own (C=0, doc_aware_k1); the records the loop logged."""
+    train, evaluation = dataset("doc_aware_k2"), dataset("doc_aware_k1",
+                                                         path="data/tiny_eval.jsonl")
+    base = LLaMAConfig.load_config("debug_fot", vocab_size=512)
+    trainer = Trainer(mesh, with_cross_batch(base, 2, True, 2), OPTIMIZER, "fp32",
+                      with_cross_batch(base, 0, False, 1))
+    logger = logging_utils.MetricsLogger(str(tmp_path), logging_utils.get_default_config(
+        {"tensorboard": False, "plot": False}))
+    settings = LoopSettings(total_steps=steps, log_freq=1, eval_freq=steps, eval_steps=1,
+                            show_progress=False)
+    with jax.set_mesh(mesh):
+        fit(trainer, trainer.init_state(0), train, settings, logger, evaluation)
+    logger.close()
+    return logging_utils.read_metrics(str(tmp_path / logging_utils.METRICS_FILE))
+
+
+def test_same_losses_on_one_device_and_on_8_device_meshes(tmp_path):
+    assert jax.device_count() == 8
+    expected = run_loop(single_device_mesh(), tmp_path / "one")
+    keys = ("train/loss", "train/accuracy", "train/gradient_norm", "eval/loss")
+    losses = [r["train/loss"] for r in expected if "train/loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    for mesh_dim in ("1,-1,1", "2,2,2"):
+        records = run_loop(get_jax_mesh(mesh_dim), tmp_path / mesh_dim)
+        assert [r["step"] for r in records] == [r["step"] for r in expected]
+        for got, want in zip(records, expected):
+            for key in keys:
+                if key in want:
+                    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                                               err_msg=f"{mesh_dim} step {want['step']} {key}")
+            assert got.get("train/dataset/dataset_total_tokens") == want.get(
+                "train/dataset/dataset_total_tokens")
+
+
+def tiny_config(**updates):
+    values = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, mem_layers=(0,))
+    values.update(updates)
+    return LLaMAConfig(**values)
+
+
+def test_gradient_accumulation_equals_one_full_batch_step():
+    # C=1 with k=2 and stepping: no row looks past its own document group, so cutting the
+    # batch into micro-batches of whole groups changes nothing.
+    config = tiny_config(cross_batch_range=1, cross_batch_stepping=True, dataset_packing=2)
+    batch, _ = next(iter(dataset("doc_aware_k2")))
+    mesh = single_device_mesh()
+    results = []
+    for steps in (1, 4):
+        trainer = Trainer(mesh, config, optimizer_config(
+            dict(OPTIMIZER.to_dict(), accumulate_gradient_steps=steps)))
+        with jax.set_mesh(mesh):
+            state, metrics = trainer.train_step(trainer.init_state(0),
+                                                trainer.global_batch(batch, 8))
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    (params, metrics), others = results[0], results[1:]
+    for other_params, other_metrics in others:
+        for key in ("loss", "accuracy", "gradient_norm"):
+            np.testing.assert_allclose(other_metrics[key], metrics[key], rtol=1e-5)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                               other_params, params)
+
+
+def test_non_finite_updates_are_skipped_and_counted():
+    mesh = single_device_mesh()
+    trainer = Trainer(mesh, tiny_config(), OPTIMIZER, skip_nonfinite=True)
+    batch, _ = next(iter(dataset("doc_aware")))
+    with jax.set_mesh(mesh):
+        state = trainer.init_state(0)
+        kernel = state["params"]["lm_head"]["kernel"]
+        state["params"]["lm_head"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
+        before = jax.device_get(state)
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch, 8))
+    after = jax.device_get(state)
+    assert int(after["step"]) == 1 and int(after["skipped_steps"]) == 1
+    assert int(metrics["skipped_steps"]) == 1 and not np.isfinite(metrics["loss"])
+    for key in ("params", "opt_state"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, after[key], before[key])
+
+
+def test_flop_count_is_the_written_formula():
+    config = tiny_config(num_hidden_layers=3, mem_layers=(1, 2))
+    b, length = 8, 16
+    h, d, heads = 32, 16, 2
+    params = 3 * (4 * h * h + 3 * h * 64) + h * 512
+    local = 3 * 4 * b * heads * d * length ** 2 / 2
+    plain = flops_per_step(config, b, length)
+    assert plain == 3 * (2 * params * b * length + local)
+    fot = with_cross_batch(config, 2, True, 2)
+    extra = int(np.sum(allowed_slots(b, 2, 2, True) - 1)) * 2  # two memory layers
+    assert flops_per_step(fot, b, length) - plain == 3 * 4 * heads * d * length ** 2 * extra
+    assert flops_per_step(config, b, length, training=False) * 3 == plain
+
+
+@pytest.mark.parametrize("mesh_dim", ["1,-1,1", "2,2,2", "1,1,8"])
+def test_single_process_feeds_every_row(mesh_dim):
+    assert data_split(get_jax_mesh(mesh_dim)) == (0, 1)
+
+
+def test_metrics_file_drops_records_after_the_resumed_step(tmp_path):
+    config = logging_utils.get_default_config({"tensorboard": False, "plot": False})
+    logger = logging_utils.MetricsLogger(str(tmp_path), config)
+    for step in range(1, 6):
+        logger.write(step, {"train/loss": float(step)})
+    logger.close()
+    logger = logging_utils.MetricsLogger(str(tmp_path), config, resume_step=3)
+    logger.write(4, {"train/loss": 40.0})
+    logger.close()
+    with open(tmp_path / logging_utils.METRICS_FILE) as f:
+        records = [json.loads(line) for line in f]
+    assert [(r["step"], r["train/loss"]) for r in records] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
