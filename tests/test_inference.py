@@ -1,0 +1,80 @@
+"""JAX windowed inference with FoT memory: against the training model's cross-batch attention,
+attention grouping, memory dtype, losses and generation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+from FoT.inference import MemoryOptions, WindowedLM
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = LLaMAConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_sequence_length=WINDOW,
+                         mem_layers=(0, 2))
+    variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, WINDOW), jnp.int32))
+    return variables, config, WindowedLM(variables, config, MemoryOptions(WINDOW))
+
+
+def test_full_windows_equal_cross_batch_training_model(tiny):
+    # The windows of one document as batch rows, each attending to all earlier rows with keys
+    # rotated as if first: FOT_SPEC section 2 with C = windows - 1 is section 5's memory.
+    variables, config, model = tiny
+    windows = 4
+    tokens = np.random.default_rng(0).integers(0, 61, size=(1, windows * WINDOW))
+    training = FlaxLLaMAForCausalLMModule(config.replace(cross_batch_range=windows - 1))
+    expected = training.apply(variables, jnp.asarray(tokens.reshape(windows, WINDOW))).logits
+    np.testing.assert_allclose(model.logits(tokens), np.asarray(expected).reshape(1, -1, 61),
+                               atol=1e-5)
+    # Memory matters: the same windows without it differ after the first window.
+    plain = WindowedLM(variables, config, MemoryOptions(WINDOW, use_memory=False))
+    difference = np.abs(plain.logits(tokens) - model.logits(tokens)).max(axis=-1)[0]
+    assert difference[:WINDOW].max() < 1e-5 and difference[WINDOW:].min() > 1e-4
+
+
+def test_attention_grouping_and_memory_dtype(tiny):
+    variables, config, model = tiny
+    tokens = np.random.default_rng(1).integers(0, 61, size=(2, 3 * WINDOW + 3))
+    expected = model.logits(tokens)
+    grouped = WindowedLM(variables, config, MemoryOptions(WINDOW, attention_grouping=(1, 3)))
+    np.testing.assert_allclose(grouped.logits(tokens), expected, atol=1e-5)
+    bf16_memory = WindowedLM(variables, config, MemoryOptions(WINDOW, mem_dtype="bfloat16"))
+    np.testing.assert_allclose(bf16_memory.logits(tokens), expected, atol=2e-2)
+
+
+def test_token_losses_and_step_by_step_state(tiny):
+    _, _, model = tiny
+    tokens = np.random.default_rng(2).integers(0, 61, size=(1, 2 * WINDOW + 5))
+    logits = model.logits(tokens)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(model.token_losses(tokens), expected, atol=1e-5)
+    state = model.new_state(1)
+    np.testing.assert_allclose(np.asarray(model.step(state, tokens)), logits, atol=1e-6)
+    assert (state.local_length, state.memory_length) == (WINDOW, tokens.shape[1] - WINDOW)
+    assert state.capacity >= state.memory_length  # grown on demand, in whole windows
+
+
+def test_generation_modes(tiny):
+    _, _, model = tiny
+    prompt = np.random.default_rng(3).integers(0, 61, size=(2, WINDOW + 3))
+    greedy = model.generate(prompt, 6)
+    assert greedy.shape == (2, 6)
+    np.testing.assert_array_equal(model.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
+    sampled = model.generate(prompt, 6, temperature=1.0, seed=7)
+    np.testing.assert_array_equal(model.generate(prompt, 6, temperature=1.0, seed=7), sampled)
+    first = int(greedy[0, 0])
+    stopped = model.generate(prompt[:1], 6, eos_token_id=first)
+    np.testing.assert_array_equal(stopped, [[first]])
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(ValueError, match="last_context_length must be >= 1"):
+        MemoryOptions(0)
+    with pytest.raises(ValueError, match="attention_grouping"):
+        MemoryOptions(8, attention_grouping=(0, 4))
