@@ -1,0 +1,522 @@
+"""Training data: text processing, JSON-lines and Hugging Face sources, and ``DatasetFactory``.
+
+``DatasetFactory.load_dataset(config, tokenizer, process_index, process_count, name)`` returns
+a dataset the trainer iterates for ``(batch, metrics)`` (this process's rows, see
+``FoT.data_pipeline``).  Documents flow as
+
+    records (raw JSON lines or HF examples, each with the position just after it)
+      -> TextProcessor, in-process or in a spawn pool (``tokenizer_processes``), in order
+      -> skip bad records (counted, warned once), drop short ones (``min_example_length``)
+      -> the configured pipeline (``linear`` / ``doc_aware`` / ``doc_aware_kN``)
+
+Both sources loop over their data forever, counting passes.  Resume is exact: the saved state
+holds the position just after the last document the pipeline *consumed* (documents that a
+tokenizer pool prepared ahead are read again after a restore) plus the pipeline's buffers.
+A dataset has one live iterator: ``iter(dataset)`` (again) continues from the current state,
+so call it after ``load_state_dict``.
+"""
+import base64
+import binascii
+import collections
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import time
+
+import fsspec
+import numpy as np
+
+from EasyLM.config import ConfigDict, ConfigError
+from FoT import data_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+class DocumentError(ValueError):
+    """An example the text processor cannot use (e.g. a configured field is missing)."""
+
+
+class TextProcessor:
+    """Turns one example (a dict of fields) into ``(tokens, loss_mask, source_name)``.
+
+    ``fields`` is a comma list; each entry is a text field, ``a+b`` (fields joined by
+    ``subfield_separator``), ``{name}`` (base64 of raw tokens of ``base64_token_dtype``),
+    or a literal ``<|bos|>`` / ``<|eos|>``; ``[entry]`` gives its tokens loss mask 0.
+    ``prepend_text`` goes before the first text field.  BOS (mask 0) and EOS (mask 1)
+    wrap the document when enabled."""
+
+    @staticmethod
+    def get_default_config(updates=None):
+        config = ConfigDict(
+            fields="text",
+            fields_from_example="",  # name of an example field holding that example's fields
+            subfield_separator=" ",
+            add_bos_token=True,
+            add_eos_token=True,
+            prepend_text="",
+            base64_token_dtype="i4",
+            source_field="source_dataset",
+            default_source="other",
+        )
+        return config.copy_and_update(updates)
+
+    def __init__(self, config, tokenizer, name="text_processor"):
+        self.config = self.get_default_config(config)
+        if not self.config.fields and not self.config.fields_from_example:
+            raise ConfigError(f"set {name}.fields (e.g. 'text') or {name}.fields_from_example")
+        self.tokenizer = tokenizer
+        self._parsed = {}
+
+    def _fields(self, spec):
+        """``[(kind, name, mask)]`` with kind ``bos``, ``eos``, ``base64`` or ``text``."""
+        if spec not in self._parsed:
+            fields = []
+            for field in spec.split(","):
+                masked = field.startswith("[") and field.endswith("]")
+                field = field[1:-1] if masked else field
+                if field in ("<|bos|>", "<|eos|>"):
+                    kind = field[2:-2]
+                elif field.startswith("{") and field.endswith("}"):
+                    kind, field = "base64", field[1:-1]
+                else:
+                    kind = "text"
+                fields.append((kind, field, 0.0 if masked else 1.0))
+            self._parsed[spec] = fields
+        return self._parsed[spec]
+
+    def _field(self, example, name):
+        if name not in example:
+            raise DocumentError(f"missing field '{name}'")
+        return example[name]
+
+    def _tokens(self, example, kind, field, prefix):
+        if kind == "bos":
+            return [self.tokenizer.bos_token_id]
+        if kind == "eos":
+            return [self.tokenizer.eos_token_id]
+        if kind == "base64":
+            try:
+                raw = base64.b64decode(self._field(example, field), validate=True)
+                return np.frombuffer(raw, dtype=self.config.base64_token_dtype)
+            except (binascii.Error, TypeError, ValueError) as error:
+                raise DocumentError(f"field '{field}' is not base64 tokens ({error})") from None
+        parts = [self._field(example, name) for name in field.split("+")]
+        if not all(isinstance(part, str) for part in parts):
+            raise DocumentError(f"field '{field}' is not text")
+        return self.tokenizer.encode(prefix + self.config.subfield_separator.join(parts))
+
+    def __call__(self, example):
+        spec = (self._field(example, self.config.fields_from_example)
+                if self.config.fields_from_example else self.config.fields)
+        tokens, masks = [], []
+        if self.config.add_bos_token:
+            tokens.append([self.tokenizer.bos_token_id])
+            masks.append([0.0])
+        prefix = self.config.prepend_text
+        for kind, field, mask in self._fields(spec):
+            piece = self._tokens(example, kind, field, prefix)
+            prefix = "" if kind == "text" else prefix
+            tokens.append(piece)
+            masks.append(np.full(len(piece), mask, np.float32))
+        if self.config.add_eos_token:
+            tokens.append([self.tokenizer.eos_token_id])
+            masks.append([1.0])
+        source = str(example.get(self.config.source_field) or self.config.default_source)
+        return (np.concatenate(tokens).astype(np.int32),
+                np.concatenate(masks).astype(np.float32), source)
+
+
+def process_record(processor, payload):
+    """``(tokens, loss_mask, source)`` for a raw JSON line or an example dict, or a string
+    saying why it must be skipped."""
+    try:
+        example = json.loads(payload.decode("utf-8")) if isinstance(payload, bytes) else payload
+        if not isinstance(example, dict):
+            return "not a JSON object"
+        return processor(example)
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    except json.JSONDecodeError as error:
+        return f"malformed JSON ({error.msg})"
+    except DocumentError as error:
+        return str(error)
+
+
+_worker_processor = None
+
+
+def _start_worker(processor):
+    global _worker_processor
+    _worker_processor = processor
+
+
+def _process_in_worker(payload):
+    return process_record(_worker_processor, payload)
+
+
+def tokenized(records, processor, processes, batch_size, chunk_size):
+    """``(position, where, outcome)`` for each ``(position, where, payload)``, in input order.
+
+    With several processes, batches of ``batch_size`` records are mapped in a pool while
+    the previous batch is consumed; 'spawn' keeps the workers clear of JAX's threads."""
+    if processes <= 1:
+        for position, where, payload in records:
+            yield position, where, process_record(processor, payload)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(
+        processes, initializer=_start_worker, initargs=(processor,))
+    in_flight = collections.deque()
+
+    def submit():
+        batch = list(itertools.islice(records, batch_size))
+        if batch:
+            payloads = [payload for _, _, payload in batch]
+            in_flight.append((batch, pool.map_async(_process_in_worker, payloads, chunk_size)))
+    try:
+        submit()
+        while in_flight:
+            batch, outcomes = in_flight.popleft()
+            submit()
+            for (position, where, _), outcome in zip(batch, outcomes.get()):
+                yield position, where, outcome
+    finally:
+        pool.terminate()
+
+
+def _common_config(**specific):
+    """Keys every dataset source shares (names as in the original LongLLaMA configs)."""
+    return ConfigDict(
+        seq_length=1024,
+        batch_size=8,  # global, over all processes
+        data_pipeline="linear",
+        min_example_length=0,  # 0: keep every document
+        always_start_with_bos=False,  # kept for old configs; only False is supported
+        tokenizer_processes=1,
+        tokenizer_parallel_chunk_size=32,
+        tokenizer_parallel_batch_size=1024,
+        throughput_average_window_size=200,
+        **specific,
+    )
+
+
+class _DocumentDataset:
+    """Position tracking, skipping, filtering, pipeline, metrics and state of a source.
+
+    Subclasses provide ``_initial_position()`` and ``_records(position)``: an endless
+    generator of ``(position_after_record, where, payload)``, ``position`` a small dict with
+    at least ``pass``."""
+
+    def __init__(self, config, tokenizer, text_processor, process_index, process_count, name):
+        self.config = config
+        self.name = name
+        self._tokenizer = tokenizer
+        self._text_processor = text_processor
+        self.process_index = process_index
+        self.process_count = process_count
+        self._validate()
+        self._position = None
+        self._counters = {"skipped_lines": 0, "filtered_examples": 0}
+        self._pipeline_state = None
+        self._pipeline = None
+        self._documents = None
+
+    def _validate(self):
+        config, name = self.config, self.name
+        try:
+            self._packing = data_pipeline.dataset_packing_for(config.data_pipeline)
+        except ValueError as error:
+            raise ConfigError(f"{name}.data_pipeline: {error}") from None
+        if config.seq_length < 1 or config.batch_size < 1:
+            raise ConfigError(f"{name}.seq_length and {name}.batch_size must be >= 1")
+        if config.batch_size % self._packing:
+            raise ConfigError(
+                f"{name}.batch_size {config.batch_size} is not divisible by the packing factor "
+                f"{self._packing} of {name}.data_pipeline '{config.data_pipeline}'")
+        if config.batch_size % (self._packing * self.process_count):
+            raise ConfigError(
+                f"{name}.batch_size {config.batch_size} must split into {self.process_count} "
+                f"processes of whole groups of {self._packing} row(s)")
+        if config.always_start_with_bos:
+            raise ConfigError(f"{name}.always_start_with_bos is not supported; documents start "
+                              "with BOS through text_processor.add_bos_token")
+        if config.tokenizer_processes < 1:
+            raise ConfigError(f"{name}.tokenizer_processes must be >= 1")
+
+    def _documents_from(self, position):
+        """Documents for the pipeline; keeps ``self._position`` just after the last one drawn."""
+        records = tokenized(self._records(position), self._text_processor,
+                            self.config.tokenizer_processes,
+                            self.config.tokenizer_parallel_batch_size,
+                            self.config.tokenizer_parallel_chunk_size)
+        empty_passes, last_pass = 0, position["pass"]
+        try:
+            for position, where, outcome in records:
+                if position["pass"] != last_pass:
+                    empty_passes, last_pass = empty_passes + 1, position["pass"]
+                    if empty_passes > 1:
+                        raise ValueError(f"{self.name}: a whole pass over the data gave no usable "
+                                         "document (see the warnings above)")
+                self._position = position
+                if isinstance(outcome, str):
+                    self._counters["skipped_lines"] += 1
+                    if position["pass"] == 0:
+                        logger.warning("%s: skipped, %s", where, outcome)
+                elif len(outcome[0]) < self.config.min_example_length:
+                    self._counters["filtered_examples"] += 1
+                else:
+                    empty_passes = 0
+                    yield outcome
+        finally:
+            records.close()
+
+    def __iter__(self):
+        state = self.get_state_dict()
+        self.close()
+        self._position = state["position"]
+        self._counters = dict(state["counters"])
+        self._documents = self._documents_from(self._position)
+        self._pipeline = data_pipeline.make_pipeline(
+            self.config.data_pipeline, self._documents, self.config.batch_size,
+            self.config.seq_length, self.process_index, self.process_count)
+        if state["pipeline"] is not None:
+            self._pipeline.set_state(state["pipeline"])
+        return self._batches(self._pipeline)
+
+    def _batches(self, pipeline):
+        seconds = collections.deque(maxlen=self.config.throughput_average_window_size)
+        while True:
+            start = time.perf_counter()
+            batch, metrics = next(pipeline)
+            seconds.append(time.perf_counter() - start)
+            metrics["dataset_example_index"] += self.config.get("example_index_at_start", 0)
+            metrics["dataset_total_tokens"] += self.config.get("tokens_count_at_start", 0)
+            metrics.update({f"dataset_{key}": value for key, value in self._position.items()})
+            metrics.update({f"dataset_{key}": value for key, value in self._counters.items()})
+            metrics["dataset_batch_seconds"] = float(np.mean(seconds))
+            yield batch, metrics
+
+    def close(self):
+        """Stop the live iterator and its tokenizer processes; the state is kept."""
+        if self._pipeline is not None:
+            self._pipeline_state = self._pipeline.get_state()
+        if self._documents is not None:
+            self._documents.close()
+        self._documents = self._pipeline = None
+
+    def get_state_dict(self):
+        """Where the stream stands, as plain JSON-serialisable data."""
+        if self._pipeline is not None:
+            pipeline = self._pipeline.get_state()
+        else:
+            pipeline = self._pipeline_state
+        return {"position": dict(self._position or self._initial_position()),
+                "counters": dict(self._counters), "pipeline": pipeline}
+
+    def load_state_dict(self, state):
+        self.close()
+        self._position = dict(state["position"])
+        self._counters = dict(state["counters"])
+        self._pipeline_state = state["pipeline"]
+
+    @property
+    def seq_length(self):
+        return self.config.seq_length
+
+    @property
+    def batch_size(self):
+        return self.config.batch_size
+
+    @property
+    def local_batch_size(self):
+        return self.config.batch_size // self.process_count
+
+    @property
+    def dataset_packing(self):
+        return self._packing
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def text_processor(self):
+        return self._text_processor
+
+    @property
+    def vocab_size(self):
+        return self._tokenizer.vocab_size
+
+
+def _resolve_files(path, key):
+    """``(filesystem, path, shown name)`` of every file a path, comma list, glob or directory
+    names, local or fsspec URL, in a fixed order."""
+    if not path:
+        raise ConfigError(f"{key} is empty; give a JSON-lines file, comma list, glob or directory")
+    files = []
+    for part in (p.strip() for p in path.split(",")):
+        fs, fs_path = fsspec.core.url_to_fs(part)
+        if any(char in part for char in "*?["):
+            matches = sorted(fs.glob(fs_path))
+        elif fs.isdir(fs_path):
+            matches = sorted(f for f in fs.find(fs_path)
+                             if f.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")))
+        elif fs.exists(fs_path):
+            matches = [fs_path]
+        else:
+            raise ConfigError(f"{key}: {part} does not exist")
+        if not matches:
+            raise ConfigError(f"{key}: {part} matches no JSON-lines file")
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        files += [(fs, match, match if local else fs.unstrip_protocol(match)) for match in matches]
+    return files
+
+
+class JsonDataset(_DocumentDataset):
+    """JSON lines (one example per line) from files read in order, forever."""
+
+    @staticmethod
+    def get_default_config(updates=None):
+        config = _common_config(
+            path="",  # file, comma list, glob or directory; local or fsspec URL
+            start_seek_loc=0,  # byte offset to start at in the first file
+            example_index_at_start=0,  # added to the dataset_example_index metric
+            tokens_count_at_start=0,  # added to the dataset_total_tokens metric
+        )
+        return config.copy_and_update(updates)
+
+    def __init__(self, config, tokenizer, text_processor, process_index=0, process_count=1,
+                 name="json_dataset"):
+        super().__init__(self.get_default_config(config), tokenizer, text_processor,
+                         process_index, process_count, name)
+        self._files = _resolve_files(self.config.path, f"{name}.path")
+
+    def _initial_position(self):
+        offset = self.config.start_seek_loc
+        line = 0
+        if offset:
+            fs, path, _ = self._files[0]
+            with fs.open(path, "rb", compression="infer") as f:
+                line = f.read(offset).count(b"\n")
+        return {"pass": 0, "file_index": 0, "file_loc": offset, "line": line}
+
+    def _records(self, position):
+        pass_, file_index = position["pass"], position["file_index"]
+        offset, line = position["file_loc"], position["line"]
+        if file_index >= len(self._files):
+            raise ValueError(f"{self.name}: the saved position is in file {file_index} but "
+                             f"{self.config.path} now names only {len(self._files)} file(s)")
+        while True:
+            from_start, read_any = file_index == 0 and offset == 0, False
+            for file_index in range(file_index, len(self._files)):
+                fs, path, shown = self._files[file_index]
+                with fs.open(path, "rb", compression="infer") as f:
+                    f.seek(offset)
+                    for raw in iter(f.readline, b""):
+                        offset += len(raw)
+                        line += 1
+                        if raw.strip():
+                            read_any = True
+                            yield ({"pass": pass_, "file_index": file_index, "file_loc": offset,
+                                    "line": line}, f"{shown}:{line}", raw.rstrip(b"\r\n"))
+                offset = line = 0
+            if from_start and not read_any:
+                raise ValueError(f"{self.name}.path: {self.config.path} holds no lines")
+            pass_, file_index = pass_ + 1, 0
+
+
+class HuggingfaceDataset(_DocumentDataset):
+    """A ``datasets`` dataset (``load_dataset`` or a ``save_to_disk`` directory), forever;
+    with ``shuffle`` each pass uses the seed ``seed + pass``."""
+
+    @staticmethod
+    def get_default_config(updates=None):
+        config = _common_config(
+            path="",  # dataset name, builder ('json', 'parquet') or save_to_disk directory
+            name="",
+            split="train",
+            data_files="",  # comma list, for builders such as 'json'
+            cache_dir="",
+            streaming=False,
+            shuffle=False,
+            seed=42,
+            shuffle_buffer_size=10000,  # streaming shuffle only
+        )
+        return config.copy_and_update(updates)
+
+    def __init__(self, config, tokenizer, text_processor, process_index=0, process_count=1,
+                 name="huggingface_dataset"):
+        super().__init__(self.get_default_config(config), tokenizer, text_processor,
+                         process_index, process_count, name)
+        self._dataset = self._load()
+
+    def _load(self):
+        import datasets
+
+        config = self.config
+        if not config.path:
+            raise ConfigError(f"{self.name}.path is empty; give a dataset name, a builder such "
+                              "as 'json' with data_files, or a save_to_disk directory")
+        if os.path.isdir(config.path) and any(os.path.exists(os.path.join(config.path, f))
+                                              for f in ("state.json", "dataset_dict.json")):
+            dataset = datasets.load_from_disk(config.path)
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[config.split]
+            return dataset.to_iterable_dataset() if config.streaming else dataset
+        data_files = [f.strip() for f in config.data_files.split(",")] if config.data_files else None
+        try:
+            return datasets.load_dataset(
+                config.path, config.name or None, split=config.split or None,
+                data_files=data_files, streaming=config.streaming,
+                cache_dir=config.cache_dir or None)
+        except FileNotFoundError as error:
+            raise ConfigError(f"{self.name}.path / {self.name}.data_files: {error}") from None
+
+    def _initial_position(self):
+        return {"pass": 0, "row": 0}
+
+    def _records(self, position):
+        pass_, row = position["pass"], position["row"]
+        while True:
+            dataset = self._dataset
+            if self.config.shuffle:
+                seed = self.config.seed + pass_
+                dataset = (dataset.shuffle(seed=seed, buffer_size=self.config.shuffle_buffer_size)
+                           if self.config.streaming else dataset.shuffle(seed=seed))
+            for example in dataset.skip(row) if row else dataset:
+                yield {"pass": pass_, "row": row + 1}, f"{self.config.path} row {row}", example
+                row += 1
+            if row == 0:
+                raise ValueError(f"{self.name}.path: {self.config.path} holds no examples")
+            pass_, row = pass_ + 1, 0
+
+
+class DatasetFactory:
+    """Builds the configured dataset; ``type`` is ``json`` or ``huggingface``."""
+
+    @staticmethod
+    def get_default_config(updates=None):
+        config = ConfigDict(
+            type="huggingface",
+            text_processor=TextProcessor.get_default_config(),
+            huggingface_dataset=HuggingfaceDataset.get_default_config(),
+            json_dataset=JsonDataset.get_default_config(),
+        )
+        return config.copy_and_update(updates)
+
+    @classmethod
+    def load_dataset(cls, config, tokenizer, process_index=0, process_count=1, name="dataset"):
+        """The dataset ``config`` describes; ``name`` (e.g. ``train_dataset``) prefixes the
+        config keys named in error messages."""
+        config = cls.get_default_config(config)
+        text_processor = TextProcessor(config.text_processor, tokenizer, f"{name}.text_processor")
+        split = {"process_index": process_index, "process_count": process_count}
+        if config.type == "json":
+            return JsonDataset(config.json_dataset, tokenizer, text_processor,
+                               name=f"{name}.json_dataset", **split)
+        if config.type == "huggingface":
+            return HuggingfaceDataset(config.huggingface_dataset, tokenizer, text_processor,
+                                      name=f"{name}.huggingface_dataset", **split)
+        raise ConfigError(f"{name}.type: unknown dataset type {config.type!r}; "
+                          "use 'json' or 'huggingface'")
