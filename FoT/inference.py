@@ -15,6 +15,7 @@ a long input compiles twice (a full piece and a one-token step) and then only st
 :func:`load_model` also wraps an exported PyTorch directory behind the same small interface
 (``token_losses``, ``generate``) for the evaluations in ``eval/``.
 """
+import copy
 import dataclasses
 import functools
 import math
@@ -189,6 +190,15 @@ class WindowedLM:
     def last_context_length(self):
         return self.options.last_context_length
 
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    def without_memory(self):
+        """The same parameters, with memory layers run as ordinary local layers."""
+        return WindowedLM(self.params, self.config,
+                          dataclasses.replace(self.options, use_memory=False))
+
     def new_state(self, batch_size, capacity=0):
         """Empty state; ``capacity`` memory tokens are allocated up front."""
         cfg, window = self.config, self.options.last_context_length
@@ -310,8 +320,14 @@ class TorchWindowedLM:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.is_fot, self.use_memory = is_fot, use_memory
+        self.vocab_size = self.model.config.vocab_size
         self.last_context_length = (self.model.config.last_context_length if is_fot
                                     else self.model.config.max_position_embeddings)
+
+    def without_memory(self):
+        twin = copy.copy(self)
+        twin.use_memory = False
+        return twin
 
     def _cache(self):
         if not self.is_fot:
@@ -361,6 +377,43 @@ def load_model(load_checkpoint=None, hf_model=None, last_context_length=None, us
     return WindowedLM.from_checkpoint(load_checkpoint, last_context_length,
                                       use_memory=use_memory, attention_grouping=attention_grouping,
                                       mem_dtype=mem_dtype, dtype=jax_dtype)
+
+
+def add_model_arguments(parser):
+    """Command-line flags choosing the model of an evaluation (see :func:`model_from_args`)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--load_checkpoint", default=None,
+                       help="toolkit checkpoint params::PATH (JAX); needs --tokenizer")
+    group.add_argument("--hf_model", default=None, help="exported Hugging Face directory")
+    group.add_argument("--tokenizer", default=None,
+                       help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
+                            "(default with --hf_model: the one in that directory)")
+    group.add_argument("--last_context_length", type=int, default=None,
+                       help="local window in tokens (default: the model's)")
+    group.add_argument("--mem_attention_grouping", default=None,
+                       type=lambda text: tuple(int(x) for x in text.split(",")),
+                       help="HEADS,QUERIES processed at a time in memory layers")
+    group.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    group.add_argument("--mem_dtype", default=None, choices=("float32", "bfloat16", "float16"))
+
+
+def model_from_args(args, use_memory=True):
+    """``(model, tokenizer)`` from the flags of :func:`add_model_arguments`."""
+    tokenizer_path = args.tokenizer or args.hf_model
+    if tokenizer_path is None:
+        raise ValueError("--load_checkpoint needs --tokenizer")
+    model = load_model(args.load_checkpoint, args.hf_model, args.last_context_length,
+                       use_memory, args.mem_attention_grouping, args.dtype, args.mem_dtype)
+    return model, load_tokenizer(tokenizer_path)
+
+
+def encode(tokenizer, text, bos=True):
+    """Token ids of ``text``, after the tokenizer's BOS when ``bos`` (whatever its own
+    default about special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
 
 
 def load_tokenizer(path):

@@ -1,0 +1,113 @@
+"""Next-token loss of long documents as a function of position, with and without FoT memory.
+
+    python -m eval.loss_by_position --load_checkpoint params::PATH --tokenizer tokenizer.model \\
+        --data docs.jsonl [--text_field text] --max_length 32768 --bucket_size 1024 \\
+        --output_dir out/loss
+    python -m eval.loss_by_position --hf_model EXPORTED_DIR --random_tokens --num_docs 4 ...
+
+Documents (JSONL, one object per line) are tokenized with a leading BOS and cut to
+``--max_length`` tokens; those shorter than ``--min_length`` are skipped.  The loss of the
+token at position ``p`` (predicted from positions ``< p``) is averaged over documents within
+buckets of ``--bucket_size`` positions.  Writes ``loss_by_position.json`` and
+``loss_by_position.png``.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from eval.plots import loss_curves
+from FoT.inference import add_model_arguments, encode, model_from_args
+
+
+def read_documents(path, tokenizer, text_field, max_length, min_length, max_docs):
+    """Token ids of the first ``max_docs`` documents with at least ``min_length`` tokens."""
+    docs = []
+    with open(path) as f:
+        for line in f:
+            if len(docs) >= max_docs:
+                break
+            if line.strip():
+                ids = encode(tokenizer, json.loads(line)[text_field])[:max_length]
+                if len(ids) >= min_length:
+                    docs.append(np.asarray(ids, np.int32))
+    if not docs:
+        raise ValueError(f"{path}: no document has {min_length}+ tokens in field "
+                         f"{text_field!r}; lower --min_length or check --text_field")
+    return docs
+
+
+def random_documents(vocab_size, num_docs, length, seed):
+    # Ids 0-2 are the usual unk/BOS/EOS; keep them out.
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, size=length, dtype=np.int32) for _ in range(num_docs)]
+
+
+def bucket_means(losses_per_doc, bucket_size):
+    """``(bucket starts, mean loss per bucket, token count per bucket)``; position ``p`` is the
+    predicted token's (``p >= 1``)."""
+    longest = max(len(l) for l in losses_per_doc) + 1
+    num_buckets = -(-longest // bucket_size)
+    totals, counts = np.zeros(num_buckets), np.zeros(num_buckets, np.int64)
+    for losses in losses_per_doc:
+        buckets = np.arange(1, len(losses) + 1) // bucket_size
+        np.add.at(totals, buckets, losses)
+        np.add.at(counts, buckets, 1)
+    return np.arange(num_buckets) * bucket_size, totals / np.maximum(counts, 1), counts
+
+
+def loss_by_position(model, docs, bucket_size, progress=True):
+    """Bucketed mean losses ``{"with memory": ..., "without memory": ...}`` and counts."""
+    curves, counts = {}, None
+    for label, runner in (("with memory", model), ("without memory", model.without_memory())):
+        losses = [runner.token_losses(doc[None])[0]
+                  for doc in tqdm(docs, desc=label, disable=not progress)]
+        positions, means, counts = bucket_means(losses, bucket_size)
+        curves[label] = means
+    return positions, curves, counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="JSONL file of documents")
+    data.add_argument("--random_tokens", action="store_true",
+                      help="uniformly random token documents (a smoke test)")
+    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--max_length", type=int, default=32768)
+    parser.add_argument("--min_length", type=int, default=0,
+                        help="skip shorter documents (default: keep all)")
+    parser.add_argument("--max_docs", "--num_docs", dest="max_docs", type=int, default=100)
+    parser.add_argument("--bucket_size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+    model, tokenizer = model_from_args(args)
+    if args.random_tokens:
+        docs = random_documents(model.vocab_size, args.max_docs, args.max_length, args.seed)
+    else:
+        docs = read_documents(args.data, tokenizer, args.text_field, args.max_length,
+                              args.min_length, args.max_docs)
+    positions, curves, counts = loss_by_position(model, docs, args.bucket_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "loss_by_position.json"), "w") as f:
+        json.dump(dict(model=args.hf_model or args.load_checkpoint,
+                       data="random tokens" if args.random_tokens else args.data,
+                       num_docs=len(docs), last_context_length=model.last_context_length,
+                       bucket_size=args.bucket_size, bucket_starts=positions.tolist(),
+                       tokens_per_bucket=counts.tolist(),
+                       **{label.replace(" ", "_"): values.tolist()
+                          for label, values in curves.items()}), f, indent=2)
+    loss_curves(os.path.join(args.output_dir, "loss_by_position.png"), positions, curves,
+                f"loss by position ({len(docs)} documents)", model.last_context_length)
+    print(f"{'position':>10} {'with memory':>12} {'without':>9} {'tokens':>8}")
+    for row in zip(positions, curves["with memory"], curves["without memory"], counts):
+        print(f"{row[0]:>10} {row[1]:>12.4f} {row[2]:>9.4f} {row[3]:>8}")
+    return positions, curves
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Figures of the evaluations: a passkey accuracy heat map and loss-by-position curves."""
+import matplotlib
+
+matplotlib.use("Agg")  # files only; evaluations run on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def accuracy_heatmap(path, accuracy, lengths, depths, title):
+    """``accuracy[i][j]`` of ``lengths[i]`` (x axis) and ``depths[j]`` (y axis), 0..1."""
+    grid = np.asarray(accuracy, dtype=float).T
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(lengths)),
+                                    max(3.0, 1.2 + 0.6 * len(depths))))
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("passkey depth")
+    for (row, col), value in np.ndenumerate(grid):
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_curves(path, positions, curves, title, window=None):
+    """One line per ``curves`` entry (label -> mean loss per bucket starting at ``positions``);
+    dotted lines mark multiples of the local ``window`` (when there are few enough)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, values in curves.items():
+        ax.plot(positions, values, marker=".", label=label)
+    if window and max(positions) <= 32 * window:
+        for x in range(window, int(max(positions)) + 1, window):
+            ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("mean next-token loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
