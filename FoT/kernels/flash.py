@@ -16,9 +16,7 @@ from FoT.kernels.triton_lowering import TritonOptions
 
 BACKENDS = ("triton", "mosaic")
 _NATIVE_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
-_DEFAULT_BLOCKS = {"triton": BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64),
-                   "mosaic": BlockSizes(block_q=128, block_k=128, block_q_dkv=128,
-                                        block_k_dkv=128)}
+_LOWERINGS = {"triton": triton_lowering, "mosaic": mosaic_lowering}
 
 
 def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping=False,
@@ -39,9 +37,10 @@ def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_step
       interpret: run the kernel in the Pallas interpreter.  ``None`` means: interpret unless
         the chosen backend's hardware is present (on CPU it is always interpreted).
       block_q, block_k: query and key tile of the forward and dq kernels.
-      block_q_dkv, block_k_dkv: query and key tile of the dk/dv kernel.
+      block_q_dkv, block_k_dkv: query and key tile of the dk/dv kernel.  ``None`` takes the
+        lowering's default for the input dtype (capped at ``L``).
       num_warps, num_stages: Triton only; an int for all three kernels or a tuple
-        ``(forward, dq, dkv)``.
+        ``(forward, dq, dkv)``; ``None`` takes the tuned default for the input dtype.
     """
     platform = jax.default_backend()
     if backend is None:
@@ -56,13 +55,13 @@ def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_step
     length = q.shape[1]
     chosen = dict(block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv,
                   block_k_dkv=block_k_dkv)
-    defaults = dataclasses.asdict(_DEFAULT_BLOCKS[backend])
+    defaults = dataclasses.asdict(_LOWERINGS[backend].default_blocks(q.dtype))
     blocks = BlockSizes(**{name: min(defaults[name], length) if size is None else size
                            for name, size in chosen.items()})
     plan = make_plan(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
                      cross_batch_stepping=cross_batch_stepping,
                      dataset_packing=dataset_packing, blocks=blocks)
-    lowering = _Lowering(backend, bool(interpret), TritonOptions.make(num_warps, num_stages))
+    lowering = _Lowering(backend, bool(interpret), TritonOptions.make(q.dtype, num_warps, num_stages))
     return _attention(plan, lowering, q, k_loc, k_mem, v)
 
 

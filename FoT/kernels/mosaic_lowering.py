@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from FoT.kernels import tiles
+from FoT.kernels.plan import BlockSizes
 
 # jax releases before the rename call it TPUCompilerParams.
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
@@ -28,6 +29,12 @@ _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUC
 
 def _head_major(x):
     return jnp.swapaxes(x, 1, 2)
+
+
+def default_blocks(dtype):
+    """128-row tiles fill the MXU; not tuned on hardware."""
+    del dtype
+    return BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128)
 
 
 def _interpreter(interpret):
