@@ -13,7 +13,13 @@ Both sources loop over their data forever, counting passes.  Resume is exact: th
 holds the position just after the last document the pipeline *consumed* (documents that a
 tokenizer pool prepared ahead are read again after a restore) plus the pipeline's buffers.
 A dataset has one live iterator: ``iter(dataset)`` (again) continues from the current state,
-so call it after ``load_state_dict``.
+so call it after ``load_state_dict``; ``close()`` stops the tokenizer processes.
+
+With several hosts, every host reads and tokenizes the whole stream (so the global batch
+layout is exact) and keeps only its own rows; each host saves and restores its own state.
+Tokenizer processes are started with 'spawn' (forking a process that runs JAX threads can
+deadlock), so a script using ``tokenizer_processes > 1`` needs the usual
+``if __name__ == "__main__":`` guard.
 """
 import base64
 import binascii
@@ -210,7 +216,7 @@ class _DocumentDataset:
 
     def __init__(self, config, tokenizer, text_processor, process_index, process_count, name):
         self.config = config
-        self.name = name
+        self.prefix = name
         self._tokenizer = tokenizer
         self._text_processor = text_processor
         self.process_index = process_index
@@ -223,7 +229,7 @@ class _DocumentDataset:
         self._documents = None
 
     def _validate(self):
-        config, name = self.config, self.name
+        config, name = self.config, self.prefix
         try:
             self._packing = data_pipeline.dataset_packing_for(config.data_pipeline)
         except ValueError as error:
@@ -256,7 +262,7 @@ class _DocumentDataset:
                 if position["pass"] != last_pass:
                     empty_passes, last_pass = empty_passes + 1, position["pass"]
                     if empty_passes > 1:
-                        raise ValueError(f"{self.name}: a whole pass over the data gave no usable "
+                        raise ValueError(f"{self.prefix}: a whole pass over the data gave no usable "
                                          "document (see the warnings above)")
                 self._position = position
                 if isinstance(outcome, str):
@@ -405,7 +411,7 @@ class JsonDataset(_DocumentDataset):
         pass_, file_index = position["pass"], position["file_index"]
         offset, line = position["file_loc"], position["line"]
         if file_index >= len(self._files):
-            raise ValueError(f"{self.name}: the saved position is in file {file_index} but "
+            raise ValueError(f"{self.prefix}: the saved position is in file {file_index} but "
                              f"{self.config.path} now names only {len(self._files)} file(s)")
         while True:
             from_start, read_any = file_index == 0 and offset == 0, False
@@ -422,7 +428,7 @@ class JsonDataset(_DocumentDataset):
                                     "line": line}, f"{shown}:{line}", raw.rstrip(b"\r\n"))
                 offset = line = 0
             if from_start and not read_any:
-                raise ValueError(f"{self.name}.path: {self.config.path} holds no lines")
+                raise ValueError(f"{self.prefix}.path: {self.config.path} holds no lines")
             pass_, file_index = pass_ + 1, 0
 
 
@@ -456,7 +462,7 @@ class HuggingfaceDataset(_DocumentDataset):
 
         config = self.config
         if not config.path:
-            raise ConfigError(f"{self.name}.path is empty; give a dataset name, a builder such "
+            raise ConfigError(f"{self.prefix}.path is empty; give a dataset name, a builder such "
                               "as 'json' with data_files, or a save_to_disk directory")
         if os.path.isdir(config.path) and any(os.path.exists(os.path.join(config.path, f))
                                               for f in ("state.json", "dataset_dict.json")):
@@ -471,7 +477,7 @@ class HuggingfaceDataset(_DocumentDataset):
                 data_files=data_files, streaming=config.streaming,
                 cache_dir=config.cache_dir or None)
         except FileNotFoundError as error:
-            raise ConfigError(f"{self.name}.path / {self.name}.data_files: {error}") from None
+            raise ConfigError(f"{self.prefix}.path / {self.prefix}.data_files: {error}") from None
 
     def _initial_position(self):
         return {"pass": 0, "row": 0}
@@ -488,7 +494,7 @@ class HuggingfaceDataset(_DocumentDataset):
                 yield {"pass": pass_, "row": row + 1}, f"{self.config.path} row {row}", example
                 row += 1
             if row == 0:
-                raise ValueError(f"{self.name}.path: {self.config.path} holds no examples")
+                raise ValueError(f"{self.prefix}.path: {self.config.path} holds no examples")
             pass_, row = pass_ + 1, 0
 
 
