@@ -122,14 +122,11 @@ def is_complete(step_dir):
     """Whether a train checkpoint finished writing.
 
     Orbax writes the state into a temporary directory and renames it to ``state`` when every
-    process is done (on object stores it writes ``commit_success.txt`` instead); the small JSON
-    files are written before the state, so a finished state means a usable checkpoint.
+    process is done; the small JSON files are written before the state, so a finished state
+    means a usable checkpoint.  Run directories are POSIX paths (for a multi-host run, one that
+    every host sees: NFS, Lustre, or a gcsfuse mount of a bucket).
     """
-    state = os.path.join(step_dir, STATE_ITEM)
-    if "://" in str(step_dir):
-        from etils import epath
-        return (epath.Path(state) / "commit_success.txt").exists()
-    return os.path.isdir(state)
+    return os.path.isdir(os.path.join(step_dir, STATE_ITEM))
 
 
 def list_train_checkpoints(run_dir):

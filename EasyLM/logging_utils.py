@@ -88,10 +88,7 @@ class MetricsLogger:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a")
         if self.config.tensorboard:
-            from tensorboardX import SummaryWriter
-            purge = None if resume_step is None else resume_step + 1
-            self._tensorboard = SummaryWriter(os.path.join(log_dir, "tensorboard"),
-                                              purge_step=purge)
+            self._tensorboard = _tensorboard_writer(log_dir, resume_step)
         if self.config.wandb:
             import wandb
             run_name = run_name or os.path.basename(os.path.abspath(log_dir))
@@ -135,6 +132,17 @@ class MetricsLogger:
             self._wandb.finish()
         if self.config.plot:
             plot_losses(self.path, os.path.join(self.log_dir, PLOT_FILE))
+
+
+def _tensorboard_writer(log_dir, resume_step):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        log.warning("tensorboardX is not installed; no TensorBoard events written "
+                    "(metrics.jsonl has every record)")
+        return None
+    purge = None if resume_step is None else resume_step + 1
+    return SummaryWriter(os.path.join(log_dir, "tensorboard"), purge_step=purge)
 
 
 def read_metrics(path):

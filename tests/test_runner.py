@@ -207,7 +207,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(reference_run, tmp_
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         metrics = glob.glob(os.path.join(str(tmp_path), "20*", "metrics.jsonl"))
-        if metrics and any(json.loads(line)["step"] >= 9 for line in open(metrics[0])):
+        if metrics and any(json.loads(line)["step"] >= 6 for line in open(metrics[0])):
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
