@@ -18,7 +18,11 @@ a long input compiles twice (a full piece and a one-token step) and then only st
 import copy
 import dataclasses
 import functools
+import json
 import math
+import os
+import shutil
+import tempfile
 from typing import Optional, Tuple
 
 import jax
@@ -306,13 +310,13 @@ class TorchWindowedLM:
 
     def __init__(self, model_dir, use_memory=True, dtype="fp32", device=None, **config_overrides):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
         self.torch = torch
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        is_fot = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type == \
-            "fot_llama"
-        if is_fot:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            is_fot = json.load(f).get("model_type") == "fot_llama"
+        if is_fot:  # the toolkit's own copy of the model code: no remote code to trust
             from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
             self.model = FoTLlamaForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
                                                              **config_overrides)
@@ -349,7 +353,7 @@ class TorchWindowedLM:
                                  use_cache=cache is not None)
                 logits = out.logits[:, :targets.shape[1]].float()
                 losses.append(torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), targets, reduction="none").cpu().numpy())
+                    logits.transpose(1, 2), targets.long(), reduction="none").cpu().numpy())
         return np.concatenate(losses, axis=1)
 
     def generate(self, prompt, max_new_tokens, eos_token_id=None):
@@ -419,13 +423,10 @@ def encode(tokenizer, text, bos=True):
 def load_tokenizer(path):
     """A Hugging Face tokenizer from a directory, a ``tokenizer.json`` or a SentencePiece
     ``.model`` file."""
-    import os
-    import shutil
-    import tempfile
-
     from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
     if os.path.isdir(path):
-        return AutoTokenizer.from_pretrained(path)
+        # An exported FoT directory maps AutoConfig to its own code, which AutoTokenizer reads.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     if path.endswith(".json"):
         return PreTrainedTokenizerFast(tokenizer_file=path)
     with tempfile.TemporaryDirectory() as tmp:
