@@ -257,3 +257,12 @@ def test_two_process_pod_job_matches_one_process(reference_run, tmp_path):
     np.testing.assert_allclose(pod[0]["eval/loss"], expected[0]["eval/loss"], rtol=1e-5)
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_4", "step_6"]
     assert not os.path.exists(os.path.join(run_dir, "worker_1"))  # only process 0 logs
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.json"))))
+def test_shipped_configs_parse_and_fit_8_devices(path):
+    """Every key exists and the batch layout fits an 8-device mesh; paths to the user's own
+    model and data are not checked here."""
+    _, train = split_config(build_config(["--config", path]))
+    train.update_from({"load_checkpoint": "", "load_dataset_state": ""})
+    llama_train.validate(train)
