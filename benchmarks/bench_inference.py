@@ -1,0 +1,165 @@
+"""FoT PyTorch inference benchmark: prefill and decode speed and peak memory on long inputs.
+
+    python -m benchmarks.bench_inference                     # 1B-scale model, bf16, CUDA
+    python -m benchmarks.bench_inference --lengths 32768 --groupings none,4x1024,1x512
+    python -m benchmarks.bench_inference --tiny              # CPU smoke test, seconds
+
+A random :class:`FoT.hf.modeling_fot_llama.FoTLlamaForCausalLM` (default: hidden 2048,
+intermediate 5504, 22 layers, 16 heads, memory layers 6, 12, 18, vocab 32000, local window
+2048).  For every (input length, memory-layer attention grouping) it times
+
+* prefill: one forward over the random input (windows of ``W`` tokens, earlier windows in
+  memory), computing only the last token's logits;
+* decode: ``--decode_tokens`` greedy tokens after it, one at a time through the cache;
+
+and reports ``torch.cuda.max_memory_allocated`` over both (weights included), after a
+warm-up on a short input.  Memory is the KV memory (linear in the input) plus activations of
+one window; grouping bounds the memory-layer attention's working set.  The table is printed
+last; ``--json`` also writes the rows.
+"""
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from FoT.hf.configuration_fot_llama import FoTLlamaConfig
+from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
+
+FULL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=22,
+            num_attention_heads=16, mem_layers=[6, 12, 18], vocab_size=32000)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            mem_layers=[1, 3], vocab_size=512)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny model, short inputs, float32 on CPU unless --device is given")
+    p.add_argument("--lengths", default=None, help="input lengths (default 32768,131072)")
+    p.add_argument("--groupings", default=None,
+                   help="memory-layer attention groupings HEADSxQUERIES or none "
+                        "(default none,4x1024)")
+    p.add_argument("--window", type=int, default=None, help="last_context_length (2048)")
+    p.add_argument("--kv_heads", type=int, default=None, help="GQA: key/value heads")
+    p.add_argument("--decode_tokens", type=int, default=None, help="default 32")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--torch_attention", default="true", choices=("true", "false"))
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    defaults = (dict(lengths="256,1024", groupings="none,2x32", window=64, decode_tokens=4,
+                     dtype="fp32", device="cpu") if args.tiny else
+                dict(lengths="32768,131072", groupings="none,4x1024", window=2048,
+                     decode_tokens=32, dtype="bf16", device="cuda"))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def parse_grouping(text):
+    if text == "none":
+        return None
+    heads, queries = text.lower().split("x")
+    return [int(heads), int(queries)]
+
+
+def build_model(args):
+    sizes = TINY if args.tiny else FULL
+    config = FoTLlamaConfig(**sizes, num_key_value_heads=args.kv_heads or
+                            sizes["num_attention_heads"], max_position_embeddings=args.window,
+                            last_context_length=args.window,
+                            torch_attention=args.torch_attention == "true")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):  # initialise in place: no 4 GB float32 copy on the host
+            model = FoTLlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(model, length, grouping, decode_tokens, device):
+    model.config.mem_attention_grouping = grouping
+    tokens = torch.randint(3, model.config.vocab_size, (1, length), device=device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        synchronize(device)
+        start = time.perf_counter()
+        out = model(tokens, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        prefill = time.perf_counter() - start
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+        synchronize(device)
+        decode = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+    return dict(length=length, grouping="x".join(map(str, grouping)) if grouping else "none",
+                prefill_s=prefill, prefill_tok_s=length / prefill,
+                decode_tok_s=decode_tokens / decode if decode_tokens else None, peak_gib=peak,
+                memory_tokens=cache.memory_length)
+
+
+def free(device):
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def format_table(rows, weights_gib):
+    header = (f"{'length':>8} {'grouping':>9} {'prefill s':>10} {'prefill tok/s':>14} "
+              f"{'decode tok/s':>13} {'peak GiB':>9}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['length']:>8} {r['grouping']:>9} {r['error']:>10}")
+            continue
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
+        decode = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "n/a"
+        lines.append(f"{r['length']:>8} {r['grouping']:>9} {r['prefill_s']:>10.2f} "
+                     f"{r['prefill_tok_s']:>14.0f} {decode:>13} {peak:>9}")
+    lines.append(f"(weights {weights_gib:.2f} GiB; peak includes them)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available; use --tiny (CPU) or --device cpu")
+    model = build_model(args)
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
+          f"{args.dtype}, window {args.window}, memory layers {model.config.mem_layers}")
+    run_case(model, 2 * args.window, None, 2, args.device)  # warm-up: kernels, allocator
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for grouping in (parse_grouping(g) for g in args.groupings.split(",")):
+            free(args.device)
+            try:
+                rows.append(run_case(model, length, grouping, args.decode_tokens, args.device))
+            except torch.cuda.OutOfMemoryError:
+                rows.append(dict(length=length, error="OOM",
+                                 grouping="x".join(map(str, grouping)) if grouping else "none"))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, dtype=args.dtype, window=args.window,
+                           weights_gib=weights_gib, rows=rows), f, indent=2)
+    print(format_table(rows, weights_gib))
+
+
+if __name__ == "__main__":
+    main()
