@@ -13,7 +13,9 @@ intermediate 5504, 22 layers, 16 heads, memory layers 6, 12, 18, vocab 32000, lo
 * decode: ``--decode_tokens`` greedy tokens after it, one at a time through the cache;
 
 and reports ``torch.cuda.max_memory_allocated`` over both (weights included), after a
-warm-up on a short input.  Memory is the KV memory (linear in the input) plus activations of
+warm-up on a short input.  First it checks the attention the model runs (SDPA with a
+bottom-right causal mask, GQA, grouping) against the explicit float32 softmax on this device
+and prints PASS/FAIL.  Memory is the KV memory (linear in the input) plus activations of
 one window; grouping bounds the memory-layer attention's working set.  The table is printed
 last; ``--json`` also writes the rows.
 """
@@ -25,7 +27,7 @@ import time
 import torch
 
 from FoT.hf.configuration_fot_llama import FoTLlamaConfig
-from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
+from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM, windowed_attention
 
 FULL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=22,
             num_attention_heads=16, mem_layers=[6, 12, 18], vocab_size=32000)
@@ -81,6 +83,26 @@ def build_model(args):
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
+
+
+def check_attention(args, heads, head_dim):
+    """Max error of the SDPA path against the explicit float32 softmax, per case."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    window, errors = args.window, {}
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    for kv_heads in sorted({heads, max(1, heads // 4)}, reverse=True):
+        for queries, keys, grouping in [(window, window, None), (window, 3 * window, None),
+                                        (window, 3 * window, [max(1, heads // 4), window // 2]),
+                                        (1, 3 * window, None)]:
+            q = torch.randn(1, heads, queries, head_dim, generator=generator, device=args.device)
+            k, v = (torch.randn(1, kv_heads, keys, head_dim, generator=generator,
+                                device=args.device) for _ in range(2))
+            expected = windowed_attention(q, k, v, None, use_sdpa=False)
+            got = windowed_attention(q.to(dtype), k.to(dtype), v.to(dtype), grouping).float()
+            name = f"kv{kv_heads} q{queries} k{keys} grouping {grouping}"
+            errors[name] = (got - expected).abs().max().item()
+    tolerance = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}[args.dtype]
+    return errors, max(errors.values()) <= tolerance
 
 
 def synchronize(device):
@@ -143,6 +165,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
           f"{args.dtype}, window {args.window}, memory layers {model.config.mem_layers}")
+    errors, passed = check_attention(args, model.config.num_attention_heads,
+                                     model.config.head_dim)
+    print(f"attention check {'PASS' if passed else 'FAIL'}: "
+          + ", ".join(f"{name}: {err:.1e}" for name, err in errors.items()))
     run_case(model, 2 * args.window, None, 2, args.device)  # warm-up: kernels, allocator
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
@@ -157,7 +183,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, dtype=args.dtype, window=args.window,
-                           weights_gib=weights_gib, rows=rows), f, indent=2)
+                           weights_gib=weights_gib, attention_check=errors, rows=rows), f,
+                      indent=2)
     print(format_table(rows, weights_gib))
 
 
