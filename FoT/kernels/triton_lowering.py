@@ -26,7 +26,7 @@ from FoT.kernels.plan import BlockSizes, pad_pow2
 # kernel section of the README); float32 tiles are twice the bytes, and the bf16 choice
 # with three pipeline stages overflows shared memory, so they are halved (correctness path).
 _TUNED = {2: (BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128),
-              (8, 8, 8), (3, 3, 3)),
+              (8, 8, 8), (3, 3, 4)),
           4: (BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64),
               (4, 4, 4), (2, 2, 2))}
 
