@@ -21,8 +21,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Optional, Tuple
 
 import jax
@@ -32,6 +30,7 @@ import numpy as np
 from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
 from EasyLM.models.llama.llama_model import LLaMAMLP, RMSNorm
 from EasyLM.models.llama.rope import apply_rope, inverse_frequencies
+from EasyLM.tokenizer import load_tokenizer
 from FoT.cross_batch import MASK_VALUE
 from FoT.hf.windows_fot_llama import plan_windows
 
@@ -402,33 +401,28 @@ def add_model_arguments(parser):
 
 
 def model_from_args(args, use_memory=True):
-    """``(model, tokenizer)`` from the flags of :func:`add_model_arguments`."""
-    tokenizer_path = args.tokenizer or args.hf_model
+    """``(model, tokenizer)`` from the flags of :func:`add_model_arguments`; the tokenizer has
+    the interface of :mod:`EasyLM.tokenizer` and adds no BOS itself (see :func:`encode`)."""
+    tokenizer_path = args.tokenizer or (args.hf_model and _tokenizer_file(args.hf_model))
     if tokenizer_path is None:
         raise ValueError("--load_checkpoint needs --tokenizer")
     model = load_model(args.load_checkpoint, args.hf_model, args.last_context_length,
                        use_memory, args.mem_attention_grouping, args.dtype, args.mem_dtype)
-    return model, load_tokenizer(tokenizer_path)
+    return model, load_tokenizer({"vocab_file": tokenizer_path})
+
+
+def _tokenizer_file(model_dir):
+    # A file rather than the directory: AutoTokenizer would read the config of an exported FoT
+    # model, whose AutoConfig is remote code, and ask whether to trust it.
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.exists(os.path.join(model_dir, name)):
+            return os.path.join(model_dir, name)
+    return model_dir
 
 
 def encode(tokenizer, text, bos=True):
-    """Token ids of ``text``, after the tokenizer's BOS when ``bos`` (whatever its own
-    default about special tokens)."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if bos and tokenizer.bos_token_id is not None:
+    """Token ids of ``text``, after the tokenizer's BOS when ``bos`` and it has one."""
+    ids = list(tokenizer.encode(text))
+    if bos and tokenizer.bos_token_id is not None and tokenizer.bos_token_id >= 0:
         ids = [tokenizer.bos_token_id] + ids
     return ids
-
-
-def load_tokenizer(path):
-    """A Hugging Face tokenizer from a directory, a ``tokenizer.json`` or a SentencePiece
-    ``.model`` file."""
-    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
-    if os.path.isdir(path):
-        # An exported FoT directory maps AutoConfig to its own code, which AutoTokenizer reads.
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    if path.endswith(".json"):
-        return PreTrainedTokenizerFast(tokenizer_file=path)
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(path, os.path.join(tmp, "tokenizer.model"))
-        return LlamaTokenizer.from_pretrained(tmp)

@@ -66,11 +66,12 @@ def run_passkey(model, tokenizer, lengths, depths, trials=1, seed=0, progress=Tr
             prompt = build_prompt(tokenizer, lengths[i], depths[j], passkey)
             answer_tokens = len(encode(tokenizer, f" {passkey}.", bos=False))
             generated = model.generate(np.asarray([prompt]), answer_tokens + 2)[0]
-            answer = tokenizer.decode(list(generated), skip_special_tokens=True)
+            answer = tokenizer.decode(generated)
             correct = is_correct(answer, passkey)
             accuracy[i, j] += correct / trials
             records.append(dict(length=lengths[i], prompt_tokens=len(prompt), depth=depths[j],
-                                passkey=passkey, answer=answer, correct=bool(correct)))
+                                passkey=passkey, answer=answer, answer_ids=generated.tolist(),
+                                correct=bool(correct)))
             bar.update()
         if j == len(depths) - 1:
             bar.write(f"length {lengths[i]:>8}: accuracy {accuracy[i].mean():.3f}")
