@@ -151,6 +151,7 @@ def process_record(processor, payload):
 
 
 _worker_processor = None
+WORKER_START_SECONDS = 120
 
 
 def _start_worker(processor):
@@ -173,6 +174,15 @@ def tokenized(records, processor, processes, batch_size, chunk_size):
         return
     pool = multiprocessing.get_context("spawn").Pool(
         processes, initializer=_start_worker, initargs=(processor,))
+    try:
+        # A worker that cannot start is replaced by the pool forever; fail instead.
+        pool.apply_async(os.getpid).get(timeout=WORKER_START_SECONDS)
+    except multiprocessing.TimeoutError:
+        pool.terminate()
+        raise RuntimeError(
+            f"tokenizer processes did not start within {WORKER_START_SECONDS} s; a script that "
+            "sets tokenizer_processes > 1 must run its code under "
+            "'if __name__ == \"__main__\":' (workers are spawned)") from None
     in_flight = collections.deque()
 
     def submit():
