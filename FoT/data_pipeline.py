@@ -168,8 +168,9 @@ class _Pipeline:
     def _draw(self):
         if self._source_iterator is None:
             self._source_iterator = iter(self.token_source)
+        item = next(self._source_iterator)
         self._docs_drawn += 1
-        return next(self._source_iterator)
+        return item
 
     def _metrics(self, per_source):
         metrics = {"dataset_example_index": self._docs_drawn,
