@@ -63,8 +63,9 @@ def kernel_options(args):
     return options
 
 
-def useful_flops(batch, length, heads, head_dim, n_slots):
-    """Forward FLOPs of the attention each row is allowed (local slot causal)."""
+def useful_flops(length, heads, head_dim, n_slots):
+    """Forward FLOPs of the attention each row (``n_slots`` per row) may use, the local slot
+    causal."""
     per_slot = 4 * length * length * heads * head_dim
     return sum(per_slot * (0.5 + int(n) - 1) for n in n_slots)
 
@@ -148,7 +149,7 @@ def run_timing(job):
     inputs = jax.block_until_ready(jax.jit(prepare)(q, k_loc, k_mem, v))
     input_bytes = sum(x.nbytes for x in inputs)
     n_slots = allowed_slots(job["batch"], job["C"], job["packing"], job["stepping"])
-    flops = useful_flops(job["batch"], job["length"], job["heads"], job["head_dim"], n_slots)
+    flops = useful_flops(job["length"], job["heads"], job["head_dim"], n_slots)
     result = dict(input_gib=input_bytes / 2**30, device=jax.devices()[0].device_kind)
     forward = jax.jit(fn)
 
@@ -266,8 +267,9 @@ def main(argv=None):
 
 def print_table(args, rows, header):
     devices = {row["result"].get("device") for row in rows} - {None}
-    print(f"\n{header}; device {', '.join(sorted(devices)) or '?'}; B={args.batch} L={args.length} H={args.heads} "
-          f"D={args.head_dim} {args.dtype}, stepping={args.stepping} k={args.packing}")
+    print(f"\n{header}; device {', '.join(sorted(devices)) or '?'}; B={args.batch} "
+          f"L={args.length} H={args.heads} D={args.head_dim} {args.dtype}, "
+          f"stepping={args.stepping} k={args.packing}")
     print("| variant | KV | C | fwd ms | fwd TFLOP/s | fwd peak GiB | fwd+bwd ms "
           "| fwd+bwd TFLOP/s | fwd+bwd peak GiB | inputs GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

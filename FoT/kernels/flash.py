@@ -61,7 +61,8 @@ def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_step
     plan = make_plan(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
                      cross_batch_stepping=cross_batch_stepping,
                      dataset_packing=dataset_packing, blocks=blocks)
-    lowering = _Lowering(backend, bool(interpret), TritonOptions.make(q.dtype, num_warps, num_stages))
+    lowering = _Lowering(backend, bool(interpret),
+                         TritonOptions.make(q.dtype, num_warps, num_stages))
     return _attention(plan, lowering, q, k_loc, k_mem, v)
 
 

@@ -64,7 +64,7 @@ def _query_tile_specs(plan):
     local keys, memory keys and values of the visited step."""
     d, block_q, block_k = plan.head_dim, plan.blocks.block_q, plan.blocks.block_k
 
-    def q_map(b, h, i, c, j, slots_ref):
+    def q_map(b, h, i, *_):
         return b, h, i, 0
 
     def k_loc_map(b, h, i, c, j, slots_ref):
@@ -88,7 +88,7 @@ def _query_tile_specs(plan):
                 keys=[spec(block_k, d, m) for m in (k_loc_map, k_mem_map, v_map)])
 
 
-def _visit(plan, b, i, c, j, n_slots, k_loc_ref, k_mem_ref, visit):
+def _visit(plan, i, c, j, n_slots, k_loc_ref, k_mem_ref, visit):
     """Runs ``visit(k_ref, mask)`` if grid step (c, j) of query tile ``i`` is visible."""
     full_end, masked_end = plan.local_key_range(i, plan.blocks.block_q, plan.blocks.block_k)
 
@@ -123,7 +123,7 @@ def _forward_kernel(slots_ref, q_ref, k_loc_ref, k_mem_ref, v_ref, o_ref, lse_re
         m_ref[...], l_ref[...], acc_ref[...] = tiles.softmax_step(
             carry, q_ref[...], k_ref[...], v_ref[...], plan.score_scale, mask)
 
-    _visit(plan, b, i, c, j, slots_ref[b], k_loc_ref, k_mem_ref, visit)
+    _visit(plan, i, c, j, slots_ref[b], k_loc_ref, k_mem_ref, visit)
 
     @pl.when(_last_step(plan))
     def _():
@@ -145,7 +145,7 @@ def _dq_kernel(slots_ref, q_ref, k_loc_ref, k_mem_ref, v_ref, do_ref, lse_ref, d
                                      do_ref[...], lse_ref[...], delta_ref[...],
                                      plan.score_scale, mask)
 
-    _visit(plan, b, i, c, j, slots_ref[b], k_loc_ref, k_mem_ref, visit)
+    _visit(plan, i, c, j, slots_ref[b], k_loc_ref, k_mem_ref, visit)
 
     @pl.when(_last_step(plan))
     def _():
@@ -251,7 +251,7 @@ def _dkv_call(plan, q, k_loc, k_mem, v, do, lse_rows, delta_rows, interpret):
         tile = jnp.where(c == 0, jnp.maximum(i, masked_start), tile)
         return plan.reader_row(r, used), h * plan.group + g, tile, 0
 
-    def key_map(r, h, kb, g, c, i, last_ref):
+    def key_map(r, h, kb, *_):
         return r, h, kb, 0
 
     def stat_map(*ids):
@@ -271,7 +271,7 @@ def _dkv_call(plan, q, k_loc, k_mem, v, do, lse_rows, delta_rows, interpret):
     kv_shape = jax.ShapeDtypeStruct(k_loc.shape, k_loc.dtype)
     return pl.pallas_call(
         functools.partial(_dkv_kernel, plan=plan), grid_spec=grid_spec,
-        out_shape=[kv_shape] * 3, compiler_params=_semantics(3, 3), interpret=_interpreter(interpret),
-        name="cross_batch_dkv",
+        out_shape=[kv_shape] * 3, compiler_params=_semantics(3, 3),
+        interpret=_interpreter(interpret), name="cross_batch_dkv",
     )(jnp.asarray(plan.last_reader_slot().reshape(-1)), q, k_loc, k_mem, v, do, lse_rows,
       delta_rows)

@@ -81,7 +81,7 @@ class TilingPlan:
         return lax.rem(row - slot + wrap, self.batch)
 
     def reader_row(self, row, slot):
-        """Row that reads ``row``'s memory keys/values through its ``slot``: ``(row + slot) mod B``."""
+        """Row reading ``row``'s memory keys/values through its ``slot``: ``(row + slot) mod B``."""
         return lax.rem(row + slot, self.batch)
 
     def slot_table(self):
