@@ -165,8 +165,13 @@ def run_timing(job):
             seconds = timed(f, inputs, job["min_time"])
         except Exception as e:  # noqa: BLE001 - an OOM must not hide the other rows
             text = str(e)
-            oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-            result[mode] = dict(error="OOM" if oom else text.splitlines()[0][:120])
+            if "Shared memory size limit" in text:
+                error = "tiles exceed shared memory"
+            elif "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+                error = "OOM"
+            else:
+                error = text.splitlines()[0][:120]
+            result[mode] = dict(error=error)
             continue
         result[mode] = dict(ms=seconds * 1e3, tflops=work / seconds / 1e12,
                             peak_gib=(peak_bytes() or 0) / 2**30)
