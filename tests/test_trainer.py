@@ -54,12 +54,13 @@ def test_loss_and_accuracy_are_means_over_masked_tokens():
     assert count == keep.sum()
 
 
-def run_loop(mesh, tmp_path, steps=3):
-    """Three steps of the setup_test model (memory layer, C=2 with stepping, doc_aware_k2)
-    with an eval model of its own (C=0, doc_aware_k1); the records the loop logged."""
+def run_loop(mesh, tmp_path, initial=None, steps=3):
+    """Three steps of a small FoT model (memory layer, C=2 with stepping, doc_aware_k2) with an
+    eval model of its own (C=0, doc_aware_k1), from ``initial`` (host arrays) or a fresh
+    state; the records the loop logged and the initial state."""
     train, evaluation = dataset("doc_aware_k2"), dataset("doc_aware_k1",
                                                          path="data/tiny_eval.jsonl")
-    base = LLaMAConfig.load_config("debug_fot", vocab_size=512)
+    base = tiny_config(hidden_size=64, intermediate_size=128, num_attention_heads=4)
     trainer = Trainer(mesh, with_cross_batch(base, 2, True, 2), OPTIMIZER, "fp32",
                       with_cross_batch(base, 0, False, 1))
     logger = logging_utils.MetricsLogger(str(tmp_path), logging_utils.get_default_config(
@@ -67,19 +68,22 @@ def run_loop(mesh, tmp_path, steps=3):
     settings = LoopSettings(total_steps=steps, log_freq=1, eval_freq=steps, eval_steps=1,
                             show_progress=False)
     with jax.set_mesh(mesh):
-        fit(trainer, trainer.init_state(0), train, settings, logger, evaluation)
+        if initial is None:
+            initial = jax.device_get(trainer.init_state(0))
+        fit(trainer, jax.device_put(initial, trainer.state_shardings), train, settings, logger,
+            evaluation)
     logger.close()
-    return logging_utils.read_metrics(str(tmp_path / logging_utils.METRICS_FILE))
+    return logging_utils.read_metrics(str(tmp_path / logging_utils.METRICS_FILE)), initial
 
 
 def test_same_losses_on_one_device_and_on_8_device_meshes(tmp_path):
     assert jax.device_count() == 8
-    expected = run_loop(single_device_mesh(), tmp_path / "one")
+    expected, initial = run_loop(single_device_mesh(), tmp_path / "one")
     keys = ("train/loss", "train/accuracy", "train/gradient_norm", "eval/loss")
     losses = [r["train/loss"] for r in expected if "train/loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
     for mesh_dim in ("1,-1,1", "2,2,2"):
-        records = run_loop(get_jax_mesh(mesh_dim), tmp_path / mesh_dim)
+        records, _ = run_loop(get_jax_mesh(mesh_dim), tmp_path / mesh_dim, initial)
         assert [r["step"] for r in records] == [r["step"] for r in expected]
         for got, want in zip(records, expected):
             for key in keys:
@@ -97,7 +101,16 @@ def tiny_config(**updates):
     return LLaMAConfig(**values)
 
 
-def test_gradient_accumulation_equals_one_full_batch_step():
+@pytest.fixture(scope="module")
+def tiny_initial():
+    """A fresh train state of ``tiny_config()`` as host arrays (cross-batch settings and
+    accumulation do not change its structure)."""
+    mesh = single_device_mesh()
+    with jax.set_mesh(mesh):
+        return jax.device_get(Trainer(mesh, tiny_config(), OPTIMIZER).init_state(0))
+
+
+def test_gradient_accumulation_equals_one_full_batch_step(tiny_initial):
     # C=1 with k=2 and stepping: no row looks past its own document group, so cutting the
     # batch into micro-batches of whole groups changes nothing.
     config = tiny_config(cross_batch_range=1, cross_batch_stepping=True, dataset_packing=2)
@@ -108,7 +121,7 @@ def test_gradient_accumulation_equals_one_full_batch_step():
         trainer = Trainer(mesh, config, optimizer_config(
             dict(OPTIMIZER.to_dict(), accumulate_gradient_steps=steps)))
         with jax.set_mesh(mesh):
-            state, metrics = trainer.train_step(trainer.init_state(0),
+            state, metrics = trainer.train_step(jax.device_put(tiny_initial),
                                                 trainer.global_batch(batch, 8))
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     (params, metrics), others = results[0], results[1:]
@@ -119,12 +132,12 @@ def test_gradient_accumulation_equals_one_full_batch_step():
                                other_params, params)
 
 
-def test_non_finite_updates_are_skipped_and_counted():
+def test_non_finite_updates_are_skipped_and_counted(tiny_initial):
     mesh = single_device_mesh()
     trainer = Trainer(mesh, tiny_config(), OPTIMIZER, skip_nonfinite=True)
     batch, _ = next(iter(dataset("doc_aware")))
     with jax.set_mesh(mesh):
-        state = trainer.init_state(0)
+        state = jax.device_put(tiny_initial)
         kernel = state["params"]["lm_head"]["kernel"]
         state["params"]["lm_head"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
         before = jax.device_get(state)
