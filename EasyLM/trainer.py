@@ -126,6 +126,11 @@ class Trainer:
                                                 param_dtype=jnp.float32)
         self.eval_model = FlaxLLaMAForCausalLMModule(eval_model_config or model_config,
                                                      dtype=compute, param_dtype=jnp.float32)
+        # Parameters do not depend on the attention variant; initialising through plain XLA
+        # attention keeps kernels (and their shape limits) out of the one-row init call.
+        self._init_model = FlaxLLaMAForCausalLMModule(
+            model_config.replace(cross_batch_range=0, attention_implementation="xla"),
+            dtype=jnp.float32, param_dtype=jnp.float32)
         self.tx, self.schedule = get_optimizer(optimizer_config)
         self.accumulate = int(optimizer_config.accumulate_gradient_steps)
         self.skip_nonfinite = skip_nonfinite
@@ -149,7 +154,7 @@ class Trainer:
 
     def _init_state(self, rng):
         rows = self.model_config.dataset_packing
-        variables = self.model.init(rng, jnp.zeros((rows, 1), jnp.int32))
+        variables = self._init_model.init(rng, jnp.zeros((rows, 1), jnp.int32))
         return self._state_from_params(variables["params"])
 
     def _state_from_params(self, params):
