@@ -164,7 +164,8 @@ tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 ids = tokenizer("The grass is green. " * 8, return_tensors="pt").input_ids
 out = model(ids, use_cache=True)
 new = model.generate(ids, max_new_tokens=3, do_sample=False)
-print(type(model).__name__, "x".join(map(str, model.config.mem_attention_grouping)), model.dtype, ids.shape[1],
+grouping = "x".join(map(str, model.config.mem_attention_grouping))
+print(type(model).__name__, grouping, model.dtype, ids.shape[1],
       out.past_key_values.memory_length, new.shape[1] - ids.shape[1])
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -131,9 +131,9 @@ class FoTLlamaAttention(nn.Module):
         ``evict`` oldest local tokens to move out first; ``upcoming`` tokens left in this call
         (this piece included), to size the memory once."""
         batch, length, _ = hidden.shape
-        q = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
         memory = cache.memory
         positional = memory is None or self.config.mem_positionals
         if memory is not None and (evict or memory.length):
