@@ -181,6 +181,16 @@ def test_misconfiguration_fails_before_compiling(tmp_path, monkeypatch, case):
     assert not os.path.exists(tmp_path / "work")
 
 
+def test_resume_flag_chooses_the_run(tmp_path):
+    old_run = tmp_path / "2024-01-01_00-00-00"
+    (old_run / "checkpoints" / "step_8" / "state").mkdir(parents=True)
+    config = get_default_with({"workdir": str(tmp_path)})
+    assert llama_train.select_run(config) == (str(old_run), str(old_run / "checkpoints/step_8"))
+    config.resume = False
+    fresh, resume_from = llama_train.select_run(config)
+    assert resume_from is None and fresh != str(old_run) and os.path.isdir(fresh)
+
+
 # End to end.
 
 def test_setup_test_run_trains_evaluates_checkpoints_and_converts(reference_run, tmp_path):
