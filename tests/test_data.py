@@ -113,9 +113,17 @@ def test_malformed_lines_are_skipped_counted_and_reported_once(tmp_path, tokeniz
     dataset = DatasetFactory.load_dataset(
         json_config(path, batch_size=1, seq_length=4), tokenizer)
     expected = np.concatenate([[1] + tokenizer.encode(text) + [2] for text in good])
-    with caplog.at_level(logging.WARNING, logger="EasyLM.data"):
-        batches = [batch for (batch, _), _ in zip(dataset, range(3 * len(expected) // 4))]
-        _, metrics = next(iter(dataset))
+    # Capture at the logger itself (the CLI stops "EasyLM" records reaching the root logger).
+    data_logger = logging.getLogger("EasyLM.data")
+    propagate, data_logger.propagate = data_logger.propagate, False
+    data_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="EasyLM.data"):
+            batches = [batch for (batch, _), _ in zip(dataset, range(3 * len(expected) // 4))]
+            _, metrics = next(iter(dataset))
+    finally:
+        data_logger.removeHandler(caplog.handler)
+        data_logger.propagate = propagate
     stream = np.concatenate([batch["input_tokens"].ravel() for batch in batches])
     np.testing.assert_array_equal(stream[:len(expected)], expected)
     np.testing.assert_array_equal(stream[len(expected):2 * len(expected)], expected)
