@@ -25,9 +25,10 @@ from .cache_fot_llama import FoTCache
 from .configuration_fot_llama import FoTLlamaConfig
 
 
-# No cuDNN attention: it builds a plan per shape, and the key length changes with every
-# generated token; re-planning cost ~1.7 ms per call on an H200, more than the attention.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Decoding keeps off cuDNN attention: it builds a plan per shape, and the key length changes
+# with every generated token; re-planning cost ~1.7 ms per call on an H200, more than the
+# attention itself.  (Window-sized prefill shapes repeat, and there cuDNN is the fastest.)
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rotate_half(x):
@@ -69,19 +70,16 @@ def _attend(q, k, v, use_sdpa):
     """
     num_queries, num_keys = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
-    if use_sdpa:
-        with sdpa_kernel(SDPA_BACKENDS):
-            if num_queries == 1:
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
-            if num_queries == num_keys:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                      enable_gqa=group > 1)
-            if group > 1:  # the bottom-right causal bias does not take GQA
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=causal_lower_right(num_queries, num_keys))
-    if group > 1:
+    if use_sdpa and num_queries == 1:
+        with sdpa_kernel(DECODE_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
+    if use_sdpa and num_queries == num_keys:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    if group > 1:  # the bottom-right causal bias does not take GQA
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v,
+                                              attn_mask=causal_lower_right(num_queries, num_keys))
     scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * q.shape[-1] ** -0.5
     hidden = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).triu(
         num_keys - num_queries + 1)
