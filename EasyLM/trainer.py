@@ -280,10 +280,11 @@ def evaluate(trainer, state, eval_data, eval_steps, start_state):
 def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpointing=None):
     """Train from ``state`` (whose step is where to start) to ``settings.total_steps``.
 
-    Logs at every ``log_freq``-th step, every checkpoint step and the last step (cutting the
-    averaging windows at checkpoints keeps a resumed run's records identical to an
-    uninterrupted one's); evaluates at step 0 of a fresh run and every ``eval_freq`` steps;
-    saves after logging, so a checkpoint at step S has every record up to S written.
+    Logs at every ``log_freq``-th step and at every evaluation, checkpoint and the last step:
+    cutting the averaging windows there keeps evaluation and saving out of the step timings,
+    and keeps a resumed run's records identical to an uninterrupted one's. Evaluates at step 0
+    of a fresh run and every ``eval_freq`` steps; saves after logging, so a checkpoint at step S
+    has every record up to S written.
     """
     from tqdm import tqdm
 
@@ -314,8 +315,11 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
         saving = checkpointing is not None and (
             milestone or (s.save_model_freq > 0 and step % s.save_model_freq == 0)
             or (s.save_model_freq > 0 and step == s.total_steps))
+        evaluating_now = evaluating and step % s.eval_freq == 0
+        logging_now = (step % s.log_freq == 0 or saving or evaluating_now
+                       or step == s.total_steps)
         record = {}
-        if step % s.log_freq == 0 or saving or step == s.total_steps:
+        if logging_now:
             steps_done = len(window)
             train = window.reduce()
             elapsed = time.perf_counter() - window_start
@@ -324,14 +328,15 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
             record.update(with_prefix(train, "train"))
             record.update(with_prefix(data_metrics, "train/dataset"))
             progress.set_postfix(loss=f"{train['loss']:.4f}", refresh=False)
-            window_start, data_wait = time.perf_counter(), 0.0
-        if evaluating and step % s.eval_freq == 0:
+        if evaluating_now:
             record.update(evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
         logger.write(step, record)
         if saving:
             checkpointing.checkpointer.save(
                 step, state, checkpointing.llama_config, checkpointing.metadata(),
                 dataset_state=train_data.get_state_dict(), milestone=milestone)
+        if logging_now:  # the next window times training only, not this evaluation or save
+            window_start, data_wait = time.perf_counter(), 0.0
         progress.update(1)
     progress.close()
     if checkpointing is not None:
