@@ -238,3 +238,16 @@ def test_cudnn_attention_matches_xla_on_gpu():
             for impl in ("xla", "cudnn")]
     np.testing.assert_allclose(np.asarray(outs[0], np.float32),
                                np.asarray(outs[1], np.float32), atol=5e-2)
+
+
+def test_auto_cross_batch_choice_respects_kernel_limits(monkeypatch):
+    from EasyLM.models.llama import llama_model
+    assert llama_model.resolve_cross_batch_implementation(tiny_config(), 64) == "reference"
+    monkeypatch.setattr(llama_model.jax, "default_backend", lambda: "gpu")
+    kernel_sized = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    assert llama_model.resolve_cross_batch_implementation(kernel_sized, 256) == "pallas"
+    # head dim 8 and a length the kernel's tiles do not divide: fall back, do not fail
+    assert llama_model.resolve_cross_batch_implementation(tiny_config(), 512) == "blockwise"
+    assert llama_model.resolve_cross_batch_implementation(kernel_sized, 600) == "reference"
+    forced = kernel_sized.replace(cross_batch_implementation="reference")
+    assert llama_model.resolve_cross_batch_implementation(forced, 256) == "reference"

@@ -279,12 +279,20 @@ def _dense(features, config, dtype, param_dtype, name):
                     kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
-def resolve_cross_batch_implementation(config):
+def resolve_cross_batch_implementation(config, length):
+    """The configured variant; ``auto`` takes the fused kernel where it supports the shapes."""
     if config.cross_batch_implementation != "auto":
         return config.cross_batch_implementation
-    if config.scan_cross_batch:
+    blockwise_ok = length % min(config.cross_batch_block_size, length) == 0
+    if config.scan_cross_batch and blockwise_ok:
         return "blockwise"
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"
+    from FoT.kernels.plan import SUPPORTED_HEAD_DIMS
+    kernel_ok = config.head_dim in SUPPORTED_HEAD_DIMS and length % 128 == 0
+    if jax.default_backend() in ("gpu", "tpu"):
+        if kernel_ok:
+            return "pallas"
+        return "blockwise" if blockwise_ok else "reference"
+    return "reference"
 
 
 def resolve_attention_implementation(config, dtype):
@@ -336,7 +344,7 @@ class LLaMAAttention(nn.Module):
             flipped = PS(None, None, BATCH_AXES + ("mp",), None)
             q, k_loc, k_mem, v = (with_sharding_constraint(x, flipped)
                                   for x in (q, k_loc, k_mem, v))
-        implementation = resolve_cross_batch_implementation(cfg)
+        implementation = resolve_cross_batch_implementation(cfg, q.shape[1])
         if implementation == "pallas" and bias is not None:
             implementation = "blockwise"
         return cross_batch_core(q, k_loc, k_mem, v, cross_batch_range=cfg.cross_batch_range,
