@@ -242,6 +242,7 @@ def test_cudnn_attention_matches_xla_on_gpu():
 
 def test_auto_cross_batch_choice_respects_kernel_limits(monkeypatch):
     from EasyLM.models.llama import llama_model
+    monkeypatch.setattr(llama_model.jax, "default_backend", lambda: "cpu")
     assert llama_model.resolve_cross_batch_implementation(tiny_config(), 64) == "reference"
     monkeypatch.setattr(llama_model.jax, "default_backend", lambda: "gpu")
     kernel_sized = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
