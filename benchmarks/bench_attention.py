@@ -74,7 +74,6 @@ def useful_flops(length, heads, head_dim, n_slots):
 
 def make_inputs(job, dtype):
     import jax
-    import jax.numpy as jnp
     keys = jax.random.split(jax.random.PRNGKey(job.get("seed", 0)), 5)
     b, l, h, kv, d = job["batch"], job["length"], job["heads"], job["kv_heads"], job["head_dim"]
     q = jax.random.normal(keys[0], (b, l, h, d), dtype)

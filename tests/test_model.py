@@ -158,14 +158,14 @@ def test_blockwise_model_matches_reference_model():
 def sharded_loss_and_grads(config, variables, tokens, mesh_dim):
     model = FlaxLLaMAForCausalLMModule(config)
 
-    def loss_fn(params):
-        logits = model.apply(params, tokens).logits
+    def loss_fn(params, batch):
+        logits = model.apply(params, batch).logits
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                             tokens[..., None], axis=-1))
+                                             batch[..., None], axis=-1))
 
     step = jax.value_and_grad(loss_fn)
     if mesh_dim is None:
-        return jax.jit(step)(variables)
+        return jax.jit(step)(variables, tokens)
     mesh = get_jax_mesh(mesh_dim)
     specs = match_partition_rules(get_partition_rules(), variables)
     shardings = named_shardings(mesh, specs)
@@ -173,7 +173,7 @@ def sharded_loss_and_grads(config, variables, tokens, mesh_dim):
         params = jax.device_put(variables, shardings)
         batch = jax.device_put(tokens, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(("dp", "fsdp"))))
-        return jax.jit(step, out_shardings=(None, shardings))(params)
+        return jax.jit(step, out_shardings=(None, shardings))(params, batch)
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -5,7 +5,6 @@ sharding rules and converters address parameters by regex on those paths.  Memor
 (``mem_layers``) have the same parameters as ordinary layers; only their attention differs:
 with ``cross_batch_range > 0`` they run cross-batch attention (:mod:`FoT.cross_batch`).
 """
-import copy
 import dataclasses
 import json
 import os
@@ -479,4 +478,4 @@ def with_cross_batch(config, cross_batch_range, cross_batch_stepping=None, datas
         updates["cross_batch_stepping"] = bool(cross_batch_stepping)
     if dataset_packing is not None:
         updates["dataset_packing"] = int(dataset_packing)
-    return copy.deepcopy(config).replace(**updates)
+    return config.replace(**updates)
