@@ -25,7 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
                               with_sharding_constraint)
 from EasyLM.logging_utils import WindowAggregator, with_prefix
-from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, get_partition_rules
+from EasyLM.losses import chunked_token_sums, token_sums
+from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
+                                             output_head_kernel)
 from EasyLM.optimizers import get_optimizer
 from FoT.cross_batch import allowed_slots
 
@@ -39,16 +41,6 @@ PEAK_FLOPS_PER_DEVICE = (
 )
 # Metrics whose last value in a logging window is reported (the others are averaged).
 LATEST_METRICS = ("learning_rate", "param_norm", "skipped_steps")
-
-
-def token_sums(logits, targets, loss_masks):
-    """``(sum of cross-entropy, number correct, number counted)`` over tokens with mask > 0."""
-    counted = (loss_masks > 0).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (-jnp.sum(target_log_probs * counted), jnp.sum(correct * counted),
-            jnp.sum(counted))
 
 
 def state_partition_specs(state_shapes):
@@ -118,10 +110,16 @@ class Trainer:
     own cross-batch settings)."""
 
     def __init__(self, mesh, model_config, optimizer_config, dtype="fp32",
-                 eval_model_config=None, skip_nonfinite=False):
+                 eval_model_config=None, skip_nonfinite=False, loss_chunk_tokens=8192):
+        """``loss_chunk_tokens > 0``: the loss runs over slices of sequence positions holding
+        at most that many tokens of the global batch, never materialising the whole
+        ``[B, L, V]`` logits (:func:`EasyLM.losses.chunked_token_sums`); 0 computes full
+        logits."""
         self.mesh = mesh
         self.model_config = model_config
+        self.loss_chunk_tokens = int(loss_chunk_tokens)
         compute = float_dtype(dtype)
+        self.compute_dtype = compute
         self.model = FlaxLLaMAForCausalLMModule(model_config, dtype=compute,
                                                 param_dtype=jnp.float32)
         self.eval_model = FlaxLLaMAForCausalLMModule(eval_model_config or model_config,
@@ -162,10 +160,19 @@ class Trainer:
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": self.tx.init(params), "skipped_steps": jnp.zeros((), jnp.int32)}
 
+    def _token_sums(self, model, params, batch):
+        if self.loss_chunk_tokens <= 0:
+            logits = model.apply({"params": params}, batch["input_tokens"]).logits
+            return token_sums(logits, batch["target_tokens"], batch["loss_masks"])
+        hidden = model.apply({"params": params}, batch["input_tokens"],
+                             compute_logits=False).hidden_states
+        return chunked_token_sums(hidden, output_head_kernel(params, model.config),
+                                  batch["target_tokens"], batch["loss_masks"],
+                                  self.loss_chunk_tokens, self.compute_dtype)
+
     def _gradients(self, params, batch, token_count):
         def loss_fn(params):
-            logits = self.model.apply({"params": params}, batch["input_tokens"]).logits
-            loss_sum, correct, _ = token_sums(logits, batch["target_tokens"], batch["loss_masks"])
+            loss_sum, correct, _ = self._token_sums(self.model, params, batch)
             return loss_sum / token_count, (loss_sum, correct)
         (_, (loss_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, loss_sum, correct
@@ -205,8 +212,7 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params, batch):
-        logits = self.eval_model.apply({"params": params}, batch["input_tokens"]).logits
-        loss_sum, correct, count = token_sums(logits, batch["target_tokens"], batch["loss_masks"])
+        loss_sum, correct, count = self._token_sums(self.eval_model, params, batch)
         return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
     # Host-side API; call these inside ``jax.set_mesh(trainer.mesh)``.

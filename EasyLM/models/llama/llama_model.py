@@ -58,6 +58,9 @@ class LLaMAConfig:
     # Non-memory layers: "auto" is cuDNN fused attention on GPU and XLA elsewhere.
     attention_implementation: str = "auto"
     remat_block: str = ""
+    # Run each run of consecutive ordinary layers as one ``lax.scan`` (parameters stay stored
+    # per layer as h/<i>; they are stacked inside the step).  Same numbers, faster compiles.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -409,19 +412,66 @@ class LLaMABlock(nn.Module):
 
 
 class LLaMABlockCollection(nn.Module):
-    """The decoder layers, named ``h/<i>`` as in EasyLM checkpoints."""
+    """The decoder layers, named ``h/<i>`` as in EasyLM checkpoints.
+
+    With ``scan_layers`` each maximal run of consecutive ordinary (non-memory) layers is one
+    ``lax.scan`` over its layers' parameters, stacked from the per-layer tree on the fly, so
+    checkpoints and converters keep the unrolled layout.  Memory layers run on their own.
+    Initialisation always runs unrolled (it creates the parameters).
+    """
     config: LLaMAConfig
     block_class: Any = LLaMABlock
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat_policy: Optional[str] = None
 
     @nn.compact
     def __call__(self, hidden, position_ids, attention_mask):
         cfg = self.config
+        if cfg.scan_layers and not self.is_initializing():
+            return self._scanned(hidden, position_ids, attention_mask)
         for i in range(cfg.num_hidden_layers):
             hidden = self.block_class(cfg, i in cfg.mem_layers, self.dtype, self.param_dtype,
                                       name=str(i))(hidden, position_ids, attention_mask)
         return hidden
+
+    def _scanned(self, hidden, position_ids, attention_mask):
+        cfg = self.config
+        params = self.variables["params"]
+        plain = LLaMABlock(cfg, False, self.dtype, self.param_dtype)
+
+        def body(carry, layer_params):
+            out = plain.apply({"params": layer_params}, carry, position_ids, attention_mask)
+            return out, None
+
+        if self.remat_policy:
+            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies,
+                                                       self.remat_policy))
+        for start, stop in layer_segments(cfg.num_hidden_layers, cfg.mem_layers):
+            if stop - start == 1:
+                hidden = self.block_class(cfg, start in cfg.mem_layers, self.dtype,
+                                          self.param_dtype, name=str(start))(
+                    hidden, position_ids, attention_mask)
+                continue
+            stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                             *[params[str(i)] for i in range(start, stop)])
+            hidden, _ = jax.lax.scan(body, hidden, stacked)
+        return hidden
+
+
+def layer_segments(num_layers, mem_layers):
+    """``[(start, stop), ...]``: each memory layer alone, and each maximal run of ordinary
+    layers between them, in order."""
+    segments, start = [], 0
+    for i in range(num_layers):
+        if i in mem_layers:
+            if start < i:
+                segments.append((start, i))
+            segments.append((i, i + 1))
+            start = i + 1
+    if start < num_layers:
+        segments.append((start, num_layers))
+    return segments
 
 
 class FlaxLLaMAModule(nn.Module):
@@ -443,12 +493,13 @@ class FlaxLLaMAModule(nn.Module):
                          embedding_init=nn.initializers.normal(cfg.initializer_range),
                          name="wte")
         hidden = with_sharding_constraint(embed(input_ids.astype(jnp.int32)), RESIDUAL_SPEC)
-        block = LLaMABlock
+        block, policy = LLaMABlock, None
         if cfg.remat_block not in ("", "none"):
-            block = nn.remat(LLaMABlock, policy=getattr(jax.checkpoint_policies, cfg.remat_block),
+            policy = cfg.remat_block
+            block = nn.remat(LLaMABlock, policy=getattr(jax.checkpoint_policies, policy),
                              prevent_cse=True)
-        hidden = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, name="h")(
-            hidden, position_ids, attention_mask)
+        hidden = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, policy,
+                                      name="h")(hidden, position_ids, attention_mask)
         return RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(hidden)
 
 
@@ -459,16 +510,29 @@ class FlaxLLaMAForCausalLMModule(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,
-                 return_hidden_states=False):
+                 return_hidden_states=False, compute_logits=True):
+        """``compute_logits=False`` skips the output head: the result's ``logits`` is ``None``
+        and ``hidden_states`` holds the final hidden states (for a chunked loss that applies
+        :func:`output_head_kernel` itself)."""
         cfg = self.config
         hidden = FlaxLLaMAModule(cfg, self.dtype, self.param_dtype, name="transformer")(
             input_ids, attention_mask, position_ids)
+        if not compute_logits and not self.is_initializing():
+            return CausalLMOutput(None, hidden)
         if cfg.tie_word_embeddings:
             embedding = self.variables["params"]["transformer"]["wte"]["embedding"]
             logits = hidden @ embedding.T.astype(self.dtype)
         else:
             logits = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")(hidden)
         return CausalLMOutput(logits, hidden if return_hidden_states else None)
+
+
+def output_head_kernel(params, config):
+    """The ``[hidden, vocab]`` output projection in a parameter tree (the transposed input
+    embedding when the head is tied)."""
+    if config.tie_word_embeddings:
+        return params["transformer"]["wte"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def with_cross_batch(config, cross_batch_range, cross_batch_stepping=None, dataset_packing=None):

@@ -50,6 +50,7 @@ def get_default_config(updates=None):
         eval_cross_batch_stepping=True,
         flip_sharding_in_cross_batch=False,
         scan_cross_batch=False,
+        loss_chunk_tokens=8192,  # loss over slices of <= N tokens, no full logits; 0 = full
         tokenizer=tokenizer_lib.get_default_config(),
         train_dataset=DatasetFactory.get_default_config(),
         eval_dataset=DatasetFactory.get_default_config(),
@@ -125,7 +126,8 @@ def validate(config):
         raise ConfigError(f"dtype: {error}") from None
     optimizers.validate(config.optimizer)
     for key in ("total_steps", "eval_freq", "eval_steps", "save_model_freq",
-                "save_milestone_freq", "train_cross_batch_range", "eval_cross_batch_range"):
+                "save_milestone_freq", "train_cross_batch_range", "eval_cross_batch_range",
+                "loss_chunk_tokens"):
         if config[key] < 0:
             raise ConfigError(f"{key}={config[key]} must be >= 0")
     if config.train_log_freq < 1:
@@ -269,7 +271,7 @@ def main(config):
                                    config.eval_cross_batch_stepping, eval_data.dataset_packing)
                   if eval_data is not None else None)
     trainer = Trainer(mesh, train_llama, config.optimizer, config.dtype, eval_llama,
-                      config.skip_nonfinite_steps)
+                      config.skip_nonfinite_steps, config.loss_chunk_tokens)
 
     run_dir, resume_from = select_run(config)
     writes = config.log_all_worker or jax.process_index() == 0

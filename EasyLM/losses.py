@@ -1,0 +1,64 @@
+"""Token-level cross-entropy sums for training and evaluation (FOT_SPEC 4).
+
+``token_sums`` works on full logits.  ``chunked_token_sums`` goes from the final hidden states
+and the output-head kernel straight to the sums, one slice of sequence positions at a time
+under ``jax.checkpoint``: neither pass holds more than one ``[B, chunk, V]`` float32 logits
+slice, instead of the ``[B, L, V]`` logits, their float32 copy and log-softmax.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def token_sums(logits, targets, loss_masks):
+    """``(sum of cross-entropy, number correct, number counted)`` over tokens with mask > 0."""
+    counted = (loss_masks > 0).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return (-jnp.sum(target_log_probs * counted), jnp.sum(correct * counted),
+            jnp.sum(counted))
+
+
+def chunk_length(rows, length, chunk_tokens):
+    """Positions per chunk: the largest divisor of ``length`` with ``rows * chunk`` at most
+    ``chunk_tokens`` (at least 1)."""
+    limit = max(1, min(length, chunk_tokens // max(rows, 1)))
+    return max(d for d in range(1, limit + 1) if length % d == 0)
+
+
+def chunked_token_sums(hidden, head_kernel, targets, loss_masks, chunk_tokens, dtype=None):
+    """``token_sums(hidden @ head_kernel, ...)`` without materialising the logits.
+
+    ``hidden [B, L, E]`` are the final (normed) hidden states, ``head_kernel [E, V]`` the
+    output projection (the float32 parameter; it is cast to ``dtype``, default the hidden
+    states' dtype, inside each chunk so that its gradient accumulates in float32).  Logits
+    are accumulated in float32.  Chunks run over sequence positions, so every row (and every
+    device holding rows) works on each chunk.
+    """
+    rows, length, width = hidden.shape
+    dtype = dtype or hidden.dtype
+    size = chunk_length(rows, length, chunk_tokens)
+    count = length // size
+
+    def split(x):
+        return jnp.swapaxes(x.reshape((rows, count, size) + x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_sums(kernel, h, t, m):
+        logits = jnp.dot(h.astype(dtype), kernel.astype(dtype),
+                         preferred_element_type=jnp.float32)
+        counted = (m > 0).astype(jnp.float32)
+        target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
+        correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+        return jnp.sum(losses * counted), jnp.sum(correct * counted)
+
+    def body(totals, xs):
+        loss, correct = chunk_sums(head_kernel, *xs)
+        return (totals[0] + loss, totals[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct), _ = jax.lax.scan(
+        body, (zero, zero), (split(hidden), split(targets), split(loss_masks)))
+    counted = jnp.sum((loss_masks > 0).astype(jnp.float32))
+    return loss_sum, jax.lax.stop_gradient(correct), counted

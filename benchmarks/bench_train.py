@@ -1,0 +1,451 @@
+"""Training throughput of the real trainer: tokens/s, step time, MFU and peak memory.
+
+    python -m benchmarks.bench_train                          # the whole report (GPU)
+    python -m benchmarks.bench_train --parts throughput --cases "fast:C=4,batch=16,remat=none"
+    python -m benchmarks.bench_train --parts max_length --memory-gib 79.6
+    python -m benchmarks.bench_train --model debug_fot --mem-layers 0 --length 256 ...  # CPU
+
+Each case runs in a fresh subprocess (its own peak device memory; an out-of-memory case
+cannot disturb the next) and drives :class:`EasyLM.trainer.Trainer` through
+:func:`EasyLM.trainer.fit`, the loop a training run uses, on batches of random tokens
+(Zipf-distributed, so the loss falls as the model learns the unigram statistics; the same
+seed gives the same batches on both paths).  Timings come from ``fit``'s own logging window
+over the timed steps (after ``--warmup`` steps that include compilation); MFU uses the FLOP
+count of ``EasyLM.trainer.flops_per_step`` (README, "MFU").
+
+Paths (``--cases`` may override any setting of a case):
+
+- ``slow``: what the original FoT code computes: plain XLA attention in every layer, the
+  reference cross-batch attention (gathered keys, materialised scores) in memory layers,
+  layers unrolled, full ``[B, L, V]`` logits.
+- ``fast``: cuDNN attention in ordinary layers, the fused Pallas kernel in memory layers
+  (``auto`` picks both on a GPU), scan over layers, chunked cross-entropy.
+
+Parts:
+
+- ``throughput``: for each path and cross-batch range, every remat policy of the path's list
+  with batch sizes tried in ascending order until one runs out of memory; the best (highest
+  tokens/s) of each group is marked.  Then single-change ablations around the best fast
+  case (scan off, full logits, XLA attention) measure what each optimisation is worth.
+- ``max_length``: the longest sequence (from ``--lengths``) each path trains at
+  ``--max-length-batch`` rows with cross-batch range 4 under ``nothing_saveable`` remat.
+- ``check``: both paths train ``--check-steps`` steps from the same initialisation and data;
+  their per-step losses must agree within ``--check-rtol`` (bf16 compute).
+
+``--memory-gib`` caps the memory JAX may use on the device (``XLA_PYTHON_CLIENT_MEM_FRACTION``
+computed from the device's total), e.g. 79.6 to size runs for an 80 GB H100 on a larger GPU.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+PATHS = {
+    "slow": dict(attention="xla", cross_batch="reference", scan=False, chunk=0),
+    "fast": dict(attention="auto", cross_batch="auto", scan=True, chunk=8192),
+}
+REMAT = {"slow": ("none", "nothing_saveable"),
+         "fast": ("none", "dots_with_no_batch_dims_saveable", "nothing_saveable")}
+CASE_KEYS = ("C", "batch", "length", "remat", "scan", "chunk", "attention", "cross_batch",
+             "packing", "stepping", "steps", "warmup", "lr")
+PARTS = ("throughput", "max_length", "check")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default=",".join(PARTS))
+    p.add_argument("--model", default="1b", help="standard model config name")
+    p.add_argument("--mem-layers", default="6,12,18", help="memory layer indices")
+    p.add_argument("--vocab-size", type=int, default=0, help="override the model's vocabulary")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--C", default="4,0", help="cross-batch ranges of the throughput part")
+    p.add_argument("--packing", type=int, default=2, help="dataset_packing (doc_aware_kN)")
+    p.add_argument("--stepping", action="store_true", help="cross_batch_stepping")
+    p.add_argument("--batches", default="8,16,32", help="batch sizes tried, ascending")
+    p.add_argument("--paths", default="slow,fast")
+    p.add_argument("--slow-remat", default=",".join(REMAT["slow"]))
+    p.add_argument("--fast-remat", default=",".join(REMAT["fast"]))
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--cases", help="explicit throughput cases instead of the sweep: "
+                   "'PATH:key=value,...;PATH:...' with keys " + ", ".join(CASE_KEYS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536",
+                   help="max_length candidates, ascending")
+    p.add_argument("--max-length-batch", type=int, default=8)
+    p.add_argument("--check-steps", type=int, default=20)
+    p.add_argument("--check-batch", type=int, default=8)
+    p.add_argument("--check-rtol", type=float, default=1e-2)
+    p.add_argument("--memory-gib", type=float, default=0.0,
+                   help="cap device memory at this many GiB (0: all of it)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    p.add_argument("--json", help="also write all results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one case in this process.
+
+
+class RandomTokens:
+    """Endless ``(batch, metrics)`` of Zipf-distributed tokens, the interface ``fit`` reads."""
+
+    def __init__(self, batch_size, seq_length, vocab_size, seed):
+        import numpy as np
+        self.batch_size, self.seq_length, self.vocab_size = batch_size, seq_length, vocab_size
+        self._rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        import numpy as np
+        while True:
+            draw = self._rng.zipf(1.3, (self.batch_size, self.seq_length + 1))
+            tokens = ((draw - 1) % self.vocab_size).astype(np.int32)
+            yield ({"input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
+                    "loss_masks": np.ones((self.batch_size, self.seq_length), np.float32)}, {})
+
+    def get_state_dict(self):
+        return {}
+
+
+class Records:
+    """The logger ``fit`` writes to, kept in memory."""
+
+    def __init__(self):
+        self.records = {}
+
+    def write(self, step, record):
+        if record:
+            self.records.setdefault(step, {}).update(record)
+
+
+def model_config(case):
+    from EasyLM.models.llama.llama_model import LLaMAConfig
+    overrides = dict(
+        mem_layers=tuple(case["mem_layers"]), cross_batch_range=case["C"],
+        cross_batch_stepping=case["stepping"], dataset_packing=case["packing"],
+        attention_implementation=case["attention"],
+        cross_batch_implementation=case["cross_batch"], scan_layers=case["scan"],
+        remat_block="" if case["remat"] == "none" else case["remat"],
+        max_sequence_length=max(case["length"], 2048))
+    if case.get("vocab_size"):
+        overrides["vocab_size"] = case["vocab_size"]
+    return LLaMAConfig.load_config(case["model"], **overrides)
+
+
+def run_case(case):
+    import jax
+    import numpy as np
+
+    from EasyLM import optimizers
+    from EasyLM.jax_utils import get_jax_mesh
+    from EasyLM.models.llama.llama_model import (resolve_attention_implementation,
+                                                 resolve_cross_batch_implementation)
+    from EasyLM.trainer import LoopSettings, Trainer, fit
+
+    config = model_config(case)
+    optimizer = optimizers.get_default_config()
+    optimizer.adamw_optimizer.lr = case["lr"]
+    mesh = get_jax_mesh("1,-1,1")
+    trainer = Trainer(mesh, config, optimizer, "bf16", loss_chunk_tokens=case["chunk"])
+    device = jax.local_devices()[0]
+    result = dict(device=device.device_kind, jax=jax.__version__, devices=jax.device_count(),
+                  attention_resolved=resolve_attention_implementation(config, "bfloat16"),
+                  cross_batch_resolved=(resolve_cross_batch_implementation(config, case["length"])
+                                        if case["C"] > 0 else "-"))
+    data = RandomTokens(case["batch"], case["length"], config.vocab_size, case["seed"])
+    logger = Records()
+    warmup, steps = case["warmup"], case["steps"]
+    with jax.set_mesh(mesh):
+        state = trainer.init_state(case["seed"])
+        start = time.perf_counter()
+        if warmup:
+            state = fit(trainer, state, data, LoopSettings(total_steps=warmup, log_freq=warmup,
+                                                           show_progress=False), logger)
+        result["warmup_s"] = time.perf_counter() - start
+        log_freq = 1 if case.get("per_step") else steps
+        fit(trainer, state, data, LoopSettings(total_steps=warmup + steps, log_freq=log_freq,
+                                               show_progress=False), logger)
+    timed = [logger.records[s] for s in sorted(logger.records) if s > warmup]
+    seconds = sum(r["train/step_time"] for r in timed) * log_freq
+    tokens = case["batch"] * case["length"] * steps
+    mfu = [r.get("train/mfu") for r in timed]
+    result.update(
+        step_ms=seconds / steps * 1e3, tokens_per_s=tokens / seconds,
+        tokens_per_s_per_device=tokens / seconds / jax.device_count(),
+        mfu=float(np.mean(mfu)) if None not in mfu else None,
+        tflops_per_device=float(np.mean([r["train/tflops_per_device"] for r in timed])),
+        losses=[logger.records[s]["train/loss"] for s in sorted(logger.records)],
+        final_loss=timed[-1]["train/loss"])
+    stats = device.memory_stats() or {}
+    result["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
+    result["limit_gib"] = stats.get("bytes_limit", 0) / 2**30 or None
+    if not np.isfinite(result["final_loss"]):
+        result["error"] = "non-finite loss"
+    return result
+
+
+def classify(error_text):
+    if "RESOURCE_EXHAUSTED" in error_text or "out of memory" in error_text.lower():
+        return "OOM"
+    lines = [line for line in error_text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "failed")[:160]
+
+
+def worker_main(payload):
+    case = json.loads(payload)
+    try:
+        result = run_case(case)
+    except Exception as error:  # noqa: BLE001 - reported as the case's outcome
+        result = {"error": classify(f"{type(error).__name__}: {error}")}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+
+def device_memory_fraction(gib):
+    """``XLA_PYTHON_CLIENT_MEM_FRACTION`` that caps JAX at ``gib`` on the first GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout.split()
+        total_gib = float(out[0]) / 1024
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+    return min(gib / total_gib, 0.99)
+
+
+def in_subprocess(case, args):
+    env = dict(os.environ)
+    if args.memory_gib:
+        fraction = device_memory_fraction(args.memory_gib)
+        if fraction:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--worker",
+                               json.dumps(case)], capture_output=True, text=True, env=env,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(case, error=f"timeout after {args.timeout:.0f} s")
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+    if result is None:
+        result = {"error": classify(proc.stderr or f"exit status {proc.returncode}")}
+    result["wall_s"] = time.perf_counter() - start
+    out = dict(case, **result)
+    print(describe(out), flush=True)
+    return out
+
+
+def base_case(args, path, **updates):
+    case = dict(PATHS[path], path=path, model=args.model,
+                mem_layers=[int(i) for i in args.mem_layers.split(",") if i],
+                vocab_size=args.vocab_size, length=args.length, C=4, packing=args.packing,
+                stepping=args.stepping, batch=8, remat="nothing_saveable", steps=args.steps,
+                warmup=args.warmup, lr=args.lr, seed=0)
+    case.update(updates)
+    return case
+
+
+def parse_cases(text, args):
+    cases = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        path, _, settings = item.partition(":")
+        if path not in PATHS:
+            raise SystemExit(f"--cases: unknown path {path!r} in {item!r} (use slow or fast)")
+        updates = {}
+        for pair in filter(None, settings.split(",")):
+            key, _, value = pair.partition("=")
+            if key not in CASE_KEYS:
+                raise SystemExit(f"--cases: unknown key {key!r} in {item!r}; keys: {CASE_KEYS}")
+            updates[key] = (value if key in ("remat", "attention", "cross_batch")
+                            else json.loads(value.lower()) if key in ("scan", "stepping")
+                            else float(value) if key == "lr" else int(value))
+        cases.append(base_case(args, path, **updates))
+    return cases
+
+
+def ok(result):
+    return "error" not in result
+
+
+def best_of(results):
+    good = [r for r in results if ok(r)]
+    return max(good, key=lambda r: r["tokens_per_s"]) if good else None
+
+
+def throughput(args):
+    if args.cases:
+        return [in_subprocess(case, args) for case in parse_cases(args.cases, args)]
+    results, best = [], {}
+    ranges = [int(c) for c in args.C.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    remats = {"slow": args.slow_remat.split(","), "fast": args.fast_remat.split(",")}
+    for path in args.paths.split(","):
+        first = ranges[0]
+        group = []
+        for remat in remats[path]:
+            for batch in batches:
+                result = in_subprocess(base_case(args, path, C=first, batch=batch,
+                                                 remat=remat), args)
+                group.append(result)
+                if not ok(result):
+                    break
+        best[path, first] = best_of(group)
+        results += group
+        for other in ranges[1:]:  # the other ranges at the best setting of the first
+            if best[path, first] is None:
+                continue
+            chosen = best[path, first]
+            result = in_subprocess(base_case(args, path, C=other, batch=chosen["batch"],
+                                             remat=chosen["remat"]), args)
+            best[path, other] = result if ok(result) else None
+            results.append(result)
+    for result in results:
+        result["best"] = any(b is not None and b is result for b in best.values())
+    chosen = best.get(("fast", ranges[0]))
+    if chosen is not None and not args.no_ablations:
+        for change in (dict(scan=False), dict(chunk=0), dict(attention="xla"),
+                       dict(cross_batch="reference")):
+            if ranges[0] == 0 and "cross_batch" in change:
+                continue
+            case = {k: chosen[k] for k in base_case(args, "fast")}
+            case.update(change, ablation=", ".join(f"{k}={v}" for k, v in change.items()))
+            results.append(in_subprocess(case, args))
+    return results
+
+
+def max_length(args):
+    results = []
+    lengths = [int(n) for n in args.lengths.split(",")]
+    for path in args.paths.split(","):
+        for length in lengths:
+            case = base_case(args, path, C=4, batch=args.max_length_batch, length=length,
+                             remat="nothing_saveable", steps=1, warmup=1, part="max_length")
+            result = in_subprocess(case, args)
+            results.append(result)
+            if not ok(result):
+                break
+    return results
+
+
+def check(args):
+    results = []
+    for path in ("slow", "fast"):
+        case = base_case(args, path, C=4, batch=args.check_batch, steps=args.check_steps,
+                         warmup=0, per_step=True, part="check")
+        results.append(in_subprocess(case, args))
+    slow, fast = results
+    verdict = {"part": "check_verdict"}
+    if ok(slow) and ok(fast):
+        a, b = slow["losses"], fast["losses"]
+        rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+        verdict.update(max_rel_diff=rel, first_loss=a[0], last_loss_slow=a[-1],
+                       last_loss_fast=b[-1],
+                       passed=bool(rel <= args.check_rtol and a[-1] < a[0] and b[-1] < b[0]))
+    else:
+        verdict.update(passed=False, error="a path failed to train")
+    results.append(verdict)
+    print(f"CHECK {'PASS' if verdict['passed'] else 'FAIL'}: "
+          + json.dumps({k: v for k, v in verdict.items() if k != "part"}), flush=True)
+    return results
+
+
+def describe(r):
+    setting = (f"{r.get('path')} C={r.get('C')} B={r.get('batch')} L={r.get('length')} "
+               f"remat={r.get('remat')} scan={r.get('scan')} chunk={r.get('chunk')} "
+               f"attn={r.get('attention')} xb={r.get('cross_batch')}")
+    if not ok(r):
+        return f"{setting}: {r['error']}"
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+    return (f"{setting}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
+            f"MFU {mfu}, peak {peak} GiB, loss {r['final_loss']:.3f} "
+            f"[{r.get('attention_resolved')}/{r.get('cross_batch_resolved')}]")
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(results, args):
+    meta = next((r for r in results if ok(r) and "device" in r), {})
+    print(f"\n# bench_train: {meta.get('device', '?')} x{meta.get('devices', '?')}, "
+          f"jax {meta.get('jax', '?')}, {datetime.date.today()}, model {args.model} "
+          f"(memory layers {args.mem_layers}), packing {args.packing}, stepping "
+          f"{args.stepping}, bf16 compute / fp32 master weights, memory cap "
+          f"{args.memory_gib or 'none'} GiB")
+    rows = [r for r in results if r.get("part") is None]
+    if rows:
+        print("\n| path | C | batch | L | remat | scan | chunked CE | attention | cross-batch "
+              "| step ms | tokens/s | MFU | peak GiB | note |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            note = r.get("ablation") and f"ablation: {r['ablation']}" or (
+                "**best**" if r.get("best") else "")
+            if not ok(r):
+                note = r["error"]
+            print(f"| {r['path']} | {r['C']} | {r['batch']} | {r['length']} | {r['remat']} | "
+                  f"{'yes' if r['scan'] else 'no'} | {'yes' if r['chunk'] else 'no'} | "
+                  f"{r.get('attention_resolved', r['attention'])} | "
+                  f"{r.get('cross_batch_resolved', r['cross_batch'])} | "
+                  f"{fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('tokens_per_s'), '.0f')} | "
+                  f"{fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | "
+                  f"{fmt(r.get('peak_gib'), '.1f')} | {note} |")
+    lengths = [r for r in results if r.get("part") == "max_length"]
+    if lengths:
+        print("\n| path | batch | L | trains | step s | peak GiB |")
+        print("|---|---|---|---|---|---|")
+        for r in lengths:
+            print(f"| {r['path']} | {r['batch']} | {r['length']} | "
+                  f"{'yes' if ok(r) else r['error']} | "
+                  f"{fmt(r.get('step_ms') and r['step_ms'] / 1e3, '.2f')} | "
+                  f"{fmt(r.get('peak_gib'), '.1f')} |")
+    checks = [r for r in results if r.get("part") == "check"]
+    if checks:
+        print("\n| step | " + " | ".join(r["path"] for r in checks) + " |")
+        print("|---|" + "---|" * len(checks))
+        for i in range(max(len(r.get("losses", [])) for r in checks)):
+            print(f"| {i + 1} | " + " | ".join(
+                fmt(r["losses"][i] if i < len(r.get("losses", [])) else None, ".4f")
+                for r in checks) + " |")
+        verdict = next(r for r in results if r.get("part") == "check_verdict")
+        print(f"\nloss check: {'PASS' if verdict['passed'] else 'FAIL'} "
+              f"(max relative difference {fmt(verdict.get('max_rel_diff'), '.2e')}, "
+              f"tolerance {args.check_rtol})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    results = []
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown}; choose from {PARTS}")
+    if "throughput" in parts:
+        results += throughput(args)
+    if "max_length" in parts:
+        results += max_length(args)
+    if "check" in parts:
+        results += check(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print_tables(results, args)
+    verdict = next((r for r in results if r.get("part") == "check_verdict"), None)
+    return 0 if verdict is None or verdict["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
