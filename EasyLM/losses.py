@@ -43,21 +43,46 @@ def chunked_token_sums(hidden, head_kernel, targets, loss_masks, chunk_tokens, d
     def split(x):
         return jnp.swapaxes(x.reshape((rows, count, size) + x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
+    def chunk_logits(kernel, h):
+        return jnp.dot(h.astype(dtype), kernel.astype(dtype),
+                       preferred_element_type=jnp.float32)
+
+    # A hand-written VJP: it recomputes the chunk's logits (nothing of size V is saved) and
+    # feeds the matmuls of the backward pass ``dtype`` operands; autodiff would promote them
+    # to the float32 cotangent of the logits and run float32 matmuls.
+    @jax.custom_vjp
     def chunk_sums(kernel, h, t, m):
-        logits = jnp.dot(h.astype(dtype), kernel.astype(dtype),
-                         preferred_element_type=jnp.float32)
+        logits = chunk_logits(kernel, h)
         counted = (m > 0).astype(jnp.float32)
         target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
         correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
         return jnp.sum(losses * counted), jnp.sum(correct * counted)
 
+    def chunk_forward(kernel, h, t, m):
+        return chunk_sums(kernel, h, t, m), (kernel, h, t, m)
+
+    def chunk_backward(saved, cotangents):
+        kernel, h, t, m = saved
+        logits = chunk_logits(kernel, h)
+        scale = (m > 0).astype(jnp.float32) * cotangents[0]
+        probs = jax.nn.softmax(logits, axis=-1)
+        one_hot = jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)
+        d_logits = ((probs - one_hot) * scale[..., None]).astype(dtype)
+        d_h = jnp.einsum("bcv,ev->bce", d_logits, kernel.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(h.dtype)
+        d_kernel = jnp.einsum("bce,bcv->ev", h.astype(dtype), d_logits,
+                              preferred_element_type=jnp.float32).astype(kernel.dtype)
+        return d_kernel, d_h, None, None
+
+    chunk_sums.defvjp(chunk_forward, chunk_backward)
+
     def body(totals, xs):
         loss, correct = chunk_sums(head_kernel, *xs)
         return (totals[0] + loss, totals[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
+    targets = targets.astype(jnp.int32)
     (loss_sum, correct), _ = jax.lax.scan(
         body, (zero, zero), (split(hidden), split(targets), split(loss_masks)))
     counted = jnp.sum((loss_masks > 0).astype(jnp.float32))

@@ -19,14 +19,16 @@ Paths (``--cases`` may override any setting of a case):
   reference cross-batch attention (gathered keys, materialised scores) in memory layers,
   layers unrolled, full ``[B, L, V]`` logits.
 - ``fast``: cuDNN attention in ordinary layers, the fused Pallas kernel in memory layers
-  (``auto`` picks both on a GPU), scan over layers, chunked cross-entropy.
+  (``auto`` picks both on a GPU), chunked cross-entropy, layers unrolled (scan over layers
+  compiles faster but ran slower on the H200: it is one of the ablations).
 
 Parts:
 
 - ``throughput``: for each path and cross-batch range, every remat policy of the path's list
   with batch sizes tried in ascending order until one runs out of memory; the best (highest
   tokens/s) of each group is marked.  Then single-change ablations around the best fast
-  case (scan off, full logits, XLA attention) measure what each optimisation is worth.
+  case (scan on, full logits, XLA attention, reference cross-batch) measure what each
+  optimisation is worth.
 - ``max_length``: the longest sequence (from ``--lengths``) each path trains at
   ``--max-length-batch`` rows with cross-batch range 4 under ``nothing_saveable`` remat.
 - ``check``: both paths train ``--check-steps`` steps from the same initialisation and data;
@@ -43,12 +45,14 @@ import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = {
     "slow": dict(attention="xla", cross_batch="reference", scan=False, chunk=0),
-    "fast": dict(attention="auto", cross_batch="auto", scan=True, chunk=8192),
+    "fast": dict(attention="auto", cross_batch="auto", scan=False, chunk=8192),
 }
 REMAT = {"slow": ("none", "nothing_saveable"),
-         "fast": ("none", "dots_with_no_batch_dims_saveable", "nothing_saveable")}
+         "fast": ("none", "dots_and_attention_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable")}
 CASE_KEYS = ("C", "batch", "length", "remat", "scan", "chunk", "attention", "cross_batch",
              "packing", "stepping", "steps", "warmup", "lr")
 PARTS = ("throughput", "max_length", "check")
@@ -84,6 +88,8 @@ def parse_args(argv=None):
                    help="cap device memory at this many GiB (0: all of it)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case")
     p.add_argument("--json", help="also write all results here")
+    p.add_argument("--profile", help="trace the timed steps of each case into DIR/<n>/ and "
+                   "print the device time per kernel (Perfetto trace)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -168,10 +174,19 @@ def run_case(case):
                                                            show_progress=False), logger)
         result["warmup_s"] = time.perf_counter() - start
         log_freq = 1 if case.get("per_step") else steps
+        if case.get("profile"):
+            os.makedirs(case["profile"], exist_ok=True)
+            jax.profiler.start_trace(case["profile"], create_perfetto_trace=True)
         fit(trainer, state, data, LoopSettings(total_steps=warmup + steps, log_freq=log_freq,
                                                show_progress=False), logger)
-    timed = [logger.records[s] for s in sorted(logger.records) if s > warmup]
-    seconds = sum(r["train/step_time"] for r in timed) * log_freq
+        if case.get("profile"):
+            jax.profiler.stop_trace()
+            result["profile_result"] = device_time_by_kernel(case["profile"], steps)
+    ends = [s for s in sorted(logger.records) if s > warmup]
+    timed = [logger.records[s] for s in ends]
+    # fit logs every log_freq-th step and the last one: windows of unequal length.
+    seconds = sum(r["train/step_time"] * (end - begin)
+                  for r, begin, end in zip(timed, [warmup] + ends, ends))
     tokens = case["batch"] * case["length"] * steps
     mfu = [r.get("train/mfu") for r in timed]
     result.update(
@@ -187,6 +202,54 @@ def run_case(case):
     if not np.isfinite(result["final_loss"]):
         result["error"] = "non-finite loss"
     return result
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "dot")),
+                ("cudnn attention", ("cudnn", "fmha", "flash_fprop", "flash_bprop", "sdpa")),
+                ("pallas cross-batch", ("cross_batch", "_kernel")),
+                ("collective / copy", ("nccl", "memcpy", "memset", "copy")),
+                ("fusion (elementwise, reductions)", ("fusion", "reduce", "convert",
+                                                      "transpose", "scatter", "gather")))
+
+
+def kernel_kind(name):
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(key in low for key in keys):
+            return kind
+    return "other"
+
+
+def device_time_by_kernel(trace_dir, steps, top=25):
+    """Device milliseconds per step by kernel name and by kind, from the Perfetto trace that
+    ``jax.profiler`` wrote under ``trace_dir``."""
+    import collections
+    import glob
+    import gzip
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not paths:
+        return {"error": f"no *.trace.json.gz under {trace_dir}"}
+    with gzip.open(paths[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = {pid for pid, name in names.items() if "/device:GPU" in name or "TPU:" in name}
+    by_name, by_kind, by_thread = (collections.Counter() for _ in range(3))
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device:
+            continue
+        thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+        if "xla ops" in thread.lower() or "module" in thread.lower():
+            continue  # op / module summaries repeat the kernels' time
+        ms = float(e.get("dur", 0)) / 1e3 / steps
+        by_thread[thread] += ms
+        by_name[e["name"][:90]] += ms
+        by_kind[kernel_kind(e["name"])] += ms
+    return {"by_kind": dict(by_kind.most_common()), "by_thread": dict(by_thread.most_common()),
+            "top": by_name.most_common(top)}
 
 
 def classify(error_text):
@@ -221,8 +284,15 @@ def device_memory_fraction(gib):
     return min(gib / total_gib, 0.99)
 
 
+_CASE_COUNTER = [0]
+
+
 def in_subprocess(case, args):
     env = dict(os.environ)
+    if args.profile:
+        _CASE_COUNTER[0] += 1
+        case = dict(case, profile=os.path.abspath(os.path.join(args.profile,
+                                                               str(_CASE_COUNTER[0]))))
     if args.memory_gib:
         fraction = device_memory_fraction(args.memory_gib)
         if fraction:
@@ -231,7 +301,7 @@ def in_subprocess(case, args):
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--worker",
                                json.dumps(case)], capture_output=True, text=True, env=env,
-                              timeout=args.timeout)
+                              timeout=args.timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return dict(case, error=f"timeout after {args.timeout:.0f} s")
     result = None
@@ -243,7 +313,20 @@ def in_subprocess(case, args):
     result["wall_s"] = time.perf_counter() - start
     out = dict(case, **result)
     print(describe(out), flush=True)
+    if isinstance(out.get("profile_result"), dict):
+        print_profile(out["profile_result"])
     return out
+
+
+def print_profile(profile):
+    if "error" in profile:
+        print(f"  profile: {profile['error']}")
+        return
+    print("  device ms per step by kind: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in profile["by_kind"].items()))
+    print("  by stream: " + ", ".join(f"{k} {v:.1f}" for k, v in profile["by_thread"].items()))
+    for name, ms in profile["top"]:
+        print(f"    {ms:8.2f} ms  {name}")
 
 
 def base_case(args, path, **updates):
@@ -314,7 +397,7 @@ def throughput(args):
         result["best"] = any(b is not None and b is result for b in best.values())
     chosen = best.get(("fast", ranges[0]))
     if chosen is not None and not args.no_ablations:
-        for change in (dict(scan=False), dict(chunk=0), dict(attention="xla"),
+        for change in (dict(scan=True), dict(chunk=0), dict(attention="xla"),
                        dict(cross_batch="reference")):
             if ranges[0] == 0 and "cross_batch" in change:
                 continue
@@ -387,8 +470,8 @@ def print_tables(results, args):
     rows = [r for r in results if r.get("part") is None]
     if rows:
         print("\n| path | C | batch | L | remat | scan | chunked CE | attention | cross-batch "
-              "| step ms | tokens/s | MFU | peak GiB | note |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| step ms | tokens/s | MFU | peak GiB | warm-up s | note |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             note = r.get("ablation") and f"ablation: {r['ablation']}" or (
                 "**best**" if r.get("best") else "")
@@ -400,7 +483,8 @@ def print_tables(results, args):
                   f"{r.get('cross_batch_resolved', r['cross_batch'])} | "
                   f"{fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('tokens_per_s'), '.0f')} | "
                   f"{fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | "
-                  f"{fmt(r.get('peak_gib'), '.1f')} | {note} |")
+                  f"{fmt(r.get('peak_gib'), '.1f')} | {fmt(r.get('warmup_s'), '.0f')} | "
+                  f"{note} |")
     lengths = [r for r in results if r.get("part") == "max_length"]
     if lengths:
         print("\n| path | batch | L | trains | step s | peak GiB |")

@@ -17,7 +17,7 @@ from EasyLM.jax_utils import (get_jax_mesh, match_partition_rules, named_shardin
 from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
                                              LLaMAAttention, LLaMAConfig, get_partition_rules,
-                                             with_cross_batch)
+                                             layer_segments, with_cross_batch)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,6 +155,58 @@ def test_blockwise_model_matches_reference_model():
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ga, gb)
 
 
+@pytest.mark.parametrize("remat", ["", "dots_and_attention_saveable", "nothing_saveable"])
+def test_scan_over_layers_matches_unrolled_layers(remat):
+    # Memory layers at the start, middle and end: every kind of segment (a memory layer
+    # alone, runs of ordinary layers of length 1 and > 1).
+    config = tiny_config(num_hidden_layers=6, mem_layers=(0, 3, 5), cross_batch_range=2,
+                         cross_batch_stepping=True, dataset_packing=2, num_key_value_heads=2,
+                         remat_block=remat)
+    assert layer_segments(6, (0, 3, 5)) == [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6)]
+    assert layer_segments(4, ()) == [(0, 4)]
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, 61)
+    variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
+    scanned = config.replace(scan_layers=True)
+    # Initialising with scan_layers gives the same per-layer tree.
+    assert (jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+        FlaxLLaMAForCausalLMModule(scanned).init(jax.random.PRNGKey(1), tokens)))
+
+    def loss(config):
+        def f(params):
+            logits = FlaxLLaMAForCausalLMModule(config).apply(params, tokens).logits
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        return jax.value_and_grad(f)(variables)
+
+    (la, ga), (lb, gb) = loss(config), loss(scanned)
+    np.testing.assert_allclose(lb, la, rtol=1e-6)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                           ga, gb)
+
+
+def test_attention_saving_policy_does_not_rerun_the_kernel_forward():
+    # Under remat the fused kernel's forward is re-run in the backward pass unless the policy
+    # saves its outputs; dots_and_attention_saveable does, with unchanged numbers.
+    config = tiny_config(hidden_size=128, num_attention_heads=2, num_hidden_layers=2,
+                         mem_layers=(1,), cross_batch_range=1, cross_batch_implementation="pallas")
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 128), 0, 61)
+    variables = FlaxLLaMAForCausalLMModule(config.replace(
+        cross_batch_implementation="reference")).init(jax.random.PRNGKey(1), tokens)
+
+    def grad_fn(policy):
+        model = FlaxLLaMAForCausalLMModule(config.replace(remat_block=policy))
+        return jax.grad(lambda p: jnp.mean(model.apply(p, tokens).logits ** 2))
+
+    def kernel_calls(policy):
+        text = str(jax.make_jaxpr(grad_fn(policy))(variables))
+        return text.count("pallas_call")
+
+    assert kernel_calls("dots_with_no_batch_dims_saveable") == 4  # fwd, fwd again, dq, dk/dv
+    assert kernel_calls("dots_and_attention_saveable") == 3
+    a = grad_fn("dots_and_attention_saveable")(variables)
+    b = grad_fn("nothing_saveable")(variables)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
 def sharded_loss_and_grads(config, variables, tokens, mesh_dim):
     model = FlaxLLaMAForCausalLMModule(config)
 
@@ -176,16 +228,17 @@ def sharded_loss_and_grads(config, variables, tokens, mesh_dim):
         return jax.jit(step, out_shardings=(None, shardings))(params, batch)
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_sharded_forward_and_gradients_match_single_device(flip):
+@pytest.mark.parametrize("flip,scan", [(False, False), (True, False), (False, True)])
+def test_sharded_forward_and_gradients_match_single_device(flip, scan):
     assert jax.device_count() == 8
     config = tiny_config(cross_batch_range=2, cross_batch_stepping=True, dataset_packing=2,
                          flip_sharding_in_cross_batch=flip, num_attention_heads=8, vocab_size=64,
-                         num_key_value_heads=4, hidden_size=64)
+                         num_key_value_heads=4, hidden_size=64, scan_layers=scan,
+                         num_hidden_layers=5 if scan else 3)  # scan: layers 2-4 are one scan
     tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 16), 0, 61)
     variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
     loss, grads = sharded_loss_and_grads(config, variables, tokens, None)
-    for mesh_dim in ("2,2,2",) if flip else ("1,-1,1", "2,2,2", "1,2,4"):
+    for mesh_dim in ("2,2,2",) if flip or scan else ("1,-1,1", "2,2,2", "1,2,4"):
         sl, sg = sharded_loss_and_grads(config, variables, tokens, mesh_dim)
         np.testing.assert_allclose(sl, loss, rtol=1e-5, err_msg=mesh_dim)
         jax.tree_util.tree_map(

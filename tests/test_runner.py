@@ -166,6 +166,9 @@ MISCONFIGURATIONS = {
     "unknown model": ({"load_llama_config": "9b_FoT"}, r"load_llama_config"),
     "bad model override": ({"update_llama_config": '{"hidden_sise": 64}'},
                            r"update_llama_config"),
+    "bad remat policy": ({"update_llama_config": '{"remat_block": "dots_only"}'},
+                         r"update_llama_config.*remat_block"),
+    "negative loss chunk": ({"loss_chunk_tokens": -1}, r"loss_chunk_tokens"),
 }
 
 

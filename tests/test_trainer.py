@@ -16,8 +16,8 @@ from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
 from EasyLM.optimizers import get_default_config as optimizer_config
 from EasyLM.tokenizer import get_default_config as tokenizer_config
 from EasyLM.tokenizer import load_tokenizer
-from EasyLM.trainer import (LoopSettings, Trainer, data_split, fit, flops_per_step,
-                            token_sums)
+from EasyLM.losses import token_sums
+from EasyLM.trainer import LoopSettings, Trainer, data_split, fit, flops_per_step
 from FoT.cross_batch import allowed_slots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,3 +181,30 @@ def test_metrics_file_drops_records_after_the_resumed_step(tmp_path):
         records = [json.loads(line) for line in f]
     assert [(r["step"], r["train/loss"]) for r in records] == [
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_step_equals_full_logits_step(tiny_initial, tied):
+    # The trainer's chunked cross-entropy (default) against full logits: same loss, accuracy
+    # and update, for an untied head and for one tied to the input embedding.
+    config = tiny_config(cross_batch_range=1, dataset_packing=2, tie_word_embeddings=tied)
+    batch, _ = next(iter(dataset("doc_aware_k2")))
+    mesh = single_device_mesh()
+    initial = tiny_initial
+    if tied:
+        initial = dict(initial, params={k: v for k, v in initial["params"].items()
+                                        if k != "lm_head"})
+        initial["opt_state"] = jax.device_get(
+            Trainer(mesh, config, OPTIMIZER).tx.init(initial["params"]))
+    results = []
+    for chunk in (0, 40):  # 40 tokens of 8 rows: chunks of 5 positions
+        trainer = Trainer(mesh, config, OPTIMIZER, loss_chunk_tokens=chunk)
+        with jax.set_mesh(mesh):
+            state, metrics = trainer.train_step(jax.device_put(initial),
+                                                trainer.global_batch(batch, 8))
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    (params, metrics), (c_params, c_metrics) = results
+    for key in ("loss", "accuracy", "gradient_norm"):
+        np.testing.assert_allclose(c_metrics[key], metrics[key], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           c_params, params)

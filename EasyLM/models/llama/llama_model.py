@@ -24,9 +24,26 @@ from FoT.cross_batch import cross_batch_core
 # needs whole, and constraining its hidden axis to "mp" also miscompiled on XLA:CPU.
 RESIDUAL_SPEC = PS(BATCH_AXES, None, None)
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# Primitives whose outputs are an attention's result and softmax statistics: the fused
+# kernels' forward (Pallas, cuDNN).  Saving them spares re-running the kernel in the backward.
+ATTENTION_PRIMITIVES = ("pallas_call", "dot_product_attention_fwd")
+
+
+def _dots_and_attention_saveable(prim, *avals, **params):
+    return (prim.name in ATTENTION_PRIMITIVES
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
+# Our policies beside ``jax.checkpoint_policies``.
+EXTRA_REMAT_POLICIES = {"dots_and_attention_saveable": _dots_and_attention_saveable}
 REMAT_POLICIES = ("", "none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "checkpoint_dots", "dots_with_no_batch_dims_saveable",
-                  "checkpoint_dots_with_no_batch_dims")
+                  "checkpoint_dots_with_no_batch_dims") + tuple(EXTRA_REMAT_POLICIES)
+
+
+def remat_policy(name):
+    """The ``jax.checkpoint`` policy called ``name`` (``remat_block``)."""
+    return EXTRA_REMAT_POLICIES.get(name) or getattr(jax.checkpoint_policies, name)
 
 
 @dataclasses.dataclass
@@ -445,8 +462,7 @@ class LLaMABlockCollection(nn.Module):
             return out, None
 
         if self.remat_policy:
-            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies,
-                                                       self.remat_policy))
+            body = jax.checkpoint(body, policy=remat_policy(self.remat_policy))
         for start, stop in layer_segments(cfg.num_hidden_layers, cfg.mem_layers):
             if stop - start == 1:
                 hidden = self.block_class(cfg, start in cfg.mem_layers, self.dtype,
@@ -454,9 +470,18 @@ class LLaMABlockCollection(nn.Module):
                     hidden, position_ids, attention_mask)
                 continue
             stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                             *[params[str(i)] for i in range(start, stop)])
+                                             *[self._for_compute(params[str(i)])
+                                               for i in range(start, stop)])
             hidden, _ = jax.lax.scan(body, hidden, stacked)
         return hidden
+
+
+    def _for_compute(self, layer_params):
+        """Matmul kernels cast to the compute dtype before stacking (the dense layers cast
+        them anyway, so the numbers are unchanged and the stacked copy is smaller); norm
+        scales stay as stored."""
+        return jax.tree_util.tree_map(
+            lambda p: p.astype(self.dtype) if p.ndim == 2 else p, layer_params)
 
 
 def layer_segments(num_layers, mem_layers):
@@ -496,8 +521,7 @@ class FlaxLLaMAModule(nn.Module):
         block, policy = LLaMABlock, None
         if cfg.remat_block not in ("", "none"):
             policy = cfg.remat_block
-            block = nn.remat(LLaMABlock, policy=getattr(jax.checkpoint_policies, policy),
-                             prevent_cse=True)
+            block = nn.remat(LLaMABlock, policy=remat_policy(policy), prevent_cse=True)
         hidden = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, policy,
                                       name="h")(hidden, position_ids, attention_mask)
         return RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(hidden)
