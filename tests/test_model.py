@@ -137,20 +137,21 @@ def test_memory_layer_attention_matches_per_row_loop():
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
+def loss_and_grads(config, variables, tokens):
+    """A log-softmax loss of the model's logits and its gradient for the parameters."""
+    def f(params):
+        logits = FlaxLLaMAForCausalLMModule(config).apply(params, tokens).logits
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    return jax.value_and_grad(f)(variables)
+
+
 def test_blockwise_model_matches_reference_model():
     ref = tiny_config(cross_batch_range=2, cross_batch_stepping=True, dataset_packing=2)
     blk = ref.replace(scan_cross_batch=True, cross_batch_block_size=8,
                       remat_block="nothing_saveable")
     tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, 61)
     variables = FlaxLLaMAForCausalLMModule(ref).init(jax.random.PRNGKey(1), tokens)
-
-    def loss(config):
-        def f(params):
-            logits = FlaxLLaMAForCausalLMModule(config).apply(params, tokens).logits
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-        return jax.value_and_grad(f)(variables)
-
-    (la, ga), (lb, gb) = loss(ref), loss(blk)
+    (la, ga), (lb, gb) = (loss_and_grads(c, variables, tokens) for c in (ref, blk))
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ga, gb)
 
@@ -170,14 +171,7 @@ def test_scan_over_layers_matches_unrolled_layers(remat):
     # Initialising with scan_layers gives the same per-layer tree.
     assert (jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
         FlaxLLaMAForCausalLMModule(scanned).init(jax.random.PRNGKey(1), tokens)))
-
-    def loss(config):
-        def f(params):
-            logits = FlaxLLaMAForCausalLMModule(config).apply(params, tokens).logits
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-        return jax.value_and_grad(f)(variables)
-
-    (la, ga), (lb, gb) = loss(config), loss(scanned)
+    (la, ga), (lb, gb) = (loss_and_grads(c, variables, tokens) for c in (config, scanned))
     np.testing.assert_allclose(lb, la, rtol=1e-6)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                            ga, gb)
