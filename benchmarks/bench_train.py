@@ -20,7 +20,7 @@ Paths (``--cases`` may override any setting of a case):
   layers unrolled, full ``[B, L, V]`` logits.
 - ``fast``: cuDNN attention in ordinary layers, the fused Pallas kernel in memory layers
   (``auto`` picks both on a GPU), chunked cross-entropy, layers unrolled (scan over layers
-  compiles faster but ran slower on the H200: it is one of the ablations).
+  ran 7% slower on the H200; it is one of the ablations).
 
 Parts:
 
