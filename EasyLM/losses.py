@@ -1,22 +1,26 @@
 """Token-level cross-entropy sums for training and evaluation (FOT_SPEC 4).
 
 ``token_sums`` works on full logits.  ``chunked_token_sums`` goes from the final hidden states
-and the output-head kernel straight to the sums, one slice of sequence positions at a time
-under ``jax.checkpoint``: neither pass holds more than one ``[B, chunk, V]`` float32 logits
-slice, instead of the ``[B, L, V]`` logits, their float32 copy and log-softmax.
+and the output-head kernel straight to the sums, one slice of sequence positions at a time,
+with a backward pass that recomputes each slice: neither pass holds more than one
+``[B, chunk, V]`` float32 logits slice, instead of the ``[B, L, V]`` logits, their float32
+copy and log-softmax.
 """
 import jax
 import jax.numpy as jnp
+
+# Default of ``Trainer(loss_chunk_tokens=...)`` and of the run flag of the same name.
+DEFAULT_LOSS_CHUNK_TOKENS = 8192
 
 
 def token_sums(logits, targets, loss_masks):
     """``(sum of cross-entropy, number correct, number counted)`` over tokens with mask > 0."""
     counted = (loss_masks > 0).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (-jnp.sum(target_log_probs * counted), jnp.sum(correct * counted),
-            jnp.sum(counted))
+    return jnp.sum(losses * counted), jnp.sum(correct * counted), jnp.sum(counted)
 
 
 def chunk_length(rows, length, chunk_tokens):
@@ -47,20 +51,16 @@ def chunked_token_sums(hidden, head_kernel, targets, loss_masks, chunk_tokens, d
         return jnp.dot(h.astype(dtype), kernel.astype(dtype),
                        preferred_element_type=jnp.float32)
 
+    def chunk_primal(kernel, h, t, m):
+        return token_sums(chunk_logits(kernel, h), t, m)[:2]
+
     # A hand-written VJP: it recomputes the chunk's logits (nothing of size V is saved) and
     # feeds the matmuls of the backward pass ``dtype`` operands; autodiff would promote them
     # to the float32 cotangent of the logits and run float32 matmuls.
-    @jax.custom_vjp
-    def chunk_sums(kernel, h, t, m):
-        logits = chunk_logits(kernel, h)
-        counted = (m > 0).astype(jnp.float32)
-        target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
-        correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
-        return jnp.sum(losses * counted), jnp.sum(correct * counted)
+    chunk_sums = jax.custom_vjp(chunk_primal)
 
     def chunk_forward(kernel, h, t, m):
-        return chunk_sums(kernel, h, t, m), (kernel, h, t, m)
+        return chunk_primal(kernel, h, t, m), (kernel, h, t, m)
 
     def chunk_backward(saved, cotangents):
         kernel, h, t, m = saved

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
                               with_sharding_constraint)
 from EasyLM.logging_utils import WindowAggregator, with_prefix
-from EasyLM.losses import chunked_token_sums, token_sums
+from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_sums
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
                                              output_head_kernel)
 from EasyLM.optimizers import get_optimizer
@@ -110,7 +110,8 @@ class Trainer:
     own cross-batch settings)."""
 
     def __init__(self, mesh, model_config, optimizer_config, dtype="fp32",
-                 eval_model_config=None, skip_nonfinite=False, loss_chunk_tokens=8192):
+                 eval_model_config=None, skip_nonfinite=False,
+                 loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS):
         """``loss_chunk_tokens > 0``: the loss runs over slices of sequence positions holding
         at most that many tokens of the global batch, never materialising the whole
         ``[B, L, V]`` logits (:func:`EasyLM.losses.chunked_token_sums`); 0 computes full

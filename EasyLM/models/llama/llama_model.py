@@ -76,7 +76,8 @@ class LLaMAConfig:
     attention_implementation: str = "auto"
     remat_block: str = ""
     # Run each run of consecutive ordinary layers as one ``lax.scan`` (parameters stay stored
-    # per layer as h/<i>; they are stacked inside the step).  Same numbers, faster compiles.
+    # per layer as h/<i>; they are stacked inside the step).  Same numbers, fewer layer
+    # bodies to compile; slower per step on the H200 (README, Training throughput).
     scan_layers: bool = False
 
     def __post_init__(self):
@@ -474,7 +475,6 @@ class LLaMABlockCollection(nn.Module):
                                                for i in range(start, stop)])
             hidden, _ = jax.lax.scan(body, hidden, stacked)
         return hidden
-
 
     def _for_compute(self, layer_params):
         """Matmul kernels cast to the compute dtype before stacking (the dense layers cast

@@ -16,6 +16,7 @@ from EasyLM import tokenizer as tokenizer_lib
 from EasyLM.config import ConfigDict, ConfigError
 from EasyLM.data import DatasetFactory
 from EasyLM.jax_utils import float_dtype, get_jax_mesh, parse_mesh_dim
+from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS
 from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
 from EasyLM.trainer import Checkpointing, LoopSettings, Trainer, data_split, fit
 from FoT.data_pipeline import dataset_packing_for
@@ -50,7 +51,7 @@ def get_default_config(updates=None):
         eval_cross_batch_stepping=True,
         flip_sharding_in_cross_batch=False,
         scan_cross_batch=False,
-        loss_chunk_tokens=8192,  # loss over slices of <= N tokens, no full logits; 0 = full
+        loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS,  # loss over slices of <= N tokens, no full logits; 0 = full
         tokenizer=tokenizer_lib.get_default_config(),
         train_dataset=DatasetFactory.get_default_config(),
         eval_dataset=DatasetFactory.get_default_config(),
