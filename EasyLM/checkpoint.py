@@ -155,7 +155,9 @@ def _run_order(name):
 
 
 def list_runs(workdir):
-    """Time-stamped run directories under ``workdir``, oldest first."""
+    """Time-stamped run directories under ``workdir``, oldest first, as absolute paths (orbax
+    refuses relative ones, and a relative ``workdir`` is the default)."""
+    workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
         return []
     names = [n for n in os.listdir(workdir)
@@ -201,7 +203,7 @@ def restore_train_state(step_dir, abstract_state):
     """The train state of a checkpoint, placed as ``abstract_state`` (``ShapeDtypeStruct``s with
     shardings) says; each host reads only its shards."""
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    return checkpointer.restore(os.path.join(step_dir, STATE_ITEM),
+    return checkpointer.restore(os.path.join(os.path.abspath(step_dir), STATE_ITEM),
                                 args=ocp.args.StandardRestore(abstract_state))
 
 

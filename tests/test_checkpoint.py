@@ -114,3 +114,12 @@ def test_resume_picks_the_newest_run_with_a_complete_checkpoint(tmp_path):
     os.makedirs(os.path.join(second, "checkpoints", "step_2", "state"))
     assert checkpoint.find_resumable_run(workdir) == (
         second, os.path.join(second, "checkpoints", "step_2"))
+
+
+def test_a_relative_workdir_gives_absolute_paths(tmp_path, monkeypatch):
+    """Orbax refuses relative paths; the default workdir (./workdir) is relative."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.join("work", "2024-01-01_00-00-00", "checkpoints", "step_3", "state"))
+    run_dir, step_dir = checkpoint.find_resumable_run("work")
+    assert run_dir == str(tmp_path / "work" / "2024-01-01_00-00-00")
+    assert step_dir == os.path.join(run_dir, "checkpoints", "step_3")

@@ -296,3 +296,45 @@ def test_shipped_configs_parse_and_fit_8_devices(path):
     _, train = split_config(build_config(["--config", path]))
     train.update_from({"load_checkpoint": "", "load_dataset_state": ""})
     llama_train.validate(train)
+
+
+# Running the same command again.
+
+def test_the_same_command_again_with_a_relative_workdir_resumes(tmp_path, compilation_cache):
+    """The README's command run twice with a relative workdir: the second finds the run
+    complete and says how to extend it; with total_steps raised it resumes in place."""
+    workdir = os.path.relpath(tmp_path, REPO)
+    assert not os.path.isabs(workdir)
+
+    def run(*extra):
+        result = subprocess.run(runner_command(workdir, "--total_steps=4", *QUIET, *extra),
+                                env=cpu_env(compilation_cache), cwd=REPO, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    run()
+    run_dir = run_dir_of(tmp_path)
+    again = run()
+    assert "nothing to train" in again and "--total_steps=8" in again
+    run("--total_steps=8")
+    assert run_dir_of(tmp_path) == run_dir
+    with open(os.path.join(run_dir, "train.log")) as f:
+        text = f.read()
+    assert "nothing to train" in text and "resuming from" in text
+    assert sorted(records(run_dir)) == list(range(9))
+
+
+def test_an_uncaught_exception_lands_in_train_log(tmp_path, monkeypatch):
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(llama_train, "fit", failing_fit)
+    _, train = split_config(build_config(["--config", SETUP, *SHORT, *QUIET,
+                                          "--workdir", str(tmp_path)]))
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        llama_train.main(train)
+    with open(os.path.join(run_dir_of(tmp_path), "train.log")) as f:
+        text = f.read()
+    assert "Traceback" in text and "RuntimeError: the disk is full" in text

@@ -8,6 +8,7 @@ import ast
 import json
 import logging
 import os
+import sys
 
 import jax
 
@@ -229,6 +230,28 @@ def _setup_logging(log_dir, enabled):
         log.addHandler(handler)
 
 
+def _log_failure():
+    """The exception being handled, with its traceback, into the log files only: Python prints
+    it on the console as it leaves ``main``, and train.log should say how the run ended."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run stopped by an exception",
+                            (), sys.exc_info())
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _already_finished(resume_from, total_steps):
+    """Whether the run to resume reached ``total_steps``; if so, says how to extend it."""
+    step = checkpoint.read_metadata(resume_from)["step"]
+    if step < total_steps:
+        return False
+    log.info("nothing to train: the newest run's last checkpoint %s is at step %d and "
+             "total_steps=%d. To train further, raise total_steps (e.g. --total_steps=%d) and "
+             "run the same command again; --resume=false starts a fresh run.",
+             resume_from, step, total_steps, 2 * step)
+    return True
+
+
 def initial_state(trainer, config, resume_from):
     """``(train state, train data-pipeline state or None)``: resume, load, or initialise."""
     dataset_state = None
@@ -279,31 +302,39 @@ def main(config):
     log_dir = run_dir if jax.process_index() == 0 else os.path.join(
         run_dir, f"worker_{jax.process_index()}")
     _setup_logging(log_dir, writes)
-    flat = config.flatten()
-    if jax.process_index() == 0:
-        checkpoint.write_json(os.path.join(run_dir, "config.json"), flat)
-    log.info("run directory %s (%d processes, %d devices, mesh %s)", run_dir,
-             jax.process_count(), jax.device_count(), dict(mesh.shape))
-    with jax.set_mesh(mesh):
-        state, dataset_state = initial_state(trainer, config, resume_from)
-        if dataset_state is not None:
-            train_data.load_state_dict(dataset_state)
-        start = int(jax.device_get(state["step"]))
-        logger = logging_utils.MetricsLogger(
-            log_dir, config.logging, enabled=writes,
-            resume_step=start if resume_from is not None else None, run_config=flat)
-        checkpointer = checkpoint.TrainCheckpointer(run_dir, config.checkpointer)
-        settings = LoopSettings(
-            total_steps=config.total_steps, log_freq=config.train_log_freq,
-            eval_freq=config.eval_freq, eval_steps=config.eval_steps,
-            save_model_freq=config.save_model_freq,
-            save_milestone_freq=config.save_milestone_freq,
-            peak_flops_per_device=config.peak_flops_per_device or None, show_progress=writes)
-        saving = Checkpointing(checkpointer, llama, lambda: {"config": flat, "run_dir": run_dir})
-        try:
-            fit(trainer, state, train_data, settings, logger, eval_data, saving)
-        finally:
-            checkpointer.close()
-            logger.close()
+    try:
+        if resume_from is not None and _already_finished(resume_from, config.total_steps):
+            return run_dir
+        flat = config.flatten()
+        if jax.process_index() == 0:
+            checkpoint.write_json(os.path.join(run_dir, "config.json"), flat)
+        log.info("run directory %s (%d processes, %d devices, mesh %s)", run_dir,
+                 jax.process_count(), jax.device_count(), dict(mesh.shape))
+        with jax.set_mesh(mesh):
+            state, dataset_state = initial_state(trainer, config, resume_from)
+            if dataset_state is not None:
+                train_data.load_state_dict(dataset_state)
+            start = int(jax.device_get(state["step"]))
+            logger = logging_utils.MetricsLogger(
+                log_dir, config.logging, enabled=writes,
+                resume_step=start if resume_from is not None else None, run_config=flat)
+            checkpointer = checkpoint.TrainCheckpointer(run_dir, config.checkpointer)
+            settings = LoopSettings(
+                total_steps=config.total_steps, log_freq=config.train_log_freq,
+                eval_freq=config.eval_freq, eval_steps=config.eval_steps,
+                save_model_freq=config.save_model_freq,
+                save_milestone_freq=config.save_milestone_freq,
+                peak_flops_per_device=config.peak_flops_per_device or None,
+                show_progress=writes)
+            saving = Checkpointing(checkpointer, llama,
+                                   lambda: {"config": flat, "run_dir": run_dir})
+            try:
+                fit(trainer, state, train_data, settings, logger, eval_data, saving)
+            finally:
+                checkpointer.close()
+                logger.close()
+    except BaseException:
+        _log_failure()
+        raise
     log.info("finished at step %d; outputs in %s", config.total_steps, run_dir)
     return run_dir
