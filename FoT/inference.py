@@ -85,10 +85,11 @@ def _slide(window, new, local_length, evict):
     return jax.lax.dynamic_slice_in_dim(padded, evict, width, axis=1)
 
 
-def _piece_forward(params, state, tokens, num_valid, local_length, memory_length, *, config,
-                   options, memory_layers):
+def _piece_forward(params, state, tokens, num_valid, local_length, memory_length, memory_limit,
+                   *, config, options, memory_layers):
     """Logits ``[B, n, V]`` of one piece (its first ``num_valid`` tokens are real) and the new
-    state.  ``local_length``/``memory_length`` are the valid entries of the buffers."""
+    state.  ``local_length``/``memory_length`` are the valid entries of the buffers; memory
+    layers see only the newest ``memory_limit`` of the memory's entries."""
     dtype = jnp.dtype(options.dtype)
     mem_dtype = jnp.dtype(options.mem_dtype or options.dtype)
     window = options.last_context_length
@@ -134,7 +135,9 @@ def _piece_forward(params, state, tokens, num_valid, local_length, memory_length
                 state["mem_v"][j], gone_v.astype(mem_dtype), memory_length, axis=1)
             keys = jnp.concatenate([mem_k.astype(dtype), keys], axis=1)
             values = jnp.concatenate([mem_v.astype(dtype), values], axis=1)
-            mem_visible = jnp.arange(mem_k.shape[1]) < memory_length + evict
+            stored = jnp.arange(mem_k.shape[1])
+            mem_visible = ((stored < memory_length + evict)
+                           & (stored >= memory_length + evict - memory_limit))
             visible = jnp.concatenate(
                 [jnp.broadcast_to(mem_visible, (length, mem_k.shape[1])), local_visible], axis=1)
         grouping = options.attention_grouping if i in memory_layers else None
@@ -150,10 +153,11 @@ def _piece_forward(params, state, tokens, num_valid, local_length, memory_length
     return hidden @ head.astype(dtype), new_state
 
 
-def _nll(logits, targets):
-    """Per-token negative log-likelihood ``[B, n]`` in float32."""
+def _score(logits, targets):
+    """Per-token negative log-likelihood ``[B, n]`` in float32 and the argmax token."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass
@@ -179,7 +183,8 @@ class WindowedLM:
         self.memory_layers = tuple(sorted(config.mem_layers)) if options.use_memory else ()
         self._forward = jax.jit(functools.partial(
             _piece_forward, config=config, options=options, memory_layers=self.memory_layers))
-        self._nll = jax.jit(_nll)
+        self._score = jax.jit(_score)
+        self.memory_limit = None
 
     @classmethod
     def from_checkpoint(cls, load_checkpoint, last_context_length=None, **options):
@@ -201,6 +206,16 @@ class WindowedLM:
         """The same parameters, with memory layers run as ordinary local layers."""
         return WindowedLM(self.params, self.config,
                           dataclasses.replace(self.options, use_memory=False))
+
+    def with_memory_limit(self, tokens):
+        """The same model (and compiled code), with memory layers seeing only the newest
+        ``tokens`` memory entries, as a memory of that capacity that forgets its oldest
+        entries would (None: all)."""
+        if tokens is not None and tokens < 0:
+            raise ValueError(f"memory limit must be >= 0 tokens, got {tokens}")
+        twin = copy.copy(self)
+        twin.memory_limit = tokens
+        return twin
 
     def new_state(self, batch_size, capacity=0):
         """Empty state; ``capacity`` memory tokens are allocated up front."""
@@ -243,8 +258,9 @@ class WindowedLM:
             if 1 < end - start < self.options.last_context_length:
                 # Partial pieces are padded to a full window: one compilation for all of them.
                 piece = np.pad(piece, ((0, 0), (0, self.options.last_context_length - end + start)))
+            limit = np.iinfo(np.int32).max if self.memory_limit is None else self.memory_limit
             logits, state.buffers = self._forward(self.params, state.buffers, piece, end - start,
-                                                  state.local_length, state.memory_length)
+                                                  state.local_length, state.memory_length, limit)
             pieces.append(logits[:, :end - start])
             state.local_length += end - start - evict
             state.memory_length += evict
@@ -257,16 +273,23 @@ class WindowedLM:
 
     def token_losses(self, tokens):
         """Negative log-likelihood of ``tokens[:, 1:]`` ``[B, N - 1]`` (float32 numpy)."""
+        return self.score(tokens)[0]
+
+    def score(self, tokens):
+        """``(losses, predictions)`` of ``tokens[:, 1:]``, both ``[B, N - 1]``: the
+        negative log-likelihood (float32) and the most likely token (int32) at each position."""
         tokens = np.atleast_2d(np.asarray(tokens, np.int32))
         window = self.options.last_context_length
         state = self.new_state(len(tokens), tokens.shape[1])
-        losses = []
+        losses, predictions = [], []
         for start in range(0, tokens.shape[1] - 1, window):
             chunk = tokens[:, start:start + window]
             targets = tokens[:, start + 1:start + window + 1]
             logits = self.step(state, chunk)[:, :targets.shape[1]]
-            losses.append(np.asarray(self._nll(logits, jnp.asarray(targets))))
-        return np.concatenate(losses, axis=1)
+            loss, prediction = self._score(logits, jnp.asarray(targets))
+            losses.append(np.asarray(loss))
+            predictions.append(np.asarray(prediction))
+        return np.concatenate(losses, axis=1), np.concatenate(predictions, axis=1)
 
     def generate(self, prompt, max_new_tokens, temperature=0.0, top_k=0, seed=0,
                  eos_token_id=None):
@@ -339,12 +362,16 @@ class TorchWindowedLM:
         return FoTCache(self.model.config, use_memory=self.use_memory)
 
     def token_losses(self, tokens):
+        return self.score(tokens)[0]
+
+    def score(self, tokens):
+        """As :meth:`WindowedLM.score`."""
         torch = self.torch
         tokens = torch.as_tensor(np.atleast_2d(tokens), device=self.device)
         # Window-sized chunks through the cache give the same pieces as one call, without
         # materialising the logits of the whole input.
         chunk = self.last_context_length if self.is_fot else tokens.shape[1]
-        cache, losses = self._cache(), []
+        cache, losses, predictions = self._cache(), [], []
         with torch.no_grad():
             for start in range(0, tokens.shape[1] - 1, chunk):
                 targets = tokens[:, start + 1:start + chunk + 1]
@@ -353,7 +380,8 @@ class TorchWindowedLM:
                 logits = out.logits[:, :targets.shape[1]].float()
                 losses.append(torch.nn.functional.cross_entropy(
                     logits.transpose(1, 2), targets.long(), reduction="none").cpu().numpy())
-        return np.concatenate(losses, axis=1)
+                predictions.append(logits.argmax(-1).int().cpu().numpy())
+        return np.concatenate(losses, axis=1), np.concatenate(predictions, axis=1)
 
     def generate(self, prompt, max_new_tokens, eos_token_id=None):
         torch = self.torch
@@ -370,7 +398,8 @@ def load_model(load_checkpoint=None, hf_model=None, last_context_length=None, us
                attention_grouping=None, dtype="fp32", mem_dtype=None):
     """A :class:`WindowedLM` (JAX checkpoint) or :class:`TorchWindowedLM` (HF directory)."""
     if (load_checkpoint is None) == (hf_model is None):
-        raise ValueError("give exactly one of load_checkpoint (params::PATH) and hf_model (DIR)")
+        raise ValueError("give exactly one of load_checkpoint (a toolkit checkpoint directory) "
+                         "and hf_model (an exported directory)")
     if hf_model is not None:
         overrides = {k: v for k, v in dict(last_context_length=last_context_length,
                                            mem_attention_grouping=attention_grouping,
@@ -386,7 +415,9 @@ def add_model_arguments(parser):
     """Command-line flags choosing the model of an evaluation (see :func:`model_from_args`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--load_checkpoint", default=None,
-                       help="toolkit checkpoint params::PATH (JAX); needs --tokenizer")
+                       help="toolkit checkpoint directory (JAX): a run's "
+                            "RUN/checkpoints/step_<N> or a converted model, optionally "
+                            "prefixed params:: or trainstate::; needs --tokenizer")
     group.add_argument("--hf_model", default=None, help="exported Hugging Face directory")
     group.add_argument("--tokenizer", default=None,
                        help="SentencePiece .model, tokenizer.json or HF tokenizer directory "

@@ -1,14 +1,17 @@
 """Next-token loss of long documents as a function of position, with and without FoT memory.
 
-    python -m eval.loss_by_position --load_checkpoint params::PATH --tokenizer tokenizer.model \\
-        --data docs.jsonl [--text_field text] --max_length 32768 --bucket_size 1024 \\
-        --output_dir out/loss
+    python -m eval.loss_by_position --load_checkpoint CHECKPOINT_DIR \\
+        --tokenizer tokenizer.model --data docs.jsonl [--text_field text] --max_length 32768 \\
+        --bucket_size 1024 --output_dir out/loss
     python -m eval.loss_by_position --hf_model EXPORTED_DIR --random_tokens --num_docs 4 ...
 
 Documents (JSONL, one object per line) are tokenized with a leading BOS and cut to
 ``--max_length`` tokens; those shorter than ``--min_length`` are skipped.  The loss of the
 token at position ``p`` (predicted from positions ``< p``) is averaged over documents within
-buckets of ``--bucket_size`` positions.  Writes ``loss_by_position.json`` and
+buckets of ``--bucket_size`` positions, with memory and without.  ``--context_windows
+1,4,16,64`` adds the model reading only the last ``m`` windows (its memory forgetting all but
+the newest ``m - 1``), and the JSON gives the loss and perplexity of every token past the
+first window for each variant.  Writes ``loss_by_position.json`` and
 ``loss_by_position.png``.
 """
 import argparse
@@ -58,15 +61,32 @@ def bucket_means(losses_per_doc, bucket_size):
     return np.arange(num_buckets) * bucket_size, totals / np.maximum(counts, 1), counts
 
 
-def loss_by_position(model, docs, bucket_size, progress=True):
-    """Bucketed mean losses ``{"with memory": ..., "without memory": ...}`` and counts."""
-    curves, counts = {}, None
-    for label, runner in (("with memory", model), ("without memory", model.without_memory())):
+def context_label(windows):
+    return f"reads {windows} window" + ("s" if windows > 1 else "")
+
+
+def loss_by_position(model, docs, bucket_size, context_windows=(), progress=True):
+    """``(bucket starts, {label: mean loss per bucket}, token counts, {label: mean loss of
+    the tokens past the first window})`` for the model with memory, without memory, and for
+    each ``m`` of ``context_windows`` reading ``m`` windows (its memory keeping only the
+    newest ``m - 1``)."""
+    window = model.last_context_length
+    variants = [("with memory", model), ("without memory", model.without_memory())]
+    if context_windows:
+        if not hasattr(model, "with_memory_limit"):
+            raise ValueError("--context_windows needs a toolkit checkpoint (--load_checkpoint): "
+                             "the exported PyTorch model has no memory limit")
+        variants += [(context_label(m), model.with_memory_limit((m - 1) * window))
+                     for m in context_windows]
+    curves, beyond, counts = {}, {}, None
+    for label, runner in variants:
         losses = [runner.token_losses(doc[None])[0]
                   for doc in tqdm(docs, desc=label, disable=not progress)]
-        positions, means, counts = bucket_means(losses, bucket_size)
-        curves[label] = means
-    return positions, curves, counts
+        positions, curves[label], counts = bucket_means(losses, bucket_size)
+        # losses[i][p - 1] is the loss of token p; "past the first window" is p >= window.
+        tail = np.concatenate([l[window - 1:] for l in losses])
+        beyond[label] = float(tail.mean()) if tail.size else float("nan")
+    return positions, curves, counts, beyond
 
 
 def main(argv=None):
@@ -82,6 +102,9 @@ def main(argv=None):
                         help="skip shorter documents (default: keep all)")
     parser.add_argument("--max_docs", "--num_docs", dest="max_docs", type=int, default=100)
     parser.add_argument("--bucket_size", type=int, default=1024)
+    parser.add_argument("--context_windows", default="",
+                        help="comma list of m: also measure the model reading m windows (a "
+                             "memory of m - 1), e.g. 1,4,16,64 (toolkit checkpoints only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
@@ -91,7 +114,9 @@ def main(argv=None):
     else:
         docs = read_documents(args.data, tokenizer, args.text_field, args.max_length,
                               args.min_length, args.max_docs)
-    positions, curves, counts = loss_by_position(model, docs, args.bucket_size)
+    context_windows = [int(m) for m in args.context_windows.split(",") if m]
+    positions, curves, counts, beyond = loss_by_position(model, docs, args.bucket_size,
+                                                         context_windows)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "loss_by_position.json"), "w") as f:
         json.dump(dict(model=args.hf_model or args.load_checkpoint,
@@ -100,12 +125,19 @@ def main(argv=None):
                        bucket_size=args.bucket_size, bucket_starts=positions.tolist(),
                        tokens_per_bucket=counts.tolist(),
                        **{label.replace(" ", "_"): values.tolist()
-                          for label, values in curves.items()}), f, indent=2)
+                          for label, values in curves.items()},
+                       loss_past_first_window=beyond,
+                       perplexity_past_first_window={label: float(np.exp(value))
+                                                     for label, value in beyond.items()}),
+                  f, indent=2)
     loss_curves(os.path.join(args.output_dir, "loss_by_position.png"), positions, curves,
                 f"loss by position ({len(docs)} documents)", model.last_context_length)
     print(f"{'position':>10} {'with memory':>12} {'without':>9} {'tokens':>8}")
     for row in zip(positions, curves["with memory"], curves["without memory"], counts):
         print(f"{row[0]:>10} {row[1]:>12.4f} {row[2]:>9.4f} {row[3]:>8}")
+    print(f"\n{'past the first window':<24} {'loss':>8} {'perplexity':>11}")
+    for label, value in beyond.items():
+        print(f"{label:<24} {value:>8.4f} {np.exp(value):>11.3f}")
     return positions, curves
 
 

@@ -1,4 +1,5 @@
-"""Figures of the evaluations: a passkey accuracy heat map and loss-by-position curves."""
+"""Figures of the evaluations: a passkey accuracy heat map, loss-by-position curves and
+accuracy against memory size."""
 import matplotlib
 
 matplotlib.use("Agg")  # files only; evaluations run on headless machines
@@ -38,6 +39,26 @@ def loss_curves(path, positions, curves, title, window=None):
     ax.set_ylabel("mean next-token loss")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accuracy_curves(path, memory_windows, curves, title, chance=None):
+    """Accuracy (0..1) against memory size in windows (log-2 x axis), one line per ``curves``
+    entry (label -> accuracy per size); a dashed line marks ``chance``."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, values in curves.items():
+        ax.plot(memory_windows, values, marker="o", label=label)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=0.8, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(memory_windows, [str(m) for m in memory_windows])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("memory (windows; all but one hold distractors)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
