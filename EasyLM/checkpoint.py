@@ -11,9 +11,12 @@ Layout of a checkpoint directory ``PATH``::
 
 A run keeps its train checkpoints as ``RUN/checkpoints/step_<N>/`` (see :class:`TrainCheckpointer`).
 
-``load_checkpoint`` strings name what to load: ``params::PATH`` starts from weights (e.g. a
-converted Hugging Face model), ``trainstate::PATH`` resumes everything, and
-``trainstate_params::PATH`` takes only the weights out of a training checkpoint.
+``load_checkpoint`` strings name what to load: ``trainstate::PATH`` the whole train state
+(resume everything), ``params::PATH`` the weights only.  For weights, ``PATH`` may hold either
+layout: a converted model's ``params/`` or a run's train checkpoint (``state/``), so
+``params::RUN/checkpoints/step_<N>`` starts from (or evaluates, or exports) that step's weights.
+A bare ``PATH`` means ``params::PATH``; ``trainstate_params::PATH`` (from the original FoT
+configs) is the same.
 """
 import json
 import os
@@ -39,17 +42,50 @@ _RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(?:_(\d+))?$")
 
 
 def parse_checkpoint_spec(spec, key="load_checkpoint"):
-    """``'params::PATH'`` -> ``('params', abs PATH)``, checking that the checkpoint exists."""
+    """``'params::PATH'`` -> ``('params', abs PATH)``; a bare ``PATH`` is ``params::PATH``.
+    Checks that ``PATH`` holds what the kind needs: a train state for ``trainstate``, weights
+    in either layout otherwise."""
     kind, sep, path = str(spec).partition("::")
-    if not sep or kind not in CHECKPOINT_KINDS:
-        raise ValueError(f"{key}={spec!r}: expected one of "
-                         f"{', '.join(k + '::PATH' for k in CHECKPOINT_KINDS)}")
-    path = os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
-    item = PARAMS_ITEM if kind == "params" else STATE_ITEM
-    if "://" not in path and not os.path.isdir(os.path.join(path, item)):
-        raise FileNotFoundError(f"{key}={spec!r}: no {kind} checkpoint at {path} "
-                                f"(expected a directory {os.path.join(path, item)})")
+    if not sep:
+        kind, path = "params", kind
+    if kind not in CHECKPOINT_KINDS or not path:
+        raise ValueError(f"{key}={spec!r}: expected a checkpoint directory, optionally "
+                         f"prefixed by one of {', '.join(k + '::' for k in CHECKPOINT_KINDS)}")
+    if "://" in path:
+        return kind, path
+    path = os.path.abspath(os.path.expanduser(path))
+    state, params = os.path.join(path, STATE_ITEM), os.path.join(path, PARAMS_ITEM)
+    if kind == "trainstate" and not os.path.isdir(state):
+        hint = (f"; it holds weights only: use params::{path}" if os.path.isdir(params)
+                else _run_dir_hint(path))
+        raise FileNotFoundError(f"{key}={spec!r}: no trainstate checkpoint at {path} "
+                                f"(expected a directory {state}){hint}")
+    if not (os.path.isdir(params) or os.path.isdir(state)):
+        raise FileNotFoundError(f"{key}={spec!r}: no {kind} checkpoint at {path} (expected a "
+                                f"directory {params} or {state}){_run_dir_hint(path)}")
     return kind, path
+
+
+def _run_dir_hint(path):
+    latest = latest_train_checkpoint(path)
+    if latest is None:
+        return ""
+    return f"; {path} is a run directory: name one of its checkpoints, e.g. {latest}"
+
+
+def _weights_item(kind, path):
+    """The orbax item holding the weights: ``params/``, else the train state's ``state/``."""
+    if "://" in path:  # not listable here: the kind says which layout it is
+        return os.path.join(path, PARAMS_ITEM if kind == "params" else STATE_ITEM)
+    params = os.path.join(path, PARAMS_ITEM)
+    return params if os.path.isdir(params) else os.path.join(path, STATE_ITEM)
+
+
+def _stored_params_tree(checkpointer, item):
+    """``{"params": metadata tree}`` of an item, which holds the weights or a train state."""
+    metadata = checkpointer.metadata(item)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+    return {"params": tree["params"]}
 
 
 def save_params(path, variables, llama_config):
@@ -76,18 +112,14 @@ def load_llama_config(path):
 
 
 def load_params(spec, shardings=None, key="load_checkpoint"):
-    """Flax variables ``{"params": ...}`` from a ``params::`` or ``trainstate*::`` spec.
+    """Flax variables ``{"params": ...}`` of any checkpoint spec (the weights of a train state).
 
     With ``shardings`` (a tree of ``NamedSharding`` matching the variables) each host reads
     only its shards; without, arrays come back as host numpy arrays.
     """
-    kind, path = parse_checkpoint_spec(spec, key)
+    item = _weights_item(*parse_checkpoint_spec(spec, key))
     checkpointer = ocp.PyTreeCheckpointer()
-    item = os.path.join(path, PARAMS_ITEM if kind == "params" else STATE_ITEM)
-    metadata = checkpointer.metadata(item)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
-    if kind != "params":
-        tree = {"params": tree["params"]}
+    tree = _stored_params_tree(checkpointer, item)
     restore_args = _restore_args(tree, shardings)
     restored = checkpointer.restore(
         item, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,

@@ -3,9 +3,11 @@
 A 5-digit passkey sentence is hidden at a given depth of repeated filler text; the model must
 generate the digits after "What is the pass key? The pass key is" (greedy decoding).
 
-    python -m eval.passkey --load_checkpoint params::PATH --tokenizer tokenizer.model \\
+    python -m eval.passkey --load_checkpoint CHECKPOINT_DIR --tokenizer tokenizer.model \\
         --lengths 2048,8192,32768 --depths 0,0.25,0.5,0.75,1 --trials 5 --output_dir out/passkey
     python -m eval.passkey --hf_model EXPORTED_DIR --lengths ... [--no_memory]
+
+``CHECKPOINT_DIR`` is a run's ``RUN/checkpoints/step_<N>`` or a converted model.
 
 Prints accuracy per length and writes ``passkey.json`` and ``passkey.png`` (accuracy heat
 map) to ``--output_dir``.

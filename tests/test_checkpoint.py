@@ -1,6 +1,7 @@
 """Train checkpoints: sharded round trip, the layout the converters read, retention, a kill
 during a save, and the choice of the run to resume."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from EasyLM import checkpoint
@@ -123,3 +125,27 @@ def test_a_relative_workdir_gives_absolute_paths(tmp_path, monkeypatch):
     run_dir, step_dir = checkpoint.find_resumable_run("work")
     assert run_dir == str(tmp_path / "work" / "2024-01-01_00-00-00")
     assert step_dir == os.path.join(run_dir, "checkpoints", "step_3")
+
+
+def test_checkpoint_specs_accept_what_runs_and_converters_write(tmp_path):
+    mesh = get_jax_mesh("1,-1,1")
+    config = LLaMAConfig.load_config("debug", vocab_size=16)
+    run = str(tmp_path / "run")
+    saver = checkpoint.TrainCheckpointer(run)
+    step_dir = saver.save(7, small_state(mesh), config, {})
+    saver.close()
+    converted = str(tmp_path / "converted")
+    checkpoint.save_params(converted, {"params": small_state(mesh)["params"]}, config)
+    for spec in (step_dir, f"params::{step_dir}", f"trainstate_params::{step_dir}",
+                 f"trainstate::{step_dir}", converted, f"params::{converted}"):
+        params = checkpoint.load_params(spec)["params"]
+        np.testing.assert_array_equal(params["lm_head"]["kernel"],
+                                      small_state(mesh)["params"]["lm_head"]["kernel"])
+    assert checkpoint.parse_checkpoint_spec(step_dir) == ("params", step_dir)
+    with pytest.raises(FileNotFoundError,
+                       match="weights only: use params::" + re.escape(converted)):
+        checkpoint.parse_checkpoint_spec(f"trainstate::{converted}")
+    with pytest.raises(FileNotFoundError, match="run directory.*" + re.escape(step_dir)):
+        checkpoint.parse_checkpoint_spec(run)
+    with pytest.raises(ValueError, match="prefixed by one of params::"):
+        checkpoint.parse_checkpoint_spec(f"weights::{step_dir}")

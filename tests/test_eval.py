@@ -3,10 +3,15 @@ scoring on planted answers."""
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from eval import loss_by_position, passkey
+from EasyLM import checkpoint
 from EasyLM.models.llama import convert_easylm_to_hf
 from EasyLM.tokenizer import load_tokenizer
 from FoT.inference import encode
@@ -22,6 +27,18 @@ def tiny_model(tmp_path_factory):
     convert_easylm_to_hf.convert(spec, str(root / "hf"), tokenizer_path=TINY_SP,
                                  last_context_length=32)
     return spec, str(root / "hf")
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tiny_model, tmp_path_factory):
+    """The tiny model saved the way a run saves it: ``RUN/checkpoints/step_3/state``."""
+    spec, _ = tiny_model
+    params = checkpoint.load_params(spec)["params"]
+    state = {"step": jnp.int32(3), "params": jax.tree_util.tree_map(jnp.asarray, params)}
+    saver = checkpoint.TrainCheckpointer(str(tmp_path_factory.mktemp("run")))
+    step_dir = saver.save(3, state, checkpoint.load_llama_config(spec.partition("::")[2]), {})
+    saver.close()
+    return step_dir
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +135,30 @@ def test_bucket_means():
     np.testing.assert_array_equal(starts, [0, 4])
     np.testing.assert_array_equal(counts, [5, 2])  # positions 1-3 and 1-2, then 4-5
     np.testing.assert_allclose(means, [(3 * 1 + 2 * 3) / 5, 1.0])
+
+
+def test_readme_commands_read_a_runs_checkpoint(tiny_model, run_checkpoint, tmp_path):
+    """Passkey, loss by position and the export on ``RUN/checkpoints/step_<N>``, bare or with
+    either prefix: the same weights as the checkpoint the run would have saved them from."""
+    spec, _ = tiny_model
+    for prefix in ("", "params::", "trainstate::"):
+        np.testing.assert_array_equal(
+            checkpoint.load_params(prefix + run_checkpoint)["params"]["lm_head"]["kernel"],
+            checkpoint.load_params(spec)["params"]["lm_head"]["kernel"])
+    passkey.main(["--load_checkpoint", run_checkpoint, "--tokenizer", TINY_SP,
+                  "--last_context_length", "32", "--lengths", "200", "--depths", "0.5",
+                  "--trials", "1", "--output_dir", str(tmp_path / "passkey")])
+    assert os.path.exists(tmp_path / "passkey" / "passkey.json")
+    loss_by_position.main(["--load_checkpoint", f"params::{run_checkpoint}", "--tokenizer",
+                           TINY_SP, "--random_tokens", "--num_docs", "1", "--max_length", "40",
+                           "--bucket_size", "16", "--last_context_length", "32",
+                           "--output_dir", str(tmp_path / "loss")])
+    assert os.path.exists(tmp_path / "loss" / "loss_by_position.json")
+    convert_easylm_to_hf.main(["--load_checkpoint", run_checkpoint, "--output_dir",
+                               str(tmp_path / "hf"), "--no_memory"])
+    convert_easylm_to_hf.convert(spec, str(tmp_path / "reference"), no_memory=True)
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    reference = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "reference").state_dict()
+    for name, tensor in reference.items():
+        assert torch.equal(exported[name], tensor), name

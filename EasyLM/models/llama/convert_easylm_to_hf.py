@@ -1,14 +1,15 @@
 """Toolkit checkpoint -> a Hugging Face model directory.
 
-    python -m EasyLM.models.llama.convert_easylm_to_hf --load_checkpoint params::PATH \
+    python -m EasyLM.models.llama.convert_easylm_to_hf --load_checkpoint CHECKPOINT_DIR \
         --output_dir DIR [--dtype fp32|bf16|fp16] [--tokenizer_path TOKENIZER] \
         [--last_context_length W] [--mem_attention_grouping HEADS,QUERIES] [--no_memory]
 
-The model config comes from the checkpoint (``params::`` or ``trainstate::``).  A plain LLaMA
-becomes a ``LlamaForCausalLM``.  A FoT model (non-empty ``mem_layers``) becomes a
-``FoTLlamaForCausalLM`` with memory: the modelling files of :mod:`FoT.hf` are copied beside
-the weights and ``config.json`` maps the Auto classes to them, so
-``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it;
+``CHECKPOINT_DIR`` is a run's ``RUN/checkpoints/step_<N>`` or a converted model (a
+``params::`` or ``trainstate::`` prefix is optional; see :mod:`EasyLM.checkpoint`); the model
+config comes from it.  A plain LLaMA becomes a ``LlamaForCausalLM``.  A FoT model (non-empty
+``mem_layers``) becomes a ``FoTLlamaForCausalLM`` with memory: the modelling files of
+:mod:`FoT.hf` are copied beside the weights and ``config.json`` maps the Auto classes to them,
+so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it;
 ``--no_memory`` writes it as a plain ``LlamaForCausalLM`` instead (same tensors).  Weights are
 written as safetensors shards of at most ``--max_shard_size`` bytes with an index, the
 tokenizer (a SentencePiece ``.model`` file or a Hugging Face tokenizer directory) beside them.
@@ -142,7 +143,8 @@ def _flag(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load_checkpoint", required=True,
-                        help="params::PATH or trainstate::PATH")
+                        help="checkpoint directory: a run's RUN/checkpoints/step_<N> or a "
+                             "converted model (params:: or trainstate:: prefix optional)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--dtype", default="fp32", choices=sorted(TORCH_DTYPES))
     parser.add_argument("--tokenizer_path", default=None,
