@@ -13,6 +13,7 @@ neighbours as the data pipeline laid out); per-token losses are summed and divid
 count of the whole batch, so the update equals the one of a single step over the full batch.
 """
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -24,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
                               with_sharding_constraint)
-from EasyLM.logging_utils import WindowAggregator, with_prefix
+from EasyLM.logging_utils import ConsoleProgress, WindowAggregator, with_prefix
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_sums
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
                                              output_head_kernel)
@@ -254,6 +255,7 @@ class LoopSettings:
     save_model_freq: int = 0
     save_milestone_freq: int = 0
     peak_flops_per_device: Optional[float] = None
+    # A tqdm bar, shown only when stderr is a terminal; the per-step lines are always logged.
     show_progress: bool = True
 
 
@@ -292,9 +294,11 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
     and keeps a resumed run's records identical to an uninterrupted one's. Evaluates at step 0
     of a fresh run and every ``eval_freq`` steps; saves after logging, so a checkpoint at step S
     has every record up to S written.
-    """
-    from tqdm import tqdm
 
+    Each record goes to ``logger.write(step, record)`` and, as one readable line, to the
+    ``EasyLM`` logger (:class:`EasyLM.logging_utils.ConsoleProgress`), which ends with a
+    summary naming the files of ``logger.outputs()`` when the logger has that method.
+    """
     s = settings
     start = int(jax.device_get(state["step"]))
     eval_start = eval_data.get_state_dict() if eval_data is not None else None
@@ -302,53 +306,81 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
     peak = s.peak_flops_per_device or peak_flops_per_device()
     step_flops = flops_per_step(trainer.model_config, train_data.batch_size,
                                 train_data.seq_length)
+    tokens_per_step = train_data.batch_size * train_data.seq_length
     window = WindowAggregator(latest=LATEST_METRICS)
-    progress = tqdm(initial=start, total=s.total_steps, disable=not s.show_progress,
-                    dynamic_ncols=True, desc="train")
-    if evaluating and start == 0:
-        logger.write(0, evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
-    iterator = iter(train_data)
-    window_start, data_wait = time.perf_counter(), 0.0
-    step = start
-    while step < s.total_steps:
-        wait_start = time.perf_counter()
-        local_batch, data_metrics = next(iterator)
-        data_wait += time.perf_counter() - wait_start
-        state, metrics = trainer.train_step(
-            state, trainer.global_batch(local_batch, train_data.batch_size))
-        window.add(metrics)
-        step += 1
-        milestone = s.save_milestone_freq > 0 and step % s.save_milestone_freq == 0
-        saving = checkpointing is not None and (
-            milestone or (s.save_model_freq > 0 and step % s.save_model_freq == 0)
-            or (s.save_model_freq > 0 and step == s.total_steps))
-        evaluating_now = evaluating and step % s.eval_freq == 0
-        logging_now = (step % s.log_freq == 0 or saving or evaluating_now
-                       or step == s.total_steps)
-        record = {}
-        if logging_now:
-            steps_done = len(window)
-            train = window.reduce()
-            elapsed = time.perf_counter() - window_start
-            train.update(_throughput(steps_done, elapsed, data_wait, step_flops, peak,
-                                     train_data.batch_size * train_data.seq_length))
-            record.update(with_prefix(train, "train"))
-            record.update(with_prefix(data_metrics, "train/dataset"))
-            progress.set_postfix(loss=f"{train['loss']:.4f}", refresh=False)
-        if evaluating_now:
-            record.update(evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
-        logger.write(step, record)
-        if saving:
-            checkpointing.checkpointer.save(
-                step, state, checkpointing.llama_config, checkpointing.metadata(),
-                dataset_state=train_data.get_state_dict(), milestone=milestone)
-        if logging_now:  # the next window times training only, not this evaluation or save
-            window_start, data_wait = time.perf_counter(), 0.0
-        progress.update(1)
-    progress.close()
-    if checkpointing is not None:
-        checkpointing.checkpointer.wait()
+    windows = []  # (last step, steps, seconds, data wait) of each logging window
+    last_checkpoint = None
+    with ConsoleProgress(start, s.total_steps, s.show_progress) as console:
+        if evaluating and start == 0:
+            record = evaluate(trainer, state, eval_data, s.eval_steps, eval_start)
+            logger.write(0, record)
+            console.record(0, record)
+        iterator = iter(train_data)
+        window_start, data_wait = time.perf_counter(), 0.0
+        step = start
+        while step < s.total_steps:
+            wait_start = time.perf_counter()
+            local_batch, data_metrics = next(iterator)
+            data_wait += time.perf_counter() - wait_start
+            state, metrics = trainer.train_step(
+                state, trainer.global_batch(local_batch, train_data.batch_size))
+            window.add(metrics)
+            step += 1
+            milestone = s.save_milestone_freq > 0 and step % s.save_milestone_freq == 0
+            saving = checkpointing is not None and (
+                milestone or (s.save_model_freq > 0 and step % s.save_model_freq == 0)
+                or (s.save_model_freq > 0 and step == s.total_steps))
+            evaluating_now = evaluating and step % s.eval_freq == 0
+            logging_now = (step % s.log_freq == 0 or saving or evaluating_now
+                           or step == s.total_steps)
+            record, note = {}, ""
+            if logging_now:
+                steps_done = len(window)
+                train = window.reduce()
+                elapsed = time.perf_counter() - window_start
+                windows.append((step, steps_done, elapsed, data_wait))
+                train.update(_throughput(steps_done, elapsed, data_wait, step_flops, peak,
+                                         tokens_per_step))
+                record.update(with_prefix(train, "train"))
+                record.update(with_prefix(data_metrics, "train/dataset"))
+                if len(windows) == 1:
+                    note = " (timings include compilation)"
+            if evaluating_now:
+                record.update(evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
+            logger.write(step, record)
+            console.record(step, record, note)
+            if saving:
+                last_checkpoint = checkpointing.checkpointer.save(
+                    step, state, checkpointing.llama_config, checkpointing.metadata(),
+                    dataset_state=train_data.get_state_dict(), milestone=milestone)
+            if logging_now:  # the next window times training only, not this evaluation or save
+                window_start, data_wait = time.perf_counter(), 0.0
+            console.advance()
+        if checkpointing is not None:
+            checkpointing.checkpointer.wait()
+        console.summary(step, *_run_throughput(windows, step_flops, peak, tokens_per_step),
+                        outputs=_outputs(logger) + ([last_checkpoint] if last_checkpoint else []))
     return state
+
+
+def _run_throughput(windows, step_flops, peak, tokens_per_step):
+    """``(timing metrics, (first step, last step))`` over the logging windows after the first,
+    which includes compilation (over that one when it is the only one); ``(None, None)``
+    without windows."""
+    timed = windows[1:] or windows
+    if not timed:
+        return None, None
+    steps, elapsed, data_wait = (sum(w[i] for w in timed) for i in (1, 2, 3))
+    first = timed[0][0] - timed[0][1] + 1
+    return (_throughput(steps, elapsed, data_wait, step_flops, peak, tokens_per_step),
+            (first, timed[-1][0]))
+
+
+def _outputs(logger):
+    """Paths of what ``logger`` writes, when it says (``MetricsLogger.outputs``)."""
+    if not hasattr(logger, "outputs"):
+        return []
+    return [os.path.join(logger.log_dir, name) for name in logger.outputs()]
 
 
 def _throughput(steps, elapsed, data_wait, step_flops, peak, tokens_per_step):

@@ -1,7 +1,11 @@
 """Trainer library: masked loss, the same run on 1 and 8 devices, exact gradient accumulation,
-skipped non-finite steps, FLOP accounting."""
+skipped non-finite steps, FLOP accounting, the console (lines, bar, summary)."""
+import io
 import json
+import logging
 import os
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +212,69 @@ def test_chunked_loss_step_equals_full_logits_step(tiny_initial, tied):
         np.testing.assert_allclose(c_metrics[key], metrics[key], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            c_params, params)
+
+
+class TerminalStream(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture(scope="module")
+def console_run():
+    """A function running 4 steps of ``tiny_config()`` (log every 2nd step, evaluate at steps
+    0 and 3) with stderr replaced by ``stream`` and the console handler writing to it; the
+    lines the ``EasyLM`` logger printed and what reached the stream."""
+    mesh = single_device_mesh()
+    trainer = Trainer(mesh, tiny_config(), OPTIMIZER)
+    settings = LoopSettings(total_steps=4, log_freq=2, eval_freq=3, eval_steps=1,
+                            peak_flops_per_device=1e12)
+
+    def run(tmp_path, stream, monkeypatch):
+        monkeypatch.setattr(sys, "stderr", stream)
+        console = logging.getLogger("EasyLM")
+        handler = logging.StreamHandler(stream)  # the CLI's console handler: stderr
+        monkeypatch.setattr(console, "handlers", [handler])
+        level = console.level
+        console.setLevel(logging.INFO)  # setLevel, not the attribute: it clears level caches
+        logger = logging_utils.MetricsLogger(str(tmp_path), logging_utils.get_default_config(
+            {"tensorboard": False, "plot": False}))
+        try:
+            with jax.set_mesh(mesh):
+                fit(trainer, trainer.init_state(0), dataset("doc_aware"), settings, logger,
+                    dataset("doc_aware", path="data/tiny_eval.jsonl"))
+        finally:
+            console.setLevel(level)
+            logger.close()
+        return stream.getvalue()
+    return run
+
+
+def test_console_logs_a_line_per_logged_step_and_a_summary_without_a_bar_when_redirected(
+        console_run, tmp_path, monkeypatch):
+    text = console_run(tmp_path, io.StringIO(), monkeypatch)
+    assert "\r" not in text  # no progress bar in a redirected log
+    lines = text.splitlines()
+    assert lines[0].startswith("step 0/4 | eval loss ")
+    step2, step3, step4 = (next(line for line in lines if line.startswith(f"step {s}/4 |"))
+                           for s in (2, 3, 4))
+    for line in (step2, step3, step4):
+        for part in ("| loss ", "| lr ", "| grad norm ", " tok/s |", "| MFU "):
+            assert part in line, (part, line)
+    assert "eval loss" in step3 and "eval loss" not in step2 + step4
+    assert "compilation" in step2 and "compilation" not in step3
+    summary = "\n".join(lines[lines.index(step4) + 1:])
+    assert "finished steps 1-4 of 4" in summary
+    assert re.search(r"final train loss \d\.\d{4} .* at step 4 \| final eval loss \d\.\d{4} "
+                     r".* at step 3", summary), summary
+    assert re.search(r"throughput [\d,]+ tok/s \| MFU .* \(steps 3-4\)", summary), summary
+    assert f"outputs in {tmp_path}: metrics.jsonl" in summary
+
+
+def test_console_shows_a_bar_on_a_terminal_with_the_lines_above_it(
+        console_run, tmp_path, monkeypatch):
+    text = console_run(tmp_path, TerminalStream(), monkeypatch)
+    assert "train: 100%" in text
+    segments = re.split(r"[\r\n]", text)
+    for step in (0, 2, 3, 4):  # each line is a line of its own, never glued to the bar
+        assert any(segment.startswith(f"step {step}/4 |") for segment in segments), text
+    assert not any("it/s" in segment and "/4 |" in segment for segment in segments), text
