@@ -127,6 +127,20 @@ def load_params(spec, shardings=None, key="load_checkpoint"):
     return {"params": restored["params"]}
 
 
+def stored_param_shapes(spec, key="load_checkpoint"):
+    """``{'transformer/wte/embedding': shape, ...}`` of a checkpoint's weights, read from its
+    metadata: no array is loaded."""
+    item = _weights_item(*parse_checkpoint_spec(spec, key))
+    return param_shapes(_stored_params_tree(ocp.PyTreeCheckpointer(), item)["params"])
+
+
+def param_shapes(tree):
+    """``{'a/b/kernel': shape}`` of a parameter tree of arrays, ``ShapeDtypeStruct``s or orbax
+    array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
 def _restore_args(tree, shardings):
     if shardings is None:
         return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)

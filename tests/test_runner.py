@@ -10,16 +10,18 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from EasyLM.checkpoint import latest_train_checkpoint, load_llama_config, load_params
+from EasyLM.checkpoint import (TrainCheckpointer, latest_train_checkpoint, load_llama_config,
+                               load_params, save_params)
 from EasyLM.config import ConfigError
 from EasyLM.models.llama import convert_easylm_to_hf, llama_train
-from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
 from running_utils.runner_utils import build_config, split_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,3 +340,38 @@ def test_an_uncaught_exception_lands_in_train_log(tmp_path, monkeypatch):
     with open(os.path.join(run_dir_of(tmp_path), "train.log")) as f:
         text = f.read()
     assert "Traceback" in text and "RuntimeError: the disk is full" in text
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_before_the_run_starts(tmp_path):
+    """setup_test (debug_fot) from a converted model of another size: exit 2 naming the config
+    keys and the fields to change, and no run directory."""
+    other = LLaMAConfig.load_config("debug_fot", vocab_size=512, hidden_size=64,
+                                    num_hidden_layers=3)
+    variables = FlaxLLaMAForCausalLMModule(other).init(jax.random.PRNGKey(0),
+                                                       jnp.zeros((1, 8), jnp.int32))
+    save_params(str(tmp_path / "converted"), variables, other)
+    result = subprocess.run(runner_command(tmp_path / "work", "--load_checkpoint",
+                                           f"params::{tmp_path / 'converted'}"),
+                            env=cpu_env(str(tmp_path / "cache")), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr
+    assert "load_llama_config='debug_fot'" in message and "update_llama_config=" in message
+    assert "hidden_size 128 (checkpoint: 64)" in message
+    assert "num_hidden_layers 2 (checkpoint: 3)" in message
+    assert "Traceback" not in message
+    assert not os.path.exists(tmp_path / "work")
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path, monkeypatch):
+    other = LLaMAConfig.load_config("debug_fot", vocab_size=512, hidden_size=64)
+    params = FlaxLLaMAForCausalLMModule(other).init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 8), jnp.int32))["params"]
+    saver = TrainCheckpointer(str(tmp_path / "2024-01-01_00-00-00"))
+    saver.save(4, {"step": jnp.int32(4), "params": params}, other, {})
+    saver.close()
+    monkeypatch.chdir(REPO)
+    _, train = split_config(build_config(["--config", SETUP, "--workdir", str(tmp_path)]))
+    with pytest.raises(ConfigError, match=r"checkpoint to resume.*--resume=false.*"
+                                          r"hidden_size 128 \(checkpoint: 64\)"):
+        llama_train.main(train)

@@ -190,6 +190,44 @@ def build_llama_config(config, tokenizer):
     return llama
 
 
+# The LLaMAConfig fields that decide the parameter shapes.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+
+
+def check_checkpoint_fits(config, llama, expected_params, spec, what):
+    """Refuse a checkpoint whose weights do not fit the model that ``load_llama_config`` and
+    ``update_llama_config`` give, naming the fields that differ, before anything is loaded.
+
+    ``expected_params``: the model's parameter tree (shapes suffice); ``what``: how the
+    message names the checkpoint (e.g. ``"load_checkpoint='params::X'"``)."""
+    expected = checkpoint.param_shapes(expected_params)
+    stored = checkpoint.stored_param_shapes(spec)
+    if stored == expected:
+        return
+    try:
+        theirs = checkpoint.load_llama_config(checkpoint.parse_checkpoint_spec(spec)[1])
+        fields = [f"{name} {getattr(llama, name)} (checkpoint: {getattr(theirs, name)})"
+                  for name in SHAPE_FIELDS if getattr(llama, name) != getattr(theirs, name)]
+    except (FileNotFoundError, ValueError):  # no readable stored config: the shapes say it
+        fields = []
+    differences = []
+    for name in sorted(set(expected) | set(stored)):
+        if name not in stored:
+            differences.append(f"{name} {expected[name]} (not in the checkpoint)")
+        elif name not in expected:
+            differences.append(f"{name} (only in the checkpoint)")
+        elif stored[name] != expected[name]:
+            differences.append(f"{name} {expected[name]} (checkpoint: {stored[name]})")
+    more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+    raise ConfigError(
+        f"{what} does not fit the model of load_llama_config={config.load_llama_config!r} and "
+        f"update_llama_config={config.update_llama_config!r}: "
+        f"{', '.join(fields) or 'its parameters differ'}; parameters: "
+        f"{', '.join(differences[:3])}{more}. Change load_llama_config / update_llama_config "
+        f"to match the checkpoint (load_llama_config='' takes the config stored with it)")
+
+
 def _agree(text):
     """Process 0's ``text`` on every process (run directories are named by its clock)."""
     if jax.process_count() == 1:
@@ -296,8 +334,17 @@ def main(config):
                   if eval_data is not None else None)
     trainer = Trainer(mesh, train_llama, config.optimizer, config.dtype, eval_llama,
                       config.skip_nonfinite_steps, config.loss_chunk_tokens)
+    if config.load_checkpoint:
+        check_checkpoint_fits(config, llama, trainer.state_shapes["params"],
+                              config.load_checkpoint,
+                              f"load_checkpoint={config.load_checkpoint!r}")
 
     run_dir, resume_from = select_run(config)
+    if resume_from is not None:
+        check_checkpoint_fits(config, llama, trainer.state_shapes["params"],
+                              f"trainstate::{resume_from}",
+                              f"the checkpoint to resume, {resume_from} (--resume=false starts "
+                              f"a fresh run),")
     writes = config.log_all_worker or jax.process_index() == 0
     log_dir = run_dir if jax.process_index() == 0 else os.path.join(
         run_dir, f"worker_{jax.process_index()}")
