@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from EasyLM.config import ConfigDict
+from EasyLM.config import ConfigDict, Option
 
 CONFIG_FILE = "llama_config.json"
 PARAMS_ITEM = "params"
@@ -151,11 +151,10 @@ def _restore_args(tree, shardings):
 def get_default_config(updates=None):
     """``checkpointer.*``: how train checkpoints are kept (when is set by ``save_*_freq``)."""
     config = ConfigDict(
-        # Rolling (non-milestone) checkpoints kept; older ones are deleted once a newer one is
-        # complete. 0 keeps every checkpoint.
-        keep_last=2,
-        # Write in a background thread after copying the state to host memory.
-        async_save=True,
+        keep_last=Option(2, "rolling (non-milestone) checkpoints kept; older ones are deleted "
+                         "once a newer one is complete; 0 keeps every checkpoint"),
+        async_save=Option(True, "write in a background thread after copying the state to host "
+                          "memory"),
     )
     return config.copy_and_update(updates)
 

@@ -1,26 +1,47 @@
 """Nested configuration dictionaries with declared defaults and dotted-key updates.
 
 Every component of the toolkit declares its defaults next to its code as
-``get_default_config(updates=None) -> ConfigDict``.  A ``ConfigDict`` is an attribute
-dictionary that refuses unknown keys, so a misspelt config key fails at once with the
-closest valid names instead of being silently ignored.  It has no dependency beyond the
-standard library, so the same code runs on machines without ``ml_collections``.
+``get_default_config(updates=None) -> ConfigDict``, each key with its meaning:
+``seed=Option(42, "parameter initialisation ...")``; the runner's ``--help`` is generated from
+these declarations.  A ``ConfigDict`` is an attribute dictionary that refuses unknown keys, so
+a misspelt config key fails at once with the closest valid names instead of being silently
+ignored.  It has no dependency beyond the standard library, so the same code runs on machines
+without ``ml_collections``.
 """
 import copy
+import dataclasses
 import difflib
 import json
+import operator
 
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot work; the message names the key."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A declared default and what the key means (shown by ``--help``)."""
+    default: object
+    help: str
+
+
 class ConfigDict(dict):
-    """A dict with attribute access whose set of keys is fixed by its defaults."""
+    """A dict with attribute access whose set of keys is fixed by its defaults.
+
+    Values may be declared as :class:`Option`; the dict holds the default and keeps the meaning
+    aside (``describe``).  A ``ConfigDict`` passed positionally brings its meanings along."""
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+        object.__setattr__(self, "_help", {})
+        for source in args:
+            if isinstance(source, ConfigDict):
+                self._help.update(source._help)
         for key, value in dict(*args, **kwargs).items():
+            if isinstance(value, Option):
+                self._help[key] = value.help
+                value = value.default
             dict.__setitem__(self, key, _wrap(value))
 
     def __getattr__(self, name):
@@ -35,7 +56,9 @@ class ConfigDict(dict):
         self[name] = _wrap(value)
 
     def __deepcopy__(self, memo):
-        return ConfigDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+        copied = ConfigDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+        copied._help.update(self._help)
+        return copied
 
     def copy_and_update(self, updates=None, prefix=""):
         config = copy.deepcopy(self)
@@ -73,6 +96,16 @@ class ConfigDict(dict):
             else:
                 flat[f"{prefix}{key}"] = value
         return flat
+
+    def describe(self, prefix=""):
+        """``{'a.b': meaning}`` for every leaf, ``""`` where none was declared."""
+        meanings = {}
+        for key, value in self.items():
+            if isinstance(value, ConfigDict):
+                meanings.update(value.describe(f"{prefix}{key}."))
+            else:
+                meanings[f"{prefix}{key}"] = self._help.get(key, "")
+        return meanings
 
     def to_dict(self):
         return {k: v.to_dict() if isinstance(v, ConfigDict) else v for k, v in self.items()}
@@ -117,3 +150,19 @@ def coerce_like(default, value, key):
         raise ConfigError(f"config key '{key}': cannot use {value!r} where a "
                           f"{type(default).__name__} is expected (default {default!r})") from None
     return value
+
+
+_COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def check_ranges(config, prefix="", **rules):
+    """Raise ``ConfigError`` naming the first key outside its range.
+
+    A rule is a comparison such as ``"> 0"`` or a tuple of them: ``b1=(">= 0", "< 1")``."""
+    for key, rule in rules.items():
+        comparisons = (rule,) if isinstance(rule, str) else rule
+        for comparison in comparisons:
+            op, bound = comparison.split()
+            if not _COMPARISONS[op](config[key], float(bound)):
+                raise ConfigError(f"{prefix}{key}={config[key]!r} must be "
+                                  f"{' and '.join(comparisons)}")

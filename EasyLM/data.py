@@ -34,7 +34,7 @@ import time
 import fsspec
 import numpy as np
 
-from EasyLM.config import ConfigDict, ConfigError
+from EasyLM.config import ConfigDict, ConfigError, Option
 from FoT import data_pipeline
 
 logger = logging.getLogger(__name__)
@@ -56,15 +56,18 @@ class TextProcessor:
     @staticmethod
     def get_default_config(updates=None):
         config = ConfigDict(
-            fields="text",
-            fields_from_example="",  # name of an example field holding that example's fields
-            subfield_separator=" ",
-            add_bos_token=True,
-            add_eos_token=True,
-            prepend_text="",
-            base64_token_dtype="i4",
-            source_field="source_dataset",
-            default_source="other",
+            fields=Option("text", "comma list of text fields, 'a+b' (joined), '{name}' (base64 "
+                          "tokens), '<|bos|>' / '<|eos|>'; '[entry]' has no loss"),
+            fields_from_example=Option("", "name of an example field holding that example's "
+                                       "fields spec (instead of fields)"),
+            subfield_separator=Option(" ", "text between the parts of an 'a+b' field"),
+            add_bos_token=Option(True, "start each document with BOS (no loss)"),
+            add_eos_token=Option(True, "end each document with EOS (with loss)"),
+            prepend_text=Option("", "text put before the first text field"),
+            base64_token_dtype=Option("i4", "numpy dtype of the tokens in '{name}' fields"),
+            source_field=Option("source_dataset", "example field naming its source, for the "
+                                "per-source metrics"),
+            default_source=Option("other", "source name of examples without source_field"),
         )
         return config.copy_and_update(updates)
 
@@ -204,15 +207,20 @@ def tokenized(records, processor, processes, batch_size, chunk_size):
 def _common_config(**specific):
     """Keys every dataset source shares (names as in the original LongLLaMA configs)."""
     return ConfigDict(
-        seq_length=1024,
-        batch_size=8,  # global, over all processes
-        data_pipeline="linear",
-        min_example_length=0,  # 0: keep every document
-        always_start_with_bos=False,  # kept for old configs; only False is supported
-        tokenizer_processes=1,
-        tokenizer_parallel_chunk_size=32,
-        tokenizer_parallel_batch_size=1024,
-        throughput_average_window_size=200,
+        seq_length=Option(1024, "tokens per row"),
+        batch_size=Option(8, "rows per step, global (over all processes)"),
+        data_pipeline=Option("linear", "how documents fill rows: "
+                             f"{data_pipeline.PIPELINE_NAMES_HELP}"),
+        min_example_length=Option(0, "drop documents of fewer tokens; 0 keeps every document"),
+        always_start_with_bos=Option(False, "kept for old configs; only false is supported"),
+        tokenizer_processes=Option(1, "processes tokenizing in parallel; 1 = in the main "
+                                   "process"),
+        tokenizer_parallel_chunk_size=Option(32, "records per task sent to a tokenizer "
+                                             "process"),
+        tokenizer_parallel_batch_size=Option(1024, "records read ahead and tokenized at a time "
+                                             "by the tokenizer processes"),
+        throughput_average_window_size=Option(200, "batches averaged in the "
+                                              "dataset_batch_seconds metric"),
         **specific,
     )
 
@@ -395,10 +403,11 @@ class JsonDataset(_DocumentDataset):
     @staticmethod
     def get_default_config(updates=None):
         config = _common_config(
-            path="",  # file, comma list, glob or directory; local or fsspec URL
-            start_seek_loc=0,  # byte offset to start at in the first file
-            example_index_at_start=0,  # added to the dataset_example_index metric
-            tokens_count_at_start=0,  # added to the dataset_total_tokens metric
+            path=Option("", "JSON-lines file, comma list, glob or directory; local or "
+                        "fsspec URL"),
+            start_seek_loc=Option(0, "byte offset to start at in the first file"),
+            example_index_at_start=Option(0, "added to the dataset_example_index metric"),
+            tokens_count_at_start=Option(0, "added to the dataset_total_tokens metric"),
         )
         return config.copy_and_update(updates)
 
@@ -449,15 +458,17 @@ class HuggingfaceDataset(_DocumentDataset):
     @staticmethod
     def get_default_config(updates=None):
         config = _common_config(
-            path="",  # dataset name, builder ('json', 'parquet') or save_to_disk directory
-            name="",
-            split="train",
-            data_files="",  # comma list, for builders such as 'json'
-            cache_dir="",
-            streaming=False,
-            shuffle=False,
-            seed=42,
-            shuffle_buffer_size=10000,  # streaming shuffle only
+            path=Option("", "dataset name, builder ('json', 'parquet') or save_to_disk "
+                        "directory"),
+            name=Option("", "dataset configuration name"),
+            split=Option("train", "split to read"),
+            data_files=Option("", "comma list, for builders such as 'json'"),
+            cache_dir=Option("", "Hugging Face datasets cache; '' = its default"),
+            streaming=Option(False, "read without downloading the whole dataset first"),
+            shuffle=Option(False, "shuffle each pass with the seed seed + pass"),
+            seed=Option(42, "shuffle seed of the first pass"),
+            shuffle_buffer_size=Option(10000, "examples in the shuffle buffer (streaming "
+                                       "only)"),
         )
         return config.copy_and_update(updates)
 
@@ -514,7 +525,8 @@ class DatasetFactory:
     @staticmethod
     def get_default_config(updates=None):
         config = ConfigDict(
-            type="huggingface",
+            type=Option("huggingface", "data source: 'json' (json_dataset.*) or 'huggingface' "
+                        "(huggingface_dataset.*)"),
             text_processor=TextProcessor.get_default_config(),
             huggingface_dataset=HuggingfaceDataset.get_default_config(),
             json_dataset=JsonDataset.get_default_config(),

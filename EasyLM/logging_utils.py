@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from EasyLM.config import ConfigDict, ConfigError
+from EasyLM.config import ConfigDict, ConfigError, Option
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -32,12 +32,13 @@ log = logging.getLogger("EasyLM")
 
 def get_default_config(updates=None):
     config = ConfigDict(
-        tensorboard=True,
-        plot=True,
-        wandb=False,  # imported only when enabled
-        wandb_project="fot-continued-pretraining",
-        wandb_entity="",
-        wandb_mode="offline",  # "online" uploads; "offline" keeps the run for `wandb sync`
+        tensorboard=Option(True, "write TensorBoard events to RUN/tensorboard/"),
+        plot=Option(True, "plot the loss curve to RUN/loss_curve.png when the run ends"),
+        wandb=Option(False, "log to Weights & Biases (imported only when enabled)"),
+        wandb_project=Option("fot-continued-pretraining", "Weights & Biases project"),
+        wandb_entity=Option("", "Weights & Biases entity; '' = your default"),
+        wandb_mode=Option("offline", "'online' uploads; 'offline' keeps the run for "
+                          "`wandb sync`"),
     )
     return config.copy_and_update(updates)
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from EasyLM.config import ConfigDict, ConfigError
+from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
 from EasyLM.jax_utils import tree_path_name
 
 OPTIMIZER_TYPES = ("adamw", "adafactor")
@@ -30,22 +30,44 @@ SCHEDULES = ("cosine", "linear")
 
 
 def _schedule_defaults():
-    return dict(init_lr=0.0, lr=1e-4, end_lr=1e-5, lr_warmup_steps=0, lr_decay_steps=0,
-                lr_schedule="cosine", weight_decay=0.0,
-                weight_decay_exclusions=r"(attention_norm|ffn_norm|ln_f)/kernel",
-                clip_gradient=1.0)
+    return dict(
+        init_lr=Option(0.0, "learning rate at step 0, raised linearly to lr during warmup"),
+        lr=Option(1e-4, "peak learning rate, reached after lr_warmup_steps"),
+        end_lr=Option(1e-5, "learning rate at lr_decay_steps and after"),
+        lr_warmup_steps=Option(0, "steps of linear warmup from init_lr to lr"),
+        lr_decay_steps=Option(0, "step (counted from 0, warmup included) where the decay to "
+                              "end_lr ends; 0 keeps lr after warmup"),
+        lr_schedule=Option("cosine", "decay shape: cosine or linear"),
+        weight_decay=Option(0.0, "decoupled weight decay per step, times the learning rate"),
+        weight_decay_exclusions=Option(r"(attention_norm|ffn_norm|ln_f)/kernel",
+                                       "comma-separated regexes of parameter paths without "
+                                       "weight decay (default: the RMSNorm scales)"),
+        clip_gradient=Option(1.0, "clip the global gradient norm to this; 0 = no clipping"),
+    )
 
 
 def get_default_config(updates=None):
     config = ConfigDict(
-        type="adamw",
-        # Micro-batches per optimizer update; each is batch_size / this many rows.
-        accumulate_gradient_steps=1,
-        adamw_optimizer=dict(_schedule_defaults(), b1=0.9, b2=0.95, eps=1e-8,
-                             bf16_momentum=False),
-        adafactor_optimizer=dict(_schedule_defaults(), decay_rate=0.8, momentum=0.0,
-                                 multiply_by_parameter_scale=False, clipping_threshold=1.0,
-                                 min_dim_size_to_factor=128),
+        type=Option("adamw", "adamw or adafactor; only that optimizer's group is used"),
+        accumulate_gradient_steps=Option(1, "micro-batches per optimizer update; each is "
+                                         "batch_size / this many rows (less memory, same "
+                                         "update)"),
+        adamw_optimizer=dict(
+            _schedule_defaults(),
+            b1=Option(0.9, "Adam decay of the first moment"),
+            b2=Option(0.95, "Adam decay of the second moment"),
+            eps=Option(1e-8, "Adam epsilon added to the root of the second moment"),
+            bf16_momentum=Option(False, "keep the first moment in bfloat16 (less memory)")),
+        adafactor_optimizer=dict(
+            _schedule_defaults(),
+            decay_rate=Option(0.8, "second-moment decay exponent: its decay is 1 - step^-this"),
+            momentum=Option(0.0, "first-moment decay; 0 keeps no first moment"),
+            multiply_by_parameter_scale=Option(False, "scale updates by the parameters' root "
+                                               "mean square"),
+            clipping_threshold=Option(1.0, "clip each update's root mean square to this; 0 = "
+                                      "off"),
+            min_dim_size_to_factor=Option(128, "factor the second moment only of parameters "
+                                          "whose two largest dimensions are at least this")),
     )
     return config.copy_and_update(updates)
 
@@ -54,15 +76,19 @@ def validate(config, prefix="optimizer."):
     """Raise ``ConfigError`` naming the key for settings that cannot work."""
     if config.type not in OPTIMIZER_TYPES:
         raise ConfigError(f"{prefix}type={config.type!r}: choose one of {OPTIMIZER_TYPES}")
-    if config.accumulate_gradient_steps < 1:
-        raise ConfigError(f"{prefix}accumulate_gradient_steps must be >= 1, got "
-                          f"{config.accumulate_gradient_steps}")
+    check_ranges(config, prefix, accumulate_gradient_steps=">= 1")
     sub = f"{prefix}{config.type}_optimizer."
     opt = config[f"{config.type}_optimizer"]
     if opt.lr_schedule not in SCHEDULES:
         raise ConfigError(f"{sub}lr_schedule={opt.lr_schedule!r}: choose one of {SCHEDULES}")
-    if opt.lr_warmup_steps < 0 or opt.lr_decay_steps < 0:
-        raise ConfigError(f"{sub}lr_warmup_steps and {sub}lr_decay_steps must be >= 0")
+    # A negative rate anywhere in the schedule is gradient ascent.
+    check_ranges(opt, sub, init_lr=">= 0", lr="> 0", end_lr=">= 0", lr_warmup_steps=">= 0",
+                 lr_decay_steps=">= 0", weight_decay=">= 0", clip_gradient=">= 0")
+    if config.type == "adamw":
+        check_ranges(opt, sub, b1=(">= 0", "< 1"), b2=(">= 0", "< 1"), eps=">= 0")
+    else:
+        check_ranges(opt, sub, decay_rate=">= 0", momentum=(">= 0", "< 1"),
+                     clipping_threshold=">= 0", min_dim_size_to_factor=">= 0")
     if 0 < opt.lr_decay_steps <= opt.lr_warmup_steps:
         raise ConfigError(f"{sub}lr_decay_steps={opt.lr_decay_steps} must exceed "
                           f"{sub}lr_warmup_steps={opt.lr_warmup_steps} (it counts from step 0, "

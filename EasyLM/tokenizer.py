@@ -17,14 +17,16 @@ import os
 
 import fsspec
 
-from EasyLM.config import ConfigDict, ConfigError
+from EasyLM.config import ConfigDict, ConfigError, Option
 
 
 def get_default_config(updates=None):
     config = ConfigDict(
-        vocab_file="",  # SentencePiece .model, HF tokenizer directory or tokenizer.json
-        add_bos_token=False,
-        add_eos_token=False,
+        vocab_file=Option("", "SentencePiece .model, HF tokenizer directory or tokenizer.json"),
+        add_bos_token=Option(False, "encode() adds BOS; keep false for training (the text "
+                             "processor adds it)"),
+        add_eos_token=Option(False, "encode() adds EOS; keep false for training (the text "
+                             "processor adds it)"),
     )
     return config.copy_and_update(updates)
 

@@ -82,6 +82,18 @@ def test_adafactor_minimises_a_quadratic():
      "optimizer.adamw_optimizer.lr_decay_steps"),
     ({"adamw_optimizer.lr_schedule": "step"}, "optimizer.adamw_optimizer.lr_schedule"),
     ({"accumulate_gradient_steps": 0}, "optimizer.accumulate_gradient_steps"),
+    ({"adamw_optimizer.lr": -1e-3}, "optimizer.adamw_optimizer.lr"),
+    ({"adamw_optimizer.lr": 0.0}, "optimizer.adamw_optimizer.lr"),
+    ({"adamw_optimizer.init_lr": -1e-5}, "optimizer.adamw_optimizer.init_lr"),
+    ({"adamw_optimizer.lr_decay_steps": -1}, "optimizer.adamw_optimizer.lr_decay_steps"),
+    ({"adamw_optimizer.b1": 1.0}, "optimizer.adamw_optimizer.b1"),
+    ({"adamw_optimizer.b2": -0.5}, "optimizer.adamw_optimizer.b2"),
+    ({"adamw_optimizer.eps": -1e-8}, "optimizer.adamw_optimizer.eps"),
+    ({"type": "adafactor", "adafactor_optimizer.lr": -0.01}, "optimizer.adafactor_optimizer.lr"),
+    ({"type": "adafactor", "adafactor_optimizer.momentum": 1.0},
+     "optimizer.adafactor_optimizer.momentum"),
+    ({"type": "adafactor", "adafactor_optimizer.clipping_threshold": -1.0},
+     "optimizer.adafactor_optimizer.clipping_threshold"),
 ])
 def test_invalid_settings_name_the_key(updates, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

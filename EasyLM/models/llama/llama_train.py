@@ -14,7 +14,7 @@ import jax
 
 from EasyLM import checkpoint, logging_utils, optimizers
 from EasyLM import tokenizer as tokenizer_lib
-from EasyLM.config import ConfigDict, ConfigError
+from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
 from EasyLM.data import DatasetFactory
 from EasyLM.jax_utils import float_dtype, get_jax_mesh, parse_mesh_dim
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS
@@ -28,31 +28,53 @@ log.propagate = False  # our own handlers; a root handler would print each line 
 
 def get_default_config(updates=None):
     config = ConfigDict(
-        seed=42,
-        mesh_dim="1,-1,1",  # dp,fsdp,mp sizes; one may be -1
-        dtype="fp32",  # compute dtype (fp32, bf16, fp16); parameters stay float32
-        total_steps=10000,
-        load_llama_config="",  # '7b_FoT', 'json::PATH' or 'hf::PATH'; '' = the checkpoint's
-        update_llama_config="",  # JSON (or Python dict literal) of LLaMAConfig overrides
-        load_checkpoint="",  # params::PATH, trainstate::PATH or trainstate_params::PATH
-        load_dataset_state="",  # JSON data-pipeline state; '{process_index}' is substituted
-        train_log_freq=50,
-        eval_freq=100,
-        eval_steps=0,  # eval batches per evaluation; 0 disables evaluation
-        save_model_freq=0,  # rolling checkpoints (checkpointer.keep_last kept)
-        save_milestone_freq=0,  # checkpoints kept forever
-        workdir="./workdir",  # each run gets workdir/<timestamp>/
-        resume=True,  # continue the newest run under workdir from its last checkpoint
-        log_all_worker=False,
-        skip_nonfinite_steps=False,  # drop updates whose loss or gradient norm is not finite
-        peak_flops_per_device=0.0,  # for MFU; 0 = look the device up in trainer's table
-        train_cross_batch_range=1,
-        train_cross_batch_stepping=True,
-        eval_cross_batch_range=0,
-        eval_cross_batch_stepping=True,
-        flip_sharding_in_cross_batch=False,
-        scan_cross_batch=False,
-        loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS,  # loss over slices of <= N tokens, no full logits; 0 = full
+        seed=Option(42, "parameter initialisation when no checkpoint is loaded"),
+        mesh_dim=Option("1,-1,1", "device mesh sizes dp,fsdp,mp (one may be -1); rows are split "
+                        "over dp x fsdp, parameters over fsdp and mp"),
+        dtype=Option("fp32", "compute dtype (fp32, bf16, fp16); parameters and optimizer state "
+                     "stay float32"),
+        total_steps=Option(10000, "optimizer updates of the whole run"),
+        load_llama_config=Option("", "model: a standard name ('debug_fot', '3b_FoT', '7b_FoT', "
+                                 "...), 'json::PATH' or 'hf::PATH'; '' = the config stored with "
+                                 "load_checkpoint"),
+        update_llama_config=Option("", "JSON object (or Python dict literal) of LLaMAConfig "
+                                   "overrides, e.g. '{\"remat_block\": \"nothing_saveable\"}'"),
+        load_checkpoint=Option("", "params::PATH (weights only), trainstate::PATH (weights, "
+                               "optimizer state, step, data position) or "
+                               "trainstate_params::PATH (the weights of a train checkpoint)"),
+        load_dataset_state=Option("", "JSON data-pipeline state to start from; "
+                                  "'{process_index}' is replaced per process"),
+        train_log_freq=Option(50, "log every N steps (also at every evaluation, checkpoint and "
+                              "the last step)"),
+        eval_freq=Option(100, "evaluate every N steps and at step 0; 0 never evaluates"),
+        eval_steps=Option(0, "eval batches per evaluation; 0 disables evaluation"),
+        save_model_freq=Option(0, "rolling checkpoint every N steps and at the end "
+                               "(checkpointer.keep_last kept); 0 = none"),
+        save_milestone_freq=Option(0, "checkpoint every N steps, never deleted; 0 = none"),
+        workdir=Option("./workdir", "each run gets workdir/<timestamp>/"),
+        resume=Option(True, "continue the newest run under workdir from its last complete "
+                      "checkpoint; false starts a fresh run"),
+        log_all_worker=Option(False, "every process logs (to RUN/worker_<i>/), not only "
+                              "process 0"),
+        skip_nonfinite_steps=Option(False, "drop updates whose loss or gradient norm is not "
+                                    "finite (counted as train/skipped_steps)"),
+        peak_flops_per_device=Option(0.0, "peak FLOP/s of one device, for MFU; 0 = look the "
+                                     "device up in the trainer's table"),
+        train_cross_batch_range=Option(1, "FoT cross-batch range C of the train model: memory "
+                                       "layers also attend to the C previous rows of the "
+                                       "batch; 0 = local context only"),
+        train_cross_batch_stepping=Option(True, "with doc_aware_kN data, a document's later rows "
+                                          "see more of the C slots than its first (as in "
+                                          "FoT); false: every row sees all C"),
+        eval_cross_batch_range=Option(0, "cross-batch range C of the eval model"),
+        eval_cross_batch_stepping=Option(True, "cross-batch stepping of the eval model"),
+        flip_sharding_in_cross_batch=Option(False, "shard heads instead of rows inside "
+                                            "cross-batch attention"),
+        scan_cross_batch=Option(False, "blockwise cross-batch attention (bounded score memory) "
+                                "instead of the default kernel"),
+        loss_chunk_tokens=Option(DEFAULT_LOSS_CHUNK_TOKENS, "the loss runs over slices of at "
+                                 "most this many tokens of the global batch, without full "
+                                 "logits; 0 = full logits (faster, more memory)"),
         tokenizer=tokenizer_lib.get_default_config(),
         train_dataset=DatasetFactory.get_default_config(),
         eval_dataset=DatasetFactory.get_default_config(),
@@ -93,8 +115,12 @@ def _dataset_source(config, name):
     return dataset[f"{dataset.type}_dataset"], f"{name}.{dataset.type}_dataset"
 
 
-def _check_batch(config, name, shards, mesh_key, micro_batches=1):
+def _check_dataset(config, name, shards, mesh_key, micro_batches=1):
     source, prefix = _dataset_source(config, name)
+    check_ranges(source, f"{prefix}.", seq_length=">= 1", batch_size=">= 1",
+                 min_example_length=">= 0", tokenizer_processes=">= 1",
+                 tokenizer_parallel_chunk_size=">= 1", tokenizer_parallel_batch_size=">= 1",
+                 throughput_average_window_size=">= 1")
     try:
         packing = dataset_packing_for(source.data_pipeline)
     except ValueError as error:
@@ -127,19 +153,18 @@ def validate(config):
     except ValueError as error:
         raise ConfigError(f"dtype: {error}") from None
     optimizers.validate(config.optimizer)
-    for key in ("total_steps", "eval_freq", "eval_steps", "save_model_freq",
-                "save_milestone_freq", "train_cross_batch_range", "eval_cross_batch_range",
-                "loss_chunk_tokens"):
-        if config[key] < 0:
-            raise ConfigError(f"{key}={config[key]} must be >= 0")
-    if config.train_log_freq < 1:
-        raise ConfigError(f"train_log_freq={config.train_log_freq} must be >= 1")
+    # A run of 0 steps would "finish" at once and look like success.
+    check_ranges(config, total_steps=">= 1", train_log_freq=">= 1", eval_freq=">= 0",
+                 eval_steps=">= 0", save_model_freq=">= 0", save_milestone_freq=">= 0",
+                 train_cross_batch_range=">= 0", eval_cross_batch_range=">= 0",
+                 loss_chunk_tokens=">= 0", peak_flops_per_device=">= 0")
+    check_ranges(config.checkpointer, "checkpointer.", keep_last=">= 0")
     shards = dims[0] * dims[1]
     mesh_key = f"mesh_dim={config.mesh_dim!r}"
-    _check_batch(config, "train_dataset", shards, mesh_key,
-                 config.optimizer.accumulate_gradient_steps)
+    _check_dataset(config, "train_dataset", shards, mesh_key,
+                   config.optimizer.accumulate_gradient_steps)
     if config.eval_steps > 0:
-        _check_batch(config, "eval_dataset", shards, mesh_key)
+        _check_dataset(config, "eval_dataset", shards, mesh_key)
     if config.load_checkpoint:
         try:
             checkpoint.parse_checkpoint_spec(config.load_checkpoint)
