@@ -6,7 +6,8 @@ a dataset the trainer iterates for ``(batch, metrics)`` (this process's rows, se
 
     records (raw JSON lines or HF examples, each with the position just after it)
       -> TextProcessor, in-process or in a spawn pool (``tokenizer_processes``), in order
-      -> skip bad records (counted, warned once), drop short ones (``min_example_length``)
+      -> skip bad records (counted; one warning per reason), drop short ones
+         (``min_example_length``)
       -> the configured pipeline (``linear`` / ``doc_aware`` / ``doc_aware_kN``)
 
 Both sources loop over their data forever, counting passes.  Resume is exact: the saved state
@@ -73,6 +74,7 @@ class TextProcessor:
 
     def __init__(self, config, tokenizer, name="text_processor"):
         self.config = self.get_default_config(config)
+        self.name = name  # the config prefix named in error messages
         if not self.config.fields and not self.config.fields_from_example:
             raise ConfigError(f"set {name}.fields (e.g. 'text') or {name}.fields_from_example")
         self.tokenizer = tokenizer
@@ -137,20 +139,59 @@ class TextProcessor:
                 np.concatenate(masks).astype(np.float32), source)
 
 
+def parse_record(payload):
+    """The example of a raw JSON line (or an example dict itself); DocumentError if none."""
+    try:
+        example = json.loads(payload.decode("utf-8")) if isinstance(payload, bytes) else payload
+    except UnicodeDecodeError:
+        raise DocumentError("not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise DocumentError(f"malformed JSON ({error.msg})") from None
+    if not isinstance(example, dict):
+        raise DocumentError("not a JSON object")
+    return example
+
+
 def process_record(processor, payload):
     """``(tokens, loss_mask, source)`` for a raw JSON line or an example dict, or a string
     saying why it must be skipped."""
     try:
-        example = json.loads(payload.decode("utf-8")) if isinstance(payload, bytes) else payload
-        if not isinstance(example, dict):
-            return "not a JSON object"
-        return processor(example)
-    except UnicodeDecodeError:
-        return "not valid UTF-8"
-    except json.JSONDecodeError as error:
-        return f"malformed JSON ({error.msg})"
+        return processor(parse_record(payload))
     except DocumentError as error:
         return str(error)
+
+
+class SkipReport:
+    """Skipped lines aggregated per reason: one warning per reason with its count and the
+    first few locations, instead of one warning per line."""
+
+    LOCATIONS = 3
+    # Also report after this many lines, so a long first pass is reported as it goes.
+    REPORT_LINES = 100_000
+
+    def __init__(self, name):
+        self.name = name
+        self.lines = 0  # read since the last report
+        self._reasons = {}  # reason -> [count, first locations]
+
+    def read(self, where, reason=None):
+        """One line read, skipped for ``reason`` unless it is None."""
+        self.lines += 1
+        if reason is not None:
+            entry = self._reasons.setdefault(reason, [0, []])
+            entry[0] += 1
+            if len(entry[1]) < self.LOCATIONS:
+                entry[1].append(where)
+        if self.lines >= self.REPORT_LINES:
+            self.warn()
+
+    def warn(self):
+        """One warning per reason seen since the last report."""
+        for reason, (count, locations) in self._reasons.items():
+            more = ", ..." if count > len(locations) else ""
+            logger.warning("%s: %d of %d lines skipped, %s: %s%s", self.name, count, self.lines,
+                           reason, ", ".join(locations), more)
+        self.lines, self._reasons = 0, {}
 
 
 _worker_processor = None
@@ -230,7 +271,10 @@ class _DocumentDataset:
 
     Subclasses provide ``_initial_position()`` and ``_records(position)``: an endless
     generator of ``(position_after_record, where, payload)``, ``position`` a small dict with
-    at least ``pass``."""
+    at least ``pass``; and call ``_check_fields()`` once they can read."""
+
+    # Records read at start-up to check that the configured fields exist.
+    PEEK_RECORDS = 100
 
     def __init__(self, config, tokenizer, text_processor, process_index, process_count, name):
         self.config = config
@@ -242,6 +286,10 @@ class _DocumentDataset:
         self._validate()
         self._position = None
         self._counters = {"skipped_lines": 0, "filtered_examples": 0}
+        # First-pass lines beyond the furthest position read are reported; lines read again
+        # (each evaluation restarts its data) are not.
+        self._skips = SkipReport(name)
+        self._furthest = None
         self._pipeline_state = None
         self._pipeline = None
         self._documents = None
@@ -268,6 +316,37 @@ class _DocumentDataset:
         if config.tokenizer_processes < 1:
             raise ConfigError(f"{name}.tokenizer_processes must be >= 1")
 
+    def _first_records(self):
+        return self._records(self._initial_position())
+
+    def _check_fields(self):
+        """Fail at start-up, not after a whole pass of skipped lines, when the first records
+        are JSON objects but none has what the text processor's fields name."""
+        processor = self._text_processor
+        fields, errors, peeked = set(), [], 0
+        records = self._first_records()
+        try:
+            for _, where, payload in itertools.islice(records, self.PEEK_RECORDS):
+                peeked += 1
+                try:
+                    example = parse_record(payload)
+                except DocumentError:
+                    continue  # a broken line says nothing about the fields
+                try:
+                    processor(example)
+                    return
+                except DocumentError as error:
+                    errors.append(f"{where}: {error}")
+                    fields.update(example)
+        finally:
+            records.close()
+        if errors:
+            key = "fields_from_example" if processor.config.fields_from_example else "fields"
+            raise ConfigError(
+                f"{processor.name}.{key}={processor.config[key]!r} does not fit the data of "
+                f"{self.prefix}: none of its first {peeked} records gives a document (first: "
+                f"{errors[0]}); the records have the fields {', '.join(sorted(fields))}")
+
     def _documents_from(self, position):
         """Documents for the pipeline; keeps ``self._position`` just after the last one drawn."""
         records = tokenized(self._records(position), self._text_processor,
@@ -278,16 +357,21 @@ class _DocumentDataset:
         try:
             for position, where, outcome in records:
                 if position["pass"] != last_pass:
+                    self._skips.warn()  # the first pass is over: report all it skipped
                     empty_passes, last_pass = empty_passes + 1, position["pass"]
                     if empty_passes > 1:
                         raise ValueError(f"{self.prefix}: a whole pass over the data gave no usable "
                                          "document (see the warnings above)")
                 self._position = position
-                if isinstance(outcome, str):
-                    self._counters["skipped_lines"] += 1
-                    if position["pass"] == 0:
-                        logger.warning("%s: skipped, %s", where, outcome)
-                elif len(outcome[0]) < self.config.min_example_length:
+                skipped = isinstance(outcome, str)
+                self._counters["skipped_lines"] += skipped
+                if position["pass"] == 0 and (self._furthest is None
+                                              or tuple(position.values()) > self._furthest):
+                    self._furthest = tuple(position.values())
+                    self._skips.read(where, outcome if skipped else None)
+                if skipped:
+                    continue
+                if len(outcome[0]) < self.config.min_example_length:
                     self._counters["filtered_examples"] += 1
                 else:
                     empty_passes = 0
@@ -328,6 +412,7 @@ class _DocumentDataset:
         if self._documents is not None:
             self._documents.close()
         self._documents = self._pipeline = None
+        self._skips.warn()
 
     def get_state_dict(self):
         """Where the stream stands, as plain JSON-serialisable data."""
@@ -416,6 +501,7 @@ class JsonDataset(_DocumentDataset):
         super().__init__(self.get_default_config(config), tokenizer, text_processor,
                          process_index, process_count, name)
         self._files = _resolve_files(self.config.path, f"{name}.path")
+        self._check_fields()
 
     def _initial_position(self):
         offset = self.config.start_seek_loc
@@ -477,6 +563,7 @@ class HuggingfaceDataset(_DocumentDataset):
         super().__init__(self.get_default_config(config), tokenizer, text_processor,
                          process_index, process_count, name)
         self._dataset = self._load()
+        self._check_fields()
 
     def _load(self):
         import datasets
@@ -502,6 +589,11 @@ class HuggingfaceDataset(_DocumentDataset):
 
     def _initial_position(self):
         return {"pass": 0, "row": 0}
+
+    def _first_records(self):
+        # Unshuffled: any records show the fields, and shuffling a whole dataset costs.
+        for row, example in enumerate(self._dataset):
+            yield {"pass": 0, "row": row + 1}, f"{self.config.path} row {row}", example
 
     def _records(self, position):
         pass_, row = position["pass"], position["row"]

@@ -1,5 +1,6 @@
 """Text processing, JSON-lines and Hugging Face datasets, config validation and exact resume."""
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -98,42 +99,81 @@ def json_config(path, **dataset):
     return {"type": "json", "json_dataset": dataset}
 
 
-def test_malformed_lines_are_skipped_counted_and_reported_once(tmp_path, tokenizer, caplog):
-    good = ["first good document", "second good one", "third"]
-    path = tmp_path / "mixed.jsonl"
-    path.write_bytes(b"\n".join([
-        json.dumps({"text": good[0]}).encode(),
-        b'{"text": "unterminated',
-        json.dumps({"title": "no text field"}).encode(),
-        b"",
-        json.dumps({"text": good[1]}).encode(),
-        b'{"text": "caf\xe9 latin-1"}',
-        json.dumps({"text": good[2]}).encode(),
-    ]) + b"\n")
-    dataset = DatasetFactory.load_dataset(
-        json_config(path, batch_size=1, seq_length=4), tokenizer)
-    expected = np.concatenate([[1] + tokenizer.encode(text) + [2] for text in good])
-    # Capture at the logger itself (the CLI stops "EasyLM" records reaching the root logger).
+@contextlib.contextmanager
+def capture_data_warnings(caplog):
+    """Records of the ``EasyLM.data`` logger, captured at the logger itself (the CLI stops
+    ``EasyLM`` records reaching the root logger)."""
     data_logger = logging.getLogger("EasyLM.data")
     propagate, data_logger.propagate = data_logger.propagate, False
     data_logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="EasyLM.data"):
-            batches = [batch for (batch, _), _ in zip(dataset, range(3 * len(expected) // 4))]
-            _, metrics = next(iter(dataset))
+            yield
     finally:
         data_logger.removeHandler(caplog.handler)
         data_logger.propagate = propagate
+
+
+def test_malformed_lines_are_skipped_counted_and_reported_once_per_reason(tmp_path, tokenizer,
+                                                                          caplog):
+    good = ["first good document", "second good one", "third"]
+    path = tmp_path / "mixed.jsonl"
+    no_text = json.dumps({"title": "no text field"}).encode()
+    path.write_bytes(b"\n".join([
+        json.dumps({"text": good[0]}).encode(),
+        b'{"text": "unterminated',
+        no_text,
+        b"",
+        json.dumps({"text": good[1]}).encode(),
+        b'{"text": "caf\xe9 latin-1"}',
+        json.dumps({"text": good[2]}).encode(),
+        no_text, no_text, no_text,
+    ]) + b"\n")
+    dataset = DatasetFactory.load_dataset(
+        json_config(path, batch_size=1, seq_length=4), tokenizer)
+    start = dataset.get_state_dict()
+    expected = np.concatenate([[1] + tokenizer.encode(text) + [2] for text in good])
+    with capture_data_warnings(caplog):
+        batches = [batch for (batch, _), _ in zip(dataset, range(3 * len(expected) // 4))]
+        _, metrics = next(iter(dataset))
+        first_passes = [r.getMessage() for r in caplog.records]
+        # Reading the same lines again (as every evaluation does) reports nothing new.
+        dataset.load_state_dict(start)
+        for _ in zip(dataset, range(5)):
+            pass
+        dataset.close()
     stream = np.concatenate([batch["input_tokens"].ravel() for batch in batches])
     np.testing.assert_array_equal(stream[:len(expected)], expected)
     np.testing.assert_array_equal(stream[len(expected):2 * len(expected)], expected)
     assert metrics["dataset_pass"] >= 2
-    assert 3 * metrics["dataset_pass"] <= metrics["dataset_skipped_lines"]
-    assert metrics["dataset_skipped_lines"] <= 3 * metrics["dataset_pass"] + 3
-    warnings = [r.getMessage() for r in caplog.records]
-    assert warnings == [f"{path}:2: skipped, malformed JSON (Unterminated string starting at)",
-                        f"{path}:3: skipped, missing field 'text'",
-                        f"{path}:6: skipped, not valid UTF-8"]
+    assert 6 * metrics["dataset_pass"] <= metrics["dataset_skipped_lines"]
+    assert metrics["dataset_skipped_lines"] <= 6 * metrics["dataset_pass"] + 6
+    name = "dataset.json_dataset: "
+    assert first_passes == [
+        f"{name}1 of 9 lines skipped, malformed JSON (Unterminated string starting at): {path}:2",
+        f"{name}4 of 9 lines skipped, missing field 'text': {path}:3, {path}:8, {path}:9, ...",
+        f"{name}1 of 9 lines skipped, not valid UTF-8: {path}:6"]
+    assert [r.getMessage() for r in caplog.records] == first_passes
+
+
+def test_wrong_text_field_fails_at_start_naming_the_key_and_the_fields(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"title": f"t{i}", "text": "words"}) + "\n"
+                            for i in range(300)))
+
+    def load(**text_processor):
+        return DatasetFactory.load_dataset({**json_config(path), "text_processor": text_processor},
+                                           tokenizer, name="train_dataset")
+    with pytest.raises(ConfigError, match=r"^train_dataset\.text_processor\.fields='body' .*"
+                                          r"missing field 'body'.* fields text, title$"):
+        load(fields="body")
+    with pytest.raises(ConfigError, match=r"train_dataset\.text_processor\.fields_from_example"):
+        load(fields_from_example="spec")
+    # Data that has the field, with a few lines that lack it, is not a config error.
+    path.write_text("".join(json.dumps({"title": "x"}) + "\n" for _ in range(5))
+                    + json.dumps({"body": "words"}) + "\n")
+    batch, _ = next(iter(load(fields="body")))
+    assert batch["loss_masks"].sum() > 0
 
 
 def test_short_documents_are_filtered(tmp_path, tokenizer):
