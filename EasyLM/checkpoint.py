@@ -235,6 +235,27 @@ def read_metadata(step_dir):
         return json.load(f)
 
 
+def trained_row_length(path):
+    """Tokens per batch row the run of a train checkpoint trained on, or ``None`` (converted
+    weights carry no training record)."""
+    if "://" in path or not os.path.exists(os.path.join(path, METADATA_FILE)):
+        return None
+    metadata = read_metadata(path)
+    if "train_seq_length" in metadata:
+        return int(metadata["train_seq_length"])
+    # Checkpoints saved before train_seq_length was recorded carry the run's flags.
+    flags = metadata.get("config", {})
+    length = flags.get(f"train_dataset.{flags.get('train_dataset.type')}_dataset.seq_length")
+    return int(length) if length else None
+
+
+def default_window(path, llama_config):
+    """Default local window of windowed inference on a checkpoint: the row length its run
+    trained on (the memory was trained over windows of that length), else the model's
+    ``max_sequence_length``."""
+    return trained_row_length(path) or llama_config.max_sequence_length
+
+
 def load_dataset_state(step_dir, process_index=0):
     """The data-pipeline state process ``process_index`` saved with a checkpoint, or ``None``."""
     path = os.path.join(step_dir, dataset_state_file(process_index))

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
+from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
+                               parse_checkpoint_spec)
 from EasyLM.models.llama.llama_model import LLaMAMLP, RMSNorm
 from EasyLM.models.llama.rope import apply_rope, inverse_frequencies
 from EasyLM.tokenizer import load_tokenizer
@@ -188,10 +189,12 @@ class WindowedLM:
 
     @classmethod
     def from_checkpoint(cls, load_checkpoint, last_context_length=None, **options):
-        """``params::PATH`` (or ``trainstate::PATH``); ``last_context_length`` defaults to the
-        model's ``max_sequence_length``."""
-        config = load_llama_config(parse_checkpoint_spec(load_checkpoint)[1])
-        options = MemoryOptions(last_context_length or config.max_sequence_length, **options)
+        """Any checkpoint spec (:mod:`EasyLM.checkpoint`); ``last_context_length`` defaults to
+        the row length the checkpoint's run trained on, else the model's
+        ``max_sequence_length``."""
+        path = parse_checkpoint_spec(load_checkpoint)[1]
+        config = load_llama_config(path)
+        options = MemoryOptions(last_context_length or default_window(path, config), **options)
         return cls(load_params(load_checkpoint), config, options)
 
     @property
@@ -423,7 +426,9 @@ def add_model_arguments(parser):
                        help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
                             "(default with --hf_model: the one in that directory)")
     group.add_argument("--last_context_length", type=int, default=None,
-                       help="local window in tokens (default: the model's)")
+                       help="local window in tokens (default: the training row length of "
+                            "a run's checkpoint, else the model's max_sequence_length; with "
+                            "--hf_model, its config's last_context_length)")
     group.add_argument("--mem_attention_grouping", default=None,
                        type=lambda text: tuple(int(x) for x in text.split(",")),
                        help="HEADS,QUERIES processed at a time in memory layers")

@@ -149,3 +149,18 @@ def test_checkpoint_specs_accept_what_runs_and_converters_write(tmp_path):
         checkpoint.parse_checkpoint_spec(run)
     with pytest.raises(ValueError, match="prefixed by one of params::"):
         checkpoint.parse_checkpoint_spec(f"weights::{step_dir}")
+
+
+def test_trained_row_length_also_of_checkpoints_saved_before_it_was_recorded(tmp_path):
+    config = LLaMAConfig.load_config("debug", vocab_size=16)
+    flags = {"train_dataset.type": "json", "train_dataset.json_dataset.seq_length": 128}
+    for name, metadata, expected in (("new", {"train_seq_length": 64, "config": flags}, 64),
+                                     ("old", {"config": flags}, 128)):
+        saver = checkpoint.TrainCheckpointer(str(tmp_path / name))
+        step_dir = saver.save(1, small_state(get_jax_mesh("1,-1,1")), config, metadata)
+        saver.close()
+        assert checkpoint.default_window(step_dir, config) == expected
+    converted = str(tmp_path / "converted")
+    checkpoint.save_params(converted, {"params": small_state(get_jax_mesh("1,-1,1"))["params"]},
+                           config)
+    assert checkpoint.default_window(converted, config) == config.max_sequence_length == 1024

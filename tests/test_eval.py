@@ -14,7 +14,7 @@ from eval import loss_by_position, passkey
 from EasyLM import checkpoint
 from EasyLM.models.llama import convert_easylm_to_hf
 from EasyLM.tokenizer import load_tokenizer
-from FoT.inference import encode
+from FoT.inference import WindowedLM, encode
 from test_hf_fot import TINY_SP, tiny_fot_checkpoint
 
 LENGTHS, DEPTHS = [200, 260], [0.0, 0.5, 1.0]
@@ -31,12 +31,14 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_checkpoint(tiny_model, tmp_path_factory):
-    """The tiny model saved the way a run saves it: ``RUN/checkpoints/step_3/state``."""
+    """The tiny model saved the way a run saves it (``RUN/checkpoints/step_3/state``), by a run
+    on rows of 32 tokens."""
     spec, _ = tiny_model
     params = checkpoint.load_params(spec)["params"]
     state = {"step": jnp.int32(3), "params": jax.tree_util.tree_map(jnp.asarray, params)}
     saver = checkpoint.TrainCheckpointer(str(tmp_path_factory.mktemp("run")))
-    step_dir = saver.save(3, state, checkpoint.load_llama_config(spec.partition("::")[2]), {})
+    step_dir = saver.save(3, state, checkpoint.load_llama_config(spec.partition("::")[2]),
+                          {"train_seq_length": 32})
     saver.close()
     return step_dir
 
@@ -162,3 +164,9 @@ def test_readme_commands_read_a_runs_checkpoint(tiny_model, run_checkpoint, tmp_
         tmp_path / "reference").state_dict()
     for name, tensor in reference.items():
         assert torch.equal(exported[name], tensor), name
+
+
+def test_windows_default_to_the_trained_row_length(tiny_model, run_checkpoint):
+    spec, _ = tiny_model
+    assert WindowedLM.from_checkpoint(run_checkpoint).last_context_length == 32
+    assert WindowedLM.from_checkpoint(spec).last_context_length == 8  # max_sequence_length

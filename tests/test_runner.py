@@ -3,6 +3,7 @@ setup_test run converted to Hugging Face, exact resume after SIGKILL, and a two-
 that matches one process."""
 import glob
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,10 +19,11 @@ import torch
 import transformers
 
 from EasyLM.checkpoint import (TrainCheckpointer, latest_train_checkpoint, load_llama_config,
-                               load_params, save_params)
+                               load_params, read_metadata, save_params)
 from EasyLM.config import ConfigError
 from EasyLM.models.llama import convert_easylm_to_hf, llama_train
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from running_utils.runner_utils import build_config, split_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -375,3 +377,31 @@ def test_resuming_with_another_model_config_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"checkpoint to resume.*--resume=false.*"
                                           r"hidden_size 128 \(checkpoint: 64\)"):
         llama_train.main(train)
+
+
+def test_export_of_a_run_windows_by_its_rows_and_takes_long_inputs(reference_run, tmp_path):
+    """The exported local window is the trained row length (64 here, not debug_fot's 1024),
+    and neither the tokenizer nor generate() warns about an input past 1024 tokens."""
+    step_dir = latest_train_checkpoint(reference_run)
+    assert read_metadata(step_dir)["train_seq_length"] == 64
+    output = tmp_path / "hf"
+    convert_easylm_to_hf.main(["--load_checkpoint", step_dir, "--output_dir", str(output),
+                               "--tokenizer_path", os.path.join(REPO, "tokenizers",
+                                                                "tiny_sp.model")])
+    model = FoTLlamaForCausalLM.from_pretrained(output).eval()
+    assert model.config.last_context_length == 64
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    transformers_log = logging.getLogger("transformers")
+    transformers_log.addHandler(handler)
+    try:
+        tokenizer = transformers.LlamaTokenizer.from_pretrained(output)
+        ids = tokenizer("The grass is green. " * 240, return_tensors="pt").input_ids
+        assert ids.shape[1] > 1024
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    finally:
+        transformers_log.removeHandler(handler)
+    assert out.shape[1] == ids.shape[1] + 2
+    assert not [w for w in warnings if "length" in w], warnings

@@ -25,12 +25,18 @@ import tempfile
 import numpy as np
 import torch
 
-from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
+from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
+                               parse_checkpoint_spec)
 from EasyLM.models.llama.hf_layout import native_to_hf
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+# The longest input a FoT export declares.  Positions are relative to the local window and
+# older tokens move to memory, so the model takes inputs of any length; transformers reads
+# max_position_embeddings as that length (generate() warns past it and caps its default
+# max_length there), so the trained context would be the wrong bound.
+FOT_MAX_POSITION_EMBEDDINGS = 2 ** 31 - 1
 
 
 def write_safetensors(tensors, output_dir, dtype="fp32", max_shard_size=5 * 2 ** 30):
@@ -104,14 +110,27 @@ def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
         shutil.copy(path, output_dir)
     if tokenizer_path:
         copy_tokenizer(tokenizer_path, output_dir)
+        _set_tokenizer_max_length(output_dir, hf_config["max_position_embeddings"])
+
+
+def _set_tokenizer_max_length(output_dir, length):
+    # The tokenizer warns about inputs longer than its model_max_length: make it the model's.
+    path = os.path.join(output_dir, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        values = json.load(f)
+    values["model_max_length"] = length
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2)
 
 
 def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
             max_shard_size=5 * 2 ** 30, no_memory=False, **memory_options):
     """Export a checkpoint; ``memory_options`` (``last_context_length``,
     ``mem_attention_grouping``, ``mem_dtype``, ``mem_positionals``, ``torch_attention``) go to
-    the config of a FoT model, whose ``last_context_length`` defaults to the model's
-    ``max_sequence_length``."""
+    the config of a FoT model, whose ``last_context_length`` defaults to the row length the
+    checkpoint's run trained on (else the model's ``max_sequence_length``)."""
     _, path = parse_checkpoint_spec(load_checkpoint)
     config = load_llama_config(path)
     params = load_params(load_checkpoint)["params"]
@@ -119,7 +138,8 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     if config.mem_layers and not no_memory:
         from FoT.hf import MODEL_FILES, fot_config_dict
         options = {k: v for k, v in memory_options.items() if v is not None}
-        options.setdefault("last_context_length", config.max_sequence_length)
+        options.setdefault("last_context_length", default_window(path, config))
+        hf_config["max_position_embeddings"] = FOT_MAX_POSITION_EMBEDDINGS
         hf_config = fot_config_dict(hf_config, config.mem_layers, **options)
         extra_files = MODEL_FILES
     export(native_to_hf(params, config), hf_config, output_dir, dtype, tokenizer_path,
@@ -155,7 +175,8 @@ def main(argv=None):
     memory.add_argument("--no_memory", action="store_true",
                         help="export as a plain LlamaForCausalLM, without memory")
     memory.add_argument("--last_context_length", type=int, default=None,
-                        help="local context window in tokens (default: max_sequence_length)")
+                        help="local context window in tokens (default: the training row "
+                             "length of a run's checkpoint, else max_sequence_length)")
     memory.add_argument("--mem_attention_grouping", default=None, type=_pair,
                         help="HEADS,QUERIES processed at a time in memory layers")
     memory.add_argument("--mem_dtype", default=None, choices=("float32", "bfloat16", "float16"),

@@ -398,8 +398,10 @@ def main(config):
                 save_milestone_freq=config.save_milestone_freq,
                 peak_flops_per_device=config.peak_flops_per_device or None,
                 show_progress=writes)
+            # train_seq_length: the default window of inference on the checkpoint.
             saving = Checkpointing(checkpointer, llama,
-                                   lambda: {"config": flat, "run_dir": run_dir})
+                                   lambda: {"config": flat, "run_dir": run_dir,
+                                            "train_seq_length": train_data.seq_length})
             try:
                 fit(trainer, state, train_data, settings, logger, eval_data, saving)
             finally:
