@@ -50,7 +50,9 @@ class TextProcessor:
 
     ``fields`` is a comma list; each entry is a text field, ``a+b`` (fields joined by
     ``subfield_separator``), ``{name}`` (base64 of raw tokens of ``base64_token_dtype``),
-    or a literal ``<|bos|>`` / ``<|eos|>``; ``[entry]`` gives its tokens loss mask 0.
+    ``{name:mask}`` (the same, with a per-token loss mask: base64 of one uint8 per token,
+    0 = no loss), or a literal ``<|bos|>`` / ``<|eos|>``; ``[entry]`` gives its tokens loss
+    mask 0.
     ``prepend_text`` goes before the first text field.  BOS (mask 0) and EOS (mask 1)
     wrap the document when enabled."""
 
@@ -58,7 +60,8 @@ class TextProcessor:
     def get_default_config(updates=None):
         config = ConfigDict(
             fields=Option("text", "comma list of text fields, 'a+b' (joined), '{name}' (base64 "
-                          "tokens), '<|bos|>' / '<|eos|>'; '[entry]' has no loss"),
+                          "tokens), '{name:mask}' (base64 tokens with a base64 uint8 loss mask "
+                          "per token), '<|bos|>' / '<|eos|>'; '[entry]' has no loss"),
             fields_from_example=Option("", "name of an example field holding that example's "
                                        "fields spec (instead of fields)"),
             subfield_separator=Option(" ", "text between the parts of an 'a+b' field"),
@@ -81,7 +84,8 @@ class TextProcessor:
         self._parsed = {}
 
     def _fields(self, spec):
-        """``[(kind, name, mask)]`` with kind ``bos``, ``eos``, ``base64`` or ``text``."""
+        """``[(kind, name, mask)]`` with kind ``bos``, ``eos``, ``base64`` or ``text``; a
+        ``base64`` name may be ``tokens:mask``."""
         if spec not in self._parsed:
             fields = []
             for field in spec.split(","):
@@ -102,17 +106,22 @@ class TextProcessor:
             raise DocumentError(f"missing field '{name}'")
         return example[name]
 
+    def _base64(self, example, field, dtype):
+        try:
+            raw = base64.b64decode(self._field(example, field), validate=True)
+            return np.frombuffer(raw, dtype=dtype)
+        except (binascii.Error, TypeError, ValueError) as error:
+            raise DocumentError(f"field '{field}' is not base64 of {np.dtype(dtype).name} "
+                                f"({error})") from None
+
     def _tokens(self, example, kind, field, prefix):
         if kind == "bos":
             return [self.tokenizer.bos_token_id]
         if kind == "eos":
             return [self.tokenizer.eos_token_id]
         if kind == "base64":
-            try:
-                raw = base64.b64decode(self._field(example, field), validate=True)
-                return np.frombuffer(raw, dtype=self.config.base64_token_dtype)
-            except (binascii.Error, TypeError, ValueError) as error:
-                raise DocumentError(f"field '{field}' is not base64 tokens ({error})") from None
+            return self._base64(example, field.partition(":")[0],
+                                self.config.base64_token_dtype)
         parts = [self._field(example, name) for name in field.split("+")]
         if not all(isinstance(part, str) for part in parts):
             raise DocumentError(f"field '{field}' is not text")
@@ -130,7 +139,15 @@ class TextProcessor:
             piece = self._tokens(example, kind, field, prefix)
             prefix = "" if kind == "text" else prefix
             tokens.append(piece)
-            masks.append(np.full(len(piece), mask, np.float32))
+            mask_field = field.partition(":")[2] if kind == "base64" else ""
+            if mask_field:
+                per_token = self._base64(example, mask_field, np.uint8)
+                if len(per_token) != len(piece):
+                    raise DocumentError(f"field '{mask_field}' has {len(per_token)} loss-mask "
+                                        f"entries for {len(piece)} tokens")
+                masks.append(mask * (per_token > 0).astype(np.float32))
+            else:
+                masks.append(np.full(len(piece), mask, np.float32))
         if self.config.add_eos_token:
             tokens.append([self.tokenizer.eos_token_id])
             masks.append([1.0])

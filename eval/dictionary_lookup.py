@@ -5,8 +5,8 @@
         --output_dir out/dictionary
     python -m eval.dictionary_lookup --hf_model EXPORTED_DIR --data ... --output_dir ...
 
-Documents are those of :mod:`experiments.dictionary_data`: window A holds a dictionary, the
-first half of window B looks every key up again ("far" lookups).  For a memory of ``m``
+Documents are those of :mod:`experiments.dictionary_data`: window A holds a dictionary and
+lookups, window B more lookups, whose first of each key is a "far" lookup.  For a memory of ``m``
 windows, each test document is read after ``m - 1`` windows of other documents whose keys
 are all different from its own (distractors), so when window B is processed its memory holds
 the distractors and window A.  Accuracy is that of the most likely next token at the far
@@ -22,19 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.plots import accuracy_curves
-from experiments.dictionary_data import far_lookup_positions, read_documents
+from experiments.dictionary_data import document_keys, far_lookups, read_documents
 from FoT.inference import add_model_arguments, model_from_args
-
-
-def document_keys(docs, window):
-    """Key ids of each document's dictionary ``[num_docs, W / 4]``."""
-    return docs[:, 0:window // 2:2]
 
 
 def distractor_prefixes(docs, window, num_targets, memory_windows, rng):
     """``[num_targets, (m - 1) * W]``: the last ``m - 1`` windows of a concatenation of other
     documents sharing no key with target ``i``."""
-    keys = document_keys(docs, window)
+    keys = [document_keys(doc) for doc in docs]
     needed = memory_windows - 1
     prefixes = []
     for i in range(num_targets):
@@ -47,7 +42,7 @@ def distractor_prefixes(docs, window, num_targets, memory_windows, rng):
         if len(disjoint) < count:
             raise ValueError(f"only {len(disjoint)} documents share no key with document {i}; "
                              f"a memory of {memory_windows} windows needs {count}: give more "
-                             f"documents (--data) or fewer --memory_windows")
+                             f"documents (--num_docs) or fewer --memory_windows")
         prefixes.append(np.concatenate([docs[j] for j in disjoint[:count]])[-needed * window:])
     return np.stack(prefixes)
 
@@ -58,7 +53,7 @@ def lookup_accuracy(model, docs, window, memory_windows, batch_size, seed=0, pro
     rng = np.random.default_rng(seed)
     targets = docs[:max(1, len(docs) // 2)]
     prefixes = distractor_prefixes(docs, window, len(targets), memory_windows, rng)
-    positions = far_lookup_positions(window) + prefixes.shape[1]
+    marks = np.concatenate([np.zeros(prefixes.shape, bool), far_lookups(targets, window)], 1)
     correct = []
     for start in tqdm(range(0, len(targets), batch_size), disable=not progress,
                       desc=f"memory {memory_windows} windows"):
@@ -66,7 +61,8 @@ def lookup_accuracy(model, docs, window, memory_windows, batch_size, seed=0, pro
                                 targets[start:start + batch_size]], axis=1)
         _, predictions = model.score(batch)
         # predictions[:, p - 1] is the guess for token p.
-        correct.append(predictions[:, positions - 1] == batch[:, positions])
+        hits = predictions == batch[:, 1:]
+        correct.append(hits[marks[start:start + batch_size, 1:]])
     return float(np.concatenate(correct).mean())
 
 
@@ -78,10 +74,10 @@ def main(argv=None):
                         help="the task's window W (default: the model's local window)")
     parser.add_argument("--memory_windows", default="1,2,4,8,16,32,64",
                         help="comma list of memory sizes m, in windows")
-    parser.add_argument("--num_docs", type=int, default=400,
+    parser.add_argument("--num_docs", type=int, default=200,
                         help="documents read; half are test documents, all serve as "
                              "distractors")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None, help="name of the model in the plot and JSON")
     parser.add_argument("--output_dir", required=True)
@@ -97,8 +93,7 @@ def main(argv=None):
                    for m in sizes]
     without_memory = lookup_accuracy(model.without_memory(), docs, window, 1, args.batch_size,
                                      args.seed)
-    values = docs[:, far_lookup_positions(window)]
-    chance = 1.0 / len(np.unique(values))
+    chance = 1.0 / len(np.unique(docs[far_lookups(docs, window)]))
     label = args.label or os.path.basename(os.path.normpath(args.hf_model or
                                                             args.load_checkpoint))
     result = dict(model=args.hf_model or args.load_checkpoint, label=label, data=args.data,

@@ -78,3 +78,39 @@ def test_bad_options_fail_clearly():
         MemoryOptions(0)
     with pytest.raises(ValueError, match="attention_grouping"):
         MemoryOptions(8, attention_grouping=(0, 4))
+
+
+def test_memory_limit_reads_only_the_last_windows(tiny):
+    # With one memory layer, at layer 0, what a window stores does not depend on earlier
+    # windows, so a memory that keeps m - 1 windows must give window t exactly what reading
+    # windows t - m + 1 .. t from scratch gives.  score's argmax is the logits' argmax.
+    variables, config, _ = tiny
+    model = WindowedLM(variables, config.replace(mem_layers=(0,)), MemoryOptions(WINDOW))
+    windows, m = 5, 3
+    tokens = np.random.default_rng(3).integers(0, 61, size=(2, windows * WINDOW))
+    limited = model.with_memory_limit((m - 1) * WINDOW)
+    losses, predictions = limited.score(tokens)
+    for t in range(windows):
+        first = max(0, t - m + 1)
+        fresh = model.logits(tokens[:, first * WINDOW:(t + 1) * WINDOW])[:, -WINDOW:]
+        got = limited.logits(tokens[:, :(t + 1) * WINDOW])[:, -WINDOW:]
+        np.testing.assert_allclose(got, fresh, atol=1e-5)
+        np.testing.assert_array_equal(predictions[:, t * WINDOW:(t + 1) * WINDOW - 1],
+                                      fresh[:, :-1].argmax(-1))
+    assert np.abs(limited.logits(tokens) - model.logits(tokens)).max() > 1e-4
+    logits = limited.logits(tokens)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(
+        losses, -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0],
+        atol=1e-5)
+
+
+def test_memory_limit_extremes(tiny):
+    _, _, model = tiny  # memory layers 0 and 2
+    tokens = np.random.default_rng(4).integers(0, 61, size=(1, 4 * WINDOW))
+    np.testing.assert_allclose(model.with_memory_limit(0).logits(tokens),
+                               model.without_memory().logits(tokens), atol=1e-5)
+    np.testing.assert_allclose(model.with_memory_limit(3 * WINDOW).logits(tokens),
+                               model.logits(tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="memory limit"):
+        model.with_memory_limit(-1)
