@@ -16,15 +16,20 @@ gathered to ``[B, (C + 1) L, KV, D]`` and a boolean ``[B, 1, L, (C + 1) L]`` mas
 the local part, the slot table on the rest; plain ``is_causal`` when C = 0).  The gather
 happens outside the timed call, and its gradient stops at the gathered copies, so the
 figure is cuDNN's attention alone.
+
+Each subprocess's JAX takes the device memory a training run gets from the runner (its default
+``gpu_memory_fraction``, unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
+``XLA_CLIENT_MEM_FRACTION`` is already in the environment); the header says which.
 """
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks.device_memory import subprocess_environment
 
 VARIANTS = ("reference", "blockwise", "pallas", "cudnn")
 KERNEL_FLAGS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages")
@@ -210,8 +215,7 @@ def run_check(job):
 
 # ----------------------------------------------------------------------------- driver side
 
-def in_subprocess(job):
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+def in_subprocess(job, env):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", "--worker",
                            json.dumps(job)], capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
@@ -240,12 +244,14 @@ def main(argv=None):
                   head_dim=args.head_dim, stepping=args.stepping, packing=args.packing,
                   dtype=args.dtype, modes=args.modes.split(","), min_time=args.min_time,
                   kernel_options=kernel_options(args))
-    header = f"{datetime.date.today()} kernel options {common['kernel_options'] or 'default'}"
+    env, memory = subprocess_environment()
+    header = (f"{datetime.date.today()} kernel options {common['kernel_options'] or 'default'}"
+              f", device memory {memory}")
     print(header, flush=True)
     check = None
     if not args.no_check:
         check = in_subprocess(dict(common, check=True, batch=4, length=512, heads=8,
-                                   kv_heads=2, C=2, stepping=True, packing=2, seed=1))
+                                   kv_heads=2, C=2, stepping=True, packing=2, seed=1), env)
         for dtype, r in check.items():
             if isinstance(r, dict):
                 verdict = "PASS" if r["passed"] else "FAIL"
@@ -260,7 +266,7 @@ def main(argv=None):
         for c in (int(x) for x in args.C.split(",")):
             for variant in args.variants.split(","):
                 job = dict(common, variant=variant, kv_heads=kv, C=c)
-                result = in_subprocess(job)
+                result = in_subprocess(job, env)
                 rows.append(dict(job, result=result))
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:

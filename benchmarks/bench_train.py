@@ -34,8 +34,13 @@ Parts:
 - ``check``: both paths train ``--check-steps`` steps from the same initialisation and data;
   their per-step losses must agree within ``--check-rtol`` (bf16 compute).
 
-``--memory-gib`` caps the memory JAX may use on the device (``XLA_PYTHON_CLIENT_MEM_FRACTION``
-computed from the device's total), e.g. 79.6 to size runs for an 80 GB H100 on a larger GPU.
+Device memory: each case's JAX takes what a training run gets from the runner, its default
+``gpu_memory_fraction`` (``XLA_PYTHON_CLIENT_MEM_FRACTION``; JAX's own 75% would stop the
+``1b`` cases at 59.4 GiB of an H100), unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
+``XLA_CLIENT_MEM_FRACTION`` is already in the environment, which then stays.  ``--memory-gib``
+replaces either with a cap (the fraction of the device's total, from nvidia-smi), e.g. 79.6 to
+size runs for an 80 GB H100 on a larger GPU.  The report's first line and the table header
+say which setting applied.
 """
 import argparse
 import datetime
@@ -44,6 +49,8 @@ import os
 import subprocess
 import sys
 import time
+
+from benchmarks.device_memory import subprocess_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = {
@@ -85,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--check-batch", type=int, default=8)
     p.add_argument("--check-rtol", type=float, default=1e-2)
     p.add_argument("--memory-gib", type=float, default=0.0,
-                   help="cap device memory at this many GiB (0: all of it)")
+                   help="cap JAX's device memory at this many GiB (0: the runner's default "
+                   "gpu_memory_fraction, or the environment's XLA_*MEM_FRACTION)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case")
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--profile", help="trace the timed steps of each case into DIR/<n>/ and "
@@ -272,36 +280,19 @@ def worker_main(payload):
 # Driver.
 
 
-def device_memory_fraction(gib):
-    """``XLA_PYTHON_CLIENT_MEM_FRACTION`` that caps JAX at ``gib`` on the first GPU."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             check=True, timeout=60).stdout.split()
-        total_gib = float(out[0]) / 1024
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return None
-    return min(gib / total_gib, 0.99)
-
-
 _CASE_COUNTER = [0]
 
 
 def in_subprocess(case, args):
-    env = dict(os.environ)
     if args.profile:
         _CASE_COUNTER[0] += 1
         case = dict(case, profile=os.path.abspath(os.path.join(args.profile,
                                                                str(_CASE_COUNTER[0]))))
-    if args.memory_gib:
-        fraction = device_memory_fraction(args.memory_gib)
-        if fraction:
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--worker",
-                               json.dumps(case)], capture_output=True, text=True, env=env,
-                              timeout=args.timeout, cwd=REPO)
+                               json.dumps(case)], capture_output=True, text=True,
+                              env=args.case_environment, timeout=args.timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return dict(case, error=f"timeout after {args.timeout:.0f} s")
     result = None
@@ -465,8 +456,8 @@ def print_tables(results, args):
     print(f"\n# bench_train: {meta.get('device', '?')} x{meta.get('devices', '?')}, "
           f"jax {meta.get('jax', '?')}, {datetime.date.today()}, model {args.model} "
           f"(memory layers {args.mem_layers}), packing {args.packing}, stepping "
-          f"{args.stepping}, bf16 compute / fp32 master weights, memory cap "
-          f"{args.memory_gib or 'none'} GiB")
+          f"{args.stepping}, bf16 compute / fp32 master weights, device memory "
+          f"{args.memory_setting}")
     rows = [r for r in results if r.get("part") is None]
     if rows:
         print("\n| path | C | batch | L | remat | scan | chunked CE | attention | cross-batch "
@@ -517,6 +508,8 @@ def main(argv=None):
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {PARTS}")
+    args.case_environment, args.memory_setting = subprocess_environment(args.memory_gib)
+    print(f"bench_train: device memory {args.memory_setting}", flush=True)
     if "throughput" in parts:
         results += throughput(args)
     if "max_length" in parts:

@@ -12,7 +12,6 @@ import os
 import textwrap
 
 from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
-from EasyLM.models.llama import llama_train
 
 RUNNER_KEYS = ("pod_job", "jax_distributed", "gpu_memory_fraction")
 COMMAND_LINE_ONLY = (
@@ -25,11 +24,18 @@ COMMAND_LINE_ONLY = (
 # JAX reads either name (the second is the newer) and refuses both at once, so a value already
 # in the environment is the user's and stays alone.
 MEMORY_FRACTION_VARIABLES = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+# JAX's own default (75%) stops at 59.4 GiB of an H100's 79.6, and the README's best 1b FoT
+# setting needs 62.8. The CUDA context, library handles and NCCL buffers live outside this
+# pool, hence not 1.0. The benchmarks' subprocesses start JAX with it too.
+DEFAULT_GPU_MEMORY_FRACTION = 0.95
 
 
 def get_default_config(updates=None):
     """The training flags plus the runner's own: ``pod_job``, ``jax_distributed.*`` and
     ``gpu_memory_fraction``."""
+    # Imported here: the benchmarks read the memory default above without importing JAX.
+    from EasyLM.models.llama import llama_train
+
     config = ConfigDict(
         llama_train.get_default_config(),
         pod_job=Option(False, "multi-host run: the identical command on every host; "
@@ -44,13 +50,10 @@ def get_default_config(updates=None):
             cluster_detection_method=Option("", "force a cluster type (gcetpu, slurm, ompi, "
                                             "mpi4py, gketpu); '' = the first JAX detects"),
             initialization_timeout=Option(300, "seconds to wait for every process to connect")),
-        # JAX's own default (75%) stops at 59.4 GiB of an H100's 79.6, and the README's best
-        # 1b FoT setting needs 62.8. The CUDA context, library handles and NCCL buffers live
-        # outside this pool, hence not 1.0.
-        gpu_memory_fraction=Option(0.95, "share of each GPU's memory JAX may take "
-                                   "(XLA_PYTHON_CLIENT_MEM_FRACTION, set before JAX starts "
-                                   "unless already in the environment); 0 = JAX's default "
-                                   "0.75"),
+        gpu_memory_fraction=Option(DEFAULT_GPU_MEMORY_FRACTION, "share of each GPU's memory "
+                                   "JAX may take (XLA_PYTHON_CLIENT_MEM_FRACTION, set before "
+                                   "JAX starts unless already in the environment); 0 = JAX's "
+                                   "default 0.75"),
     )
     return config.copy_and_update(updates)
 
@@ -145,6 +148,12 @@ def apply_gpu_memory_fraction(fraction, environ=os.environ):
         environ[MEMORY_FRACTION_VARIABLES[0]] = f"{fraction:g}"
 
 
+def gpu_memory_setting(environ=os.environ):
+    """The share of each GPU's memory JAX will take under ``environ``, in words."""
+    return ", ".join(f"{name}={environ[name]}" for name in MEMORY_FRACTION_VARIABLES
+                     if name in environ) or "JAX's default 0.75"
+
+
 def initialize_distributed(config):
     """``jax.distributed.initialize`` from ``jax_distributed.*`` flags or the environment."""
     import jax
@@ -187,8 +196,7 @@ def out_of_memory_message(error, config, environ=os.environ):
     source = f"train_dataset.{data.type}_dataset"
     batch = data[f"{data.type}_dataset"].batch_size
     accumulate = config.optimizer.accumulate_gradient_steps
-    now = ", ".join(f"{name}={environ[name]}" for name in MEMORY_FRACTION_VARIABLES
-                    if name in environ) or "JAX's default 0.75"
+    now = gpu_memory_setting(environ)
     return "\n".join([
         f"out of device memory: {what}",
         "To fit, change one of:",

@@ -1,9 +1,17 @@
-"""The training benchmark runs the real trainer end to end (here on CPU, tiny model)."""
+"""The training benchmark runs the real trainer end to end (here on CPU, tiny model), its
+cases start JAX with the runner's device-memory setting, and its driver imports no JAX."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from benchmarks import bench_train
+from benchmarks import bench_train, device_memory
+from running_utils import runner_utils
+from running_utils.runner_utils import MEMORY_FRACTION_VARIABLES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--model", "debug_fot", "--mem-layers", "1", "--vocab-size", "256", "--length", "32",
         "--steps", "2", "--warmup", "1"]
@@ -39,3 +47,75 @@ def test_bad_case_specs_fail_with_the_key():
         bench_train.main(TINY + ["--parts", "throughput", "--cases", "fast:batchsize=8"])
     with pytest.raises(SystemExit, match="unknown path 'quick'"):
         bench_train.main(TINY + ["--parts", "throughput", "--cases", "quick:C=1"])
+
+
+def case_environments(monkeypatch, capsys, argv, gpu_total_gib=80.0):
+    """``(the environment each case's subprocess got, the printed report)`` of a run whose
+    cases are not run, on a GPU of ``gpu_total_gib``."""
+    environments = []
+
+    def record(command, env, **kwargs):
+        environments.append(env)
+        return subprocess.CompletedProcess(command, 0, 'RESULT {"error": "not run"}', "")
+
+    monkeypatch.setattr(device_memory, "device_total_gib", lambda: gpu_total_gib)
+    monkeypatch.setattr(subprocess, "run", record)
+    status = bench_train.main(TINY + ["--parts", "throughput", "--cases",
+                                      "fast:C=1;slow:C=1"] + argv)
+    assert status == 0 and len(environments) == 2
+    return environments, capsys.readouterr().out
+
+
+def memory_variables(env):
+    return {name: env[name] for name in MEMORY_FRACTION_VARIABLES if name in env}
+
+
+@pytest.fixture
+def no_memory_variables(monkeypatch):
+    for name in MEMORY_FRACTION_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_cases_get_the_runners_default_memory_fraction(monkeypatch, capsys,
+                                                       no_memory_variables):
+    environments, printed = case_environments(monkeypatch, capsys, [])
+    fraction = f"{runner_utils.get_default_config().gpu_memory_fraction:g}"
+    for env in environments:
+        assert memory_variables(env) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": fraction}
+    setting = (f"device memory XLA_PYTHON_CLIENT_MEM_FRACTION={fraction} (the runner's "
+               f"default gpu_memory_fraction)")
+    assert printed.startswith(f"bench_train: {setting}\n")
+    header = next(line for line in printed.splitlines() if line.startswith("# bench_train"))
+    assert setting in header
+
+
+def test_a_memory_fraction_in_the_environment_stays(monkeypatch, capsys, no_memory_variables):
+    for name in MEMORY_FRACTION_VARIABLES:
+        with monkeypatch.context() as patch:
+            patch.setenv(name, ".5")
+            environments, printed = case_environments(patch, capsys, [])
+        assert [memory_variables(env) for env in environments] == [{name: ".5"}] * 2
+        assert f"device memory {name}=.5 (set in the environment)" in printed
+
+
+def test_memory_gib_caps_the_cases_over_the_environment(monkeypatch, capsys,
+                                                        no_memory_variables):
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", ".5")  # JAX refuses both names at once
+    environments, printed = case_environments(monkeypatch, capsys, ["--memory-gib", "60"])
+    assert [memory_variables(env) for env in environments] == [
+        {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.7500"}] * 2
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.7500 (--memory-gib 60 of 80.0 GiB)" in printed
+    with pytest.raises(SystemExit, match="--memory-gib 60: nvidia-smi did not report"):
+        case_environments(monkeypatch, capsys, ["--memory-gib", "60"], gpu_total_gib=None)
+
+
+def test_benchmark_drivers_import_no_jax():
+    """They set the memory variable for the processes that start JAX, and GPU machines
+    need not have what the CPU install has beyond requirements.txt (no mlxu)."""
+    script = ("import sys, benchmarks.bench_train, benchmarks.bench_attention; "
+              "print(sorted(m for m in ('jax', 'flax', 'optax', 'torch', 'mlxu') "
+              "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[]"]
