@@ -299,3 +299,15 @@ def test_auto_cross_batch_choice_respects_kernel_limits(monkeypatch):
     assert llama_model.resolve_cross_batch_implementation(kernel_sized, 600) == "reference"
     forced = kernel_sized.replace(cross_batch_implementation="reference")
     assert llama_model.resolve_cross_batch_implementation(forced, 256) == "reference"
+
+
+def test_exported_fot_config_converts_back_with_its_window():
+    # FoT exports declare no length limit; converting back must not make that the window.
+    hf = dict(LLaMAConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4,
+                          mem_layers=(1,)).to_hf_dict(),
+              model_type="fot_llama", architectures=["FoTLlamaForCausalLM"],
+              max_position_embeddings=2 ** 31 - 1, last_context_length=128)
+    assert LLaMAConfig.from_hf_config(hf).max_sequence_length == 128
+    assert LLaMAConfig.from_hf_config(dict(hf, model_type="llama", architectures=[
+        "LlamaForCausalLM"], max_position_embeddings=4096)).max_sequence_length == 4096

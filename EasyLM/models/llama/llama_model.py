@@ -159,7 +159,10 @@ class LLaMAConfig:
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            max_sequence_length=hf.get("max_position_embeddings", 2048),
+            # An exported FoT model declares no length limit (positions restart in every
+            # window); its window is the length it trained on.
+            max_sequence_length=(hf.get("last_context_length") if model_type == "fot_llama"
+                                 else None) or hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             initializer_range=hf.get("initializer_range", 0.02),
             rope_theta=_hf_rope_theta(hf), rope_scaling=_hf_rope_scaling(hf),

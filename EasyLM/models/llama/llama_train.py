@@ -153,6 +153,7 @@ def validate(config):
     except ValueError as error:
         raise ConfigError(f"dtype: {error}") from None
     optimizers.validate(config.optimizer)
+    logging_utils.validate(config.logging)
     # A run of 0 steps would "finish" at once and look like success.
     check_ranges(config, total_steps=">= 1", train_log_freq=">= 1", eval_freq=">= 0",
                  eval_steps=">= 0", save_model_freq=">= 0", save_milestone_freq=">= 0",
@@ -410,5 +411,4 @@ def main(config):
     except BaseException:
         _log_failure()
         raise
-    log.info("finished at step %d; outputs in %s", config.total_steps, run_dir)
     return run_dir
