@@ -107,8 +107,9 @@ class TextProcessor:
         return example[name]
 
     def _base64(self, example, field, dtype):
+        text = self._field(example, field)  # a missing field is not a decoding error
         try:
-            raw = base64.b64decode(self._field(example, field), validate=True)
+            raw = base64.b64decode(text, validate=True)
             return np.frombuffer(raw, dtype=dtype)
         except (binascii.Error, TypeError, ValueError) as error:
             raise DocumentError(f"field '{field}' is not base64 of {np.dtype(dtype).name} "
