@@ -7,8 +7,8 @@ the standard library) is one document, ``{"text": source, "package": name}``.  P
 split between training and held-out sets by a seeded shuffle of their names, so no package
 is in both (files of one package share identifiers; a split by file would leak them).
 Identical files are kept once; files shorter than ``--min_chars`` are dropped.  A
-SentencePiece BPE tokenizer (identity normalisation, whitespace kept, newline and a few
-indentation runs as single tokens, byte fallback) is trained on the training split only.
+SentencePiece BPE tokenizer (identity normalisation, whitespace kept, newline and tab as
+single tokens, byte fallback) is trained on the training split only.
 
 Writes ``train.jsonl``, ``heldout.jsonl``, ``code_sp.model`` and ``corpus.json`` (packages of
 each split, file and character counts).
@@ -23,7 +23,9 @@ import sysconfig
 
 import sentencepiece as spm
 
-INDENTS = ["\n", "    ", "        ", "            ", "\t"]
+# Newline and tab as single tokens (SentencePiece would otherwise fold or drop them); runs of
+# spaces need no symbol: with whitespace kept, BPE learns indentation merges itself.
+WHITESPACE_SYMBOLS = ["\n", "\t"]
 
 
 def package_roots():
@@ -121,7 +123,7 @@ def train_tokenizer(train_path, model_prefix, vocab_size, sample_chars, threads)
         sentence_iterator=lines(), model_prefix=model_prefix, vocab_size=vocab_size,
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
         split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, user_defined_symbols=INDENTS,
+        allow_whitespace_only_pieces=True, user_defined_symbols=WHITESPACE_SYMBOLS,
         character_coverage=1.0, num_threads=threads, max_sentence_length=8192,
         train_extremely_large_corpus=False, minloglevel=2)
     os.remove(model_prefix + ".vocab")
