@@ -11,13 +11,25 @@ import torch
 from .windows_fot_llama import plan_windows
 
 
+def join(first, second):
+    """``first`` then ``second`` along the token axis (``first`` may be ``None`` or empty)."""
+    if first is None or not first.shape[2]:
+        return second
+    return torch.cat([first.to(second.dtype), second], dim=2)
+
+
 class MemoryBuffer:
     """Memory of one memory layer: ``[B, KV, length, D]`` keys and values.
 
-    The tensors have spare room along the token axis, so that generation can append one token
-    at a time without copying the memory, and so that attention can write the current local
-    keys right after the memory and read both as one contiguous view instead of concatenating
-    a copy of a memory that may hold 100k+ tokens.
+    Without autograd (inference), the tensors have spare room along the token axis, so that
+    generation can append one token at a time without copying the memory, and so that
+    attention can write the current local keys right after the memory and read both as one
+    contiguous view instead of concatenating a copy of a memory that may hold 100k+ tokens.
+
+    With autograd (training), writing in place would overwrite tensors that earlier windows'
+    attention saved for backward, so ``append(..., in_place=False)`` builds a new tensor
+    (``torch.cat``) and never writes into one that exists; attention then concatenates the
+    memory with the local window (:meth:`view`).
     """
 
     def __init__(self, dtype=None):
@@ -45,7 +57,23 @@ class MemoryBuffer:
             values[:, :, :self.length] = self.values[:, :, :self.length]
         self.keys, self.values = keys, values
 
-    def append(self, keys, values):
+    def view(self):
+        """The memory's keys and values ``[B, KV, length, D]`` (``None`` when empty)."""
+        if not self.length:
+            return None, None
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+    def append(self, keys, values, in_place=True):
+        """Add keys/values after the memory; ``in_place=False`` (autograd) writes into no
+        existing tensor."""
+        if not in_place:
+            dtype = self.dtype or keys.dtype
+            keys, values = keys.to(dtype), values.to(dtype)
+            if self.length:
+                old_keys, old_values = self.view()
+                keys, values = torch.cat([old_keys, keys], 2), torch.cat([old_values, values], 2)
+            self.keys, self.values, self.length = keys, values, keys.shape[2]
+            return
         count = keys.shape[2]
         self.reserve(count, keys)
         self.keys[:, :, self.length:self.length + count] = keys
@@ -53,7 +81,9 @@ class MemoryBuffer:
         self.length += count
 
     def with_local(self, keys, values):
-        """The memory followed by the local ``keys``/``values``, as ``[B, KV, length + L, D]``."""
+        """The memory followed by the local ``keys``/``values``, as ``[B, KV, length + L, D]``.
+
+        Inference only (no autograd): the local keys are written into the spare room."""
         if self.keys.dtype != keys.dtype:
             return (torch.cat([self.keys[:, :, :self.length].to(keys.dtype), keys], dim=2),
                     torch.cat([self.values[:, :, :self.length].to(values.dtype), values], dim=2))
@@ -90,13 +120,25 @@ class LayerCache:
         self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
         return old
 
+    def advance(self, evict, upcoming, to_memory, in_place):
+        """Before a piece: move the ``evict`` oldest local tokens into the memory (keys mapped
+        by ``to_memory``); ``upcoming`` tokens are left in this call, to size an in-place
+        memory once.  Returns the local keys/values and the memory's keys/values that the
+        piece attends to (``None`` where empty).  Attention itself changes no state, so that
+        activation checkpointing can run it again."""
+        memory = self.memory
+        old_keys, old_values = self.evict(evict)
+        if memory is not None and old_keys is not None:
+            if in_place:
+                memory.reserve(self.local_length + evict + upcoming, old_keys)
+            memory.append(to_memory(old_keys), old_values, in_place)
+        memory_keys, memory_values = (None, None) if memory is None else memory.view()
+        return self.keys, self.values, memory_keys, memory_values
+
     def push(self, keys, values):
         """Append new un-rotated keys/values; return the whole local window."""
-        if self.keys is not None and self.keys.shape[2]:
-            keys = torch.cat([self.keys, keys], dim=2)
-            values = torch.cat([self.values, values], dim=2)
-        self.keys, self.values = keys, values
-        return keys, values
+        self.keys, self.values = join(self.keys, keys), join(self.values, values)
+        return self.keys, self.values
 
     def select_rows(self, index):
         if self.keys is not None:

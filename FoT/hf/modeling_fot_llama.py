@@ -1,4 +1,5 @@
-"""PyTorch LLaMA with Focused Transformer (FoT) memory layers, for inference on long inputs.
+"""PyTorch LLaMA with Focused Transformer (FoT) memory layers, for inference on long inputs
+and for training (fine-tuning) on inputs of any number of windows.
 
 Inputs are processed in windows of ``config.last_context_length`` (``W``) tokens
 (:func:`plan_windows`).  Every layer attends causally within its local window, at positions
@@ -7,7 +8,10 @@ memory: keys (rotated as if at position 0) and values of all tokens that left th
 window.  ``generate()`` keeps the last ``W`` tokens in the local cache and moves older ones
 into memory.  Weights use Hugging Face Llama names and RoPE layout, so this model and a
 plain ``LlamaForCausalLM`` load the same tensors.  Padding (a ``0`` in ``attention_mask``) is
-not supported: memory has no notion of it.
+not supported: memory has no notion of it.  With autograd on, the memory grows by
+concatenation (gradients flow into earlier windows' keys and values, as in the cross-batch
+training model); without it, in place in preallocated room.  Activation checkpointing
+recomputes each layer's window from the same local and memory tensors.
 
 This file is copied into exported model directories: only relative imports of its own files.
 """
@@ -17,11 +21,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm,
                                                       LlamaRotaryEmbedding)
 
-from .cache_fot_llama import FoTCache
+from .cache_fot_llama import FoTCache, join
 from .configuration_fot_llama import FoTLlamaConfig
 
 
@@ -29,6 +34,10 @@ from .configuration_fot_llama import FoTLlamaConfig
 # with every generated token; re-planning cost ~1.7 ms per call on an H200, more than the
 # attention itself.  (Window-sized prefill shapes repeat, and there cuDNN is the fastest.)
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _identity(x):
+    return x
 
 
 def rotate_half(x):
@@ -124,35 +133,39 @@ class FoTLlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden, cache, evict, rope, upcoming):
-        """``hidden`` ``[B, n, hidden]`` of one piece; ``cache`` this layer's :class:`LayerCache`;
-        ``evict`` oldest local tokens to move out first; ``upcoming`` tokens left in this call
-        (this piece included), to size the memory once."""
+    def forward(self, hidden, past_keys, past_values, memory_keys, memory_values, rope,
+                positional=True, memory=None):
+        """``hidden`` ``[B, n, hidden]`` of one piece attends to the local window (un-rotated
+        ``past_keys``/``past_values`` ``[B, KV, *, D]`` or ``None``, then the piece) and, in a
+        memory layer, to ``memory_keys``/``memory_values`` (``None`` when empty).
+        ``positional=False`` uses no RoPE.  ``memory``, the :class:`MemoryBuffer` holding
+        those tensors, is given only without autograd: the local keys are then written after
+        the memory in its spare room instead of concatenating a copy of the memory.  Returns
+        the output and the piece's un-rotated keys and values; changes no state."""
         batch, length, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        memory = cache.memory
-        positional = memory is None or self.config.mem_positionals
-        if memory is not None and (evict or memory.length):
-            memory.reserve(cache.local_length + upcoming, k)
-        old_k, old_v = cache.evict(evict)
-        if memory is not None and old_k is not None:
-            memory.append(rope.rotate_as_first(old_k) if positional else old_k, old_v)
-        keys, values = cache.push(k, v)
+        keys, values = join(past_keys, k), join(past_values, v)
         if positional:
             q = rope.rotate(q, keys.shape[2] - length)
             keys = rope.rotate(keys, 0)
         grouping = None
-        if memory is not None:
+        if memory_keys is not None:
             grouping = self.config.mem_attention_grouping
-            if memory.length:
+            if memory is not None:
                 keys, values = memory.with_local(keys, values)
+            else:
+                keys, values = join(memory_keys, keys), join(memory_values, values)
         out = windowed_attention(q, keys, values, grouping, self.config.torch_attention)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), k, v
 
 
-class FoTLlamaDecoderLayer(nn.Module):
+class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
+    """One decoder layer; with activation checkpointing on, its forward (which changes no
+    cache state: :meth:`LayerCache.advance` and ``push`` run outside it) is recomputed in
+    backward from the same local and memory tensors."""
+
     def __init__(self, config):
         super().__init__()
         self.self_attn = FoTLlamaAttention(config)
@@ -160,10 +173,15 @@ class FoTLlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden, cache, evict, rope, upcoming):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cache, evict, rope,
-                                         upcoming)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, past_keys, past_values, memory_keys, memory_values, rope=None,
+                positional=True, memory=None):
+        """Tensors that may need gradients are positional (what reentrant checkpointing
+        asks); returns the output and the piece's un-rotated keys and values."""
+        attended, keys, values = self.self_attn(
+            self.input_layernorm(hidden), past_keys, past_values, memory_keys, memory_values,
+            rope, positional, memory)
+        hidden = hidden + attended
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), keys, values
 
 
 class FoTLlamaPreTrainedModel(PreTrainedModel):
@@ -172,6 +190,7 @@ class FoTLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["FoTLlamaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
+    supports_gradient_checkpointing = True
 
 
 class FoTLlamaModel(FoTLlamaPreTrainedModel):
@@ -206,11 +225,22 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = LocalRope(self.rotary_emb, hidden, self.config.last_context_length)
         length = hidden.shape[1]
+        # With autograd, nothing that attention saved for backward may be written again: the
+        # memory grows by concatenation instead of in its preallocated room.
+        in_place = not torch.is_grad_enabled()
         outputs = []
         for start, end, evict in cache.plan(length):
             piece = hidden[:, start:end]
             for layer, layer_cache in zip(self.layers, cache.layers):
-                piece = layer(piece, layer_cache, evict, rope, length - start)
+                memory = layer_cache.memory
+                positional = memory is None or self.config.mem_positionals
+                to_memory = rope.rotate_as_first if positional else _identity
+                past_keys, past_values, memory_keys, memory_values = layer_cache.advance(
+                    evict, length - start, to_memory, in_place)
+                piece, keys, values = layer(
+                    piece, past_keys, past_values, memory_keys, memory_values, rope=rope,
+                    positional=positional, memory=memory if in_place else None)
+                layer_cache.push(keys, values)
             outputs.append(self.norm(piece))
             cache.seen_tokens += end - start
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -261,7 +291,9 @@ class FoTLlamaForCausalLM(FoTLlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
-                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+            # As LlamaForCausalLM: ``num_items_in_batch`` (from Trainer, under gradient
+            # accumulation) makes the loss a sum over that many tokens, not a mean.
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       past_key_values=out.past_key_values)
