@@ -15,7 +15,8 @@ from EasyLM.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Installed but never imported: what they are for, and the README text that says so.
-RUNTIME_ONLY = {"tensorboard": "tensorboard --logdir", "gcsfs": "gs://"}
+RUNTIME_ONLY = {"tensorboard": "tensorboard --logdir", "gcsfs": "gs://",
+                "accelerate": "transformers.Trainer"}
 # Imported only when a setting asks for them, not installed by requirements.txt: the README
 # text that tells how to install them.
 OPTIONAL = {"wandb": "pip install wandb"}
