@@ -16,7 +16,7 @@ eval_args=${CODE_EVAL_ARGS:---min_length 8193 --max_length 32768 --max_docs 64 -
 python -m running_utils.runner --config configs/code_$run.json \
   --tokenizer.vocab_file=$out/data/code_sp.model \
   --train_dataset.json_dataset.path=$out/data/train.jsonl \
-  --eval_dataset.json_dataset.path=$out/data/heldout.jsonl --workdir=$out/$run "$@"
+  --eval_dataset.json_dataset.path=$out/data/heldout.jsonl --workdir=$out/$run --resume=false "$@"
 checkpoint=$(ls -d $out/$run/*/checkpoints/step_* | sort -V | tail -1)
 python -m eval.loss_by_position --load_checkpoint "trainstate::$checkpoint" \
   --tokenizer $out/data/code_sp.model --data $out/data/heldout.jsonl \
