@@ -271,7 +271,6 @@ def _common_config(**specific):
         data_pipeline=Option("linear", "how documents fill rows: "
                              f"{data_pipeline.PIPELINE_NAMES_HELP}"),
         min_example_length=Option(0, "drop documents of fewer tokens; 0 keeps every document"),
-        always_start_with_bos=Option(False, "kept for old configs; only false is supported"),
         tokenizer_processes=Option(1, "processes tokenizing in parallel; 1 = in the main "
                                    "process"),
         tokenizer_parallel_chunk_size=Option(32, "records per task sent to a tokenizer "
@@ -328,9 +327,6 @@ class _DocumentDataset:
             raise ConfigError(
                 f"{name}.batch_size {config.batch_size} must split into {self.process_count} "
                 f"processes of whole groups of {self._packing} row(s)")
-        if config.always_start_with_bos:
-            raise ConfigError(f"{name}.always_start_with_bos is not supported; documents start "
-                              "with BOS through text_processor.add_bos_token")
         if config.tokenizer_processes < 1:
             raise ConfigError(f"{name}.tokenizer_processes must be >= 1")
 

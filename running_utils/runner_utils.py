@@ -5,13 +5,15 @@ the messages of ``--help`` and of a run that does not fit in device memory.
 A config file is a flat JSON object of dotted flag names (``"optimizer.adamw_optimizer.lr"``);
 keys starting with ``_`` (``"_comment"``) are documentation and ignored.  Command-line flags
 ``--key=value`` (or ``--key value``; a bare ``--key`` means true) override the file.  Any
-unknown key fails at once, naming the closest valid keys.
+unknown key fails at once, naming the closest valid keys; keys of the original LongLLaMA FoT
+configs are translated first (:mod:`EasyLM.legacy_keys`).
 """
 import json
 import os
 import textwrap
 
 from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
+from EasyLM.legacy_keys import translate_flags
 
 RUNNER_KEYS = ("pod_job", "jax_distributed", "gpu_memory_fraction")
 COMMAND_LINE_ONLY = (
@@ -101,12 +103,22 @@ def load_json_config(path):
 
 def build_config(argv):
     """Defaults, then the JSON file, then the command line (``--help`` and
-    ``--print_config`` are not config keys: see :func:`parse_command_line`)."""
+    ``--print_config`` are not config keys: see :func:`parse_command_line`); legacy keys
+    translated by :func:`EasyLM.legacy_keys.translate_flags`."""
     config_file, overrides, _ = parse_command_line(list(argv))
     config = get_default_config()
-    if config_file:
-        config.update_from(load_json_config(config_file))
-    config.update_from(overrides)
+    model_fields = {}
+    for values in (load_json_config(config_file) if config_file else {}, overrides):
+        flags, fields = translate_flags(values)
+        config.update_from(flags)
+        model_fields.update(fields)
+    if model_fields:
+        from EasyLM.models.llama.llama_train import parse_llama_overrides
+
+        # The original code's llama.<field> flags were the base that update_llama_config
+        # updated.
+        config.update_llama_config = json.dumps(dict(
+            model_fields, **parse_llama_overrides(config.update_llama_config)))
     return config
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as PS
 
 from EasyLM.jax_utils import BATCH_AXES, with_sharding_constraint
+from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
 from FoT.cross_batch import cross_batch_core
@@ -134,6 +135,8 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, values):
+        """Our fields; those of the original LLaMA config are translated (``legacy_keys``)."""
+        values = translate_model_fields(values or {}, "model config")
         return cls().replace(**values) if values else cls()
 
     @classmethod

@@ -17,6 +17,7 @@ from EasyLM import tokenizer as tokenizer_lib
 from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
 from EasyLM.data import DatasetFactory
 from EasyLM.jax_utils import float_dtype, get_jax_mesh, parse_mesh_dim
+from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS
 from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
 from EasyLM.trainer import Checkpointing, LoopSettings, Trainer, data_split, fit
@@ -86,7 +87,8 @@ def get_default_config(updates=None):
 
 
 def parse_llama_overrides(text, key="update_llama_config"):
-    """``'{"vocab_size": 512}'``, ``"{'vocab_size': 512}"`` or ``"dict(vocab_size=512)"``."""
+    """``'{"vocab_size": 512}'``, ``"{'vocab_size': 512}"`` or ``"dict(vocab_size=512)"``;
+    fields of the original LLaMA config translated (:mod:`EasyLM.legacy_keys`)."""
     if not text:
         return {}
     try:
@@ -104,7 +106,7 @@ def parse_llama_overrides(text, key="update_llama_config"):
                               f'{{"vocab_size": 32000}}') from None
     if not isinstance(value, dict):
         raise ConfigError(f"{key}={text!r}: expected a JSON object of LLaMAConfig fields")
-    return value
+    return translate_model_fields(value, key)
 
 
 def _dataset_source(config, name):
