@@ -103,7 +103,7 @@ class HuggingFaceTokenizer:
         return self.tokenizer.decode([int(i) for i in ids])
 
 
-def _tokenizer_from_json(path):
+def tokenizer_from_json(path):
     """A bare ``tokenizer.json`` names no special tokens; assume LLaMA's where they exist."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -127,12 +127,14 @@ def load_tokenizer(config, name="tokenizer"):
     if os.path.isdir(path):
         from transformers import AutoTokenizer
 
-        return HuggingFaceTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True),
-                                    **flags)
+        # An export made from a SentencePiece model ships its tokenizer as remote code.
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                  trust_remote_code=True)
+        return HuggingFaceTokenizer(tokenizer, **flags)
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):
         raise ConfigError(f"{name}.vocab_file: {path} does not exist")
     if path.endswith(".json"):
-        return HuggingFaceTokenizer(_tokenizer_from_json(path), **flags)
+        return HuggingFaceTokenizer(tokenizer_from_json(path), **flags)
     with fs.open(fs_path, "rb") as f:
         return SentencePieceTokenizer(f.read(), **flags)

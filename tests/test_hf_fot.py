@@ -160,7 +160,7 @@ import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 assert not any("FoT" in m for m in sys.modules)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = tokenizer("The grass is green. " * 8, return_tensors="pt").input_ids
 out = model(ids, use_cache=True)
 new = model.generate(ids, max_new_tokens=3, do_sample=False)

@@ -5,6 +5,8 @@ free of torch so that the JAX side can share :mod:`FoT.hf.windows_fot_llama`.  T
 files import nothing from the toolkit, so :data:`MODEL_FILES` can be copied next to the
 weights and loaded with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``;
 :func:`fot_config_dict` writes the matching ``config.json``.
+``tokenization_sentencepiece_llama.py`` is the tokenizer an export made from a SentencePiece
+model ships (see ``EasyLM.models.llama.convert_easylm_to_hf.copy_tokenizer``).
 """
 import os
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -77,7 +76,14 @@ def write_safetensors(tensors, output_dir, dtype="fp32", max_shard_size=5 * 2 **
 
 
 def copy_tokenizer(tokenizer_path, output_dir):
-    """Copy a HF tokenizer directory, or wrap a SentencePiece model as a LLaMA tokenizer."""
+    """Write the training tokenizer into the export so that it encodes exactly as training did.
+
+    A Hugging Face directory is copied as it is, and a ``tokenizer.json`` is saved with the
+    same special tokens training assumed (:func:`EasyLM.tokenizer.tokenizer_from_json`).  A
+    SentencePiece model is shipped as ``tokenizer.model`` with
+    :class:`FoT.hf.tokenization_sentencepiece_llama.SentencePieceLlamaTokenizer` as remote
+    code: transformers' own conversion of it disagrees with sentencepiece on whitespace,
+    normalisation and special-token strings in the text."""
     if os.path.isdir(tokenizer_path):
         copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_path, f))]
         if not copied:
@@ -88,13 +94,13 @@ def copy_tokenizer(tokenizer_path, output_dir):
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
     if tokenizer_path.endswith(".json"):
-        shutil.copy(tokenizer_path, os.path.join(output_dir, "tokenizer.json"))
+        from EasyLM.tokenizer import tokenizer_from_json
+        tokenizer_from_json(tokenizer_path).save_pretrained(output_dir)
         return
-    from transformers import LlamaTokenizer
-    # transformers 5 builds a SentencePiece tokenizer only when loading a directory.
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        LlamaTokenizer.from_pretrained(tmp, add_bos_token=True).save_pretrained(output_dir)
+    from FoT.hf.tokenization_sentencepiece_llama import SentencePieceLlamaTokenizer
+    tokenizer = SentencePieceLlamaTokenizer(tokenizer_path)
+    tokenizer.register_for_auto_class("AutoTokenizer")
+    tokenizer.save_pretrained(output_dir)
 
 
 def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
