@@ -4,8 +4,10 @@
 
 - a SentencePiece ``.model`` file (local path or any fsspec URL), e.g. the original LLaMA
   ``tokenizer.model`` or the project's ``tokenizers/tiny_sp.model``;
-- a local directory saved by ``transformers`` (``AutoTokenizer``), or a ``tokenizer.json``
-  file (``PreTrainedTokenizerFast``).
+- a local directory: its ``tokenizer.model`` if it has one (a LLaMA model directory or this
+  project's export of a SentencePiece-trained model), else what ``transformers`` saved there
+  (``AutoTokenizer``, no remote code);
+- a ``tokenizer.json`` file (``PreTrainedTokenizerFast``).
 
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
 ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``; ``encode`` adds BOS/EOS only when
@@ -125,12 +127,16 @@ def load_tokenizer(config, name="tokenizer"):
                           "tokenizers/tiny_sp.model), a Hugging Face tokenizer directory or a "
                           "tokenizer.json")
     if os.path.isdir(path):
+        sentencepiece_model = os.path.join(path, "tokenizer.model")
+        if os.path.exists(sentencepiece_model):
+            # An export made from a SentencePiece model ships that model: read it as training
+            # did, rather than running the directory's tokenizer code (remote code).
+            with open(sentencepiece_model, "rb") as f:
+                return SentencePieceTokenizer(f.read(), **flags)
         from transformers import AutoTokenizer
 
-        # An export made from a SentencePiece model ships its tokenizer as remote code.
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                  trust_remote_code=True)
-        return HuggingFaceTokenizer(tokenizer, **flags)
+        return HuggingFaceTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True),
+                                    **flags)
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):
         raise ConfigError(f"{name}.vocab_file: {path} does not exist")

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from EasyLM.config import ConfigError
-from EasyLM.tokenizer import get_default_config, load_tokenizer
+from EasyLM.tokenizer import SentencePieceTokenizer, get_default_config, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = os.path.join(ROOT, "tokenizers", "tiny_sp.model")
@@ -62,3 +62,15 @@ def test_clear_errors():
         load_tokenizer({"vocab_file": "/nonexistent/tokenizer.model"})
     with pytest.raises(ConfigError, match="vocab_file"):
         get_default_config({"vocab_fil": TINY_MODEL})
+
+
+def test_directory_with_a_sentencepiece_model_reads_it_without_remote_code(tmp_path):
+    # An export (or a LLaMA model directory) ships tokenizer.model: training's own tokenizer,
+    # read directly, even when the directory also carries tokenizer code.
+    shutil.copy(TINY_MODEL, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": '
+                                                    '["missing.Tokenizer", null]}}')
+    tokenizer = load_tokenizer({"vocab_file": str(tmp_path)})
+    assert isinstance(tokenizer, SentencePieceTokenizer)
+    reference = load_tokenizer({"vocab_file": TINY_MODEL})
+    assert tokenizer.encode("  leading  spaces") == reference.encode("  leading  spaces")
