@@ -87,25 +87,21 @@ class ConfigDict(dict):
                 self[head] = coerce_like(current, value, full)
         return self
 
-    def flatten(self, prefix=""):
-        """``{'a.b': value}`` for every leaf."""
-        flat = {}
+    def _leaves(self, prefix=""):
+        """``(dotted key, owning ConfigDict, key)`` for every leaf."""
         for key, value in self.items():
             if isinstance(value, ConfigDict):
-                flat.update(value.flatten(f"{prefix}{key}."))
+                yield from value._leaves(f"{prefix}{key}.")
             else:
-                flat[f"{prefix}{key}"] = value
-        return flat
+                yield f"{prefix}{key}", self, key
+
+    def flatten(self, prefix=""):
+        """``{'a.b': value}`` for every leaf."""
+        return {path: owner[key] for path, owner, key in self._leaves(prefix)}
 
     def describe(self, prefix=""):
         """``{'a.b': meaning}`` for every leaf, ``""`` where none was declared."""
-        meanings = {}
-        for key, value in self.items():
-            if isinstance(value, ConfigDict):
-                meanings.update(value.describe(f"{prefix}{key}."))
-            else:
-                meanings[f"{prefix}{key}"] = self._help.get(key, "")
-        return meanings
+        return {path: owner._help.get(key, "") for path, owner, key in self._leaves(prefix)}
 
     def to_dict(self):
         return {k: v.to_dict() if isinstance(v, ConfigDict) else v for k, v in self.items()}
