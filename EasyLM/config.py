@@ -8,6 +8,7 @@ a misspelt config key fails at once with the closest valid names instead of bein
 ignored.  It has no dependency beyond the standard library, so the same code runs on machines
 without ``ml_collections``.
 """
+import ast
 import copy
 import dataclasses
 import difflib
@@ -145,6 +146,29 @@ def coerce_like(default, value, key):
     except (TypeError, ValueError):
         raise ConfigError(f"config key '{key}': cannot use {value!r} where a "
                           f"{type(default).__name__} is expected (default {default!r})") from None
+    return value
+
+
+def parse_object(text, key):
+    """A dict from a flag's string: ``'{"a": 1}'``, ``"{'a': 1}"`` or ``"dict(a=1)"`` (the
+    original EasyLM configs' form); ``{}`` for an empty string."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            node = ast.parse(text, mode="eval").body
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict"
+                    and not node.args):
+                value = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+            else:
+                value = ast.literal_eval(node)
+        except (SyntaxError, ValueError):
+            raise ConfigError(f"{key}={text!r}: expected a JSON object such as "
+                              f'{{"vocab_size": 32000}}') from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={text!r}: expected a JSON object")
     return value
 
 

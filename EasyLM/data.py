@@ -319,14 +319,12 @@ class _DocumentDataset:
             raise ConfigError(f"{name}.data_pipeline: {error}") from None
         if config.seq_length < 1 or config.batch_size < 1:
             raise ConfigError(f"{name}.seq_length and {name}.batch_size must be >= 1")
-        if config.batch_size % self._packing:
-            raise ConfigError(
-                f"{name}.batch_size {config.batch_size} is not divisible by the packing factor "
-                f"{self._packing} of {name}.data_pipeline '{config.data_pipeline}'")
-        if config.batch_size % (self._packing * self.process_count):
-            raise ConfigError(
-                f"{name}.batch_size {config.batch_size} must split into {self.process_count} "
-                f"processes of whole groups of {self._packing} row(s)")
+        try:
+            data_pipeline.check_whole_groups(config.batch_size, self._packing,
+                                             self.process_count, "processes")
+        except ValueError as error:
+            raise ConfigError(f"{name}.batch_size {config.batch_size} with {name}.data_pipeline "
+                              f"'{config.data_pipeline}': {error}") from None
         if config.tokenizer_processes < 1:
             raise ConfigError(f"{name}.tokenizer_processes must be >= 1")
 
@@ -374,8 +372,8 @@ class _DocumentDataset:
                     self._skips.warn()  # the first pass is over: report all it skipped
                     empty_passes, last_pass = empty_passes + 1, position["pass"]
                     if empty_passes > 1:
-                        raise ValueError(f"{self.prefix}: a whole pass over the data gave no usable "
-                                         "document (see the warnings above)")
+                        raise ValueError(f"{self.prefix}: a whole pass over the data gave no "
+                                         "usable document (see the warnings above)")
                 self._position = position
                 skipped = isinstance(outcome, str)
                 self._counters["skipped_lines"] += skipped
@@ -592,7 +590,8 @@ class HuggingfaceDataset(_DocumentDataset):
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset[config.split]
             return dataset.to_iterable_dataset() if config.streaming else dataset
-        data_files = [f.strip() for f in config.data_files.split(",")] if config.data_files else None
+        data_files = ([f.strip() for f in config.data_files.split(",")] if config.data_files
+                      else None)
         try:
             return datasets.load_dataset(
                 config.path, config.name or None, split=config.split or None,

@@ -72,11 +72,21 @@ def named_shardings(mesh, specs):
                                   is_leaf=lambda x: isinstance(x, PS))
 
 
+# The float dtypes a config or command line may name: short name -> NumPy / JAX / PyTorch name.
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(name):
+    """``'bf16'`` or ``'bfloat16'`` -> ``'bfloat16'``, the name NumPy, JAX and PyTorch share."""
+    if name in DTYPE_NAMES.values():
+        return name
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of "
+                         f"{sorted(DTYPE_NAMES) + sorted(DTYPE_NAMES.values())}")
+    return DTYPE_NAMES[name]
+
+
 def float_dtype(name):
     """``'bf16'`` / ``'bfloat16'`` / ``'fp32'`` ... -> a jnp dtype."""
     import jax.numpy as jnp
-    table = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp16": jnp.float16,
-             "float16": jnp.float16, "fp32": jnp.float32, "float32": jnp.float32}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)}")
-    return table[name]
+    return getattr(jnp, dtype_name(name))

@@ -9,10 +9,11 @@ it has no effect (the value that changed nothing in the original code either), o
 ``ConfigError`` naming what replaced it.  Both run before the config is validated.
 """
 import ast
+import json
 import logging
 import re
 
-from EasyLM.config import ConfigError
+from EasyLM.config import ConfigError, parse_object
 
 log = logging.getLogger("EasyLM")
 # A config is read more than once (validation, then the run): each warning is logged once.
@@ -114,19 +115,25 @@ MODEL_FIELD_RULES = (
     ("use_cache", _warn("has no effect here (windowed inference with memory caches is "
                         "FoT/inference.py)")),
     ("remat_(attention|mlp)", _ignore_if(
-        _is_empty, "only whole decoder layers are rematerialised here: set remat_block to a "
-        "jax.checkpoint policy (nothing_saveable, dots_saveable, dots_and_attention_saveable, "
-        "...)")),
+        _is_empty, "only whole decoder layers are rematerialised here: set the run flag "
+        "remat_block to a jax.checkpoint policy (nothing_saveable, dots_saveable, "
+        "dots_and_attention_saveable, ...)")),
     ("scan_(attention|mlp)", _ignore_if(
         lambda v: not _is_true(v), "blockwise (scanned) attention and MLP of ordinary layers "
-        "are not implemented: attention_implementation picks the attention of ordinary layers "
-        "(cuDNN fused on GPU), scan_cross_batch / cross_batch_implementation='blockwise' bounds "
-        "the memory layers' score memory, remat_block and loss_chunk_tokens save memory")),
+        "are not implemented; run flags instead: attention_implementation picks the attention "
+        "of ordinary layers (cuDNN fused on GPU), scan_cross_batch / "
+        "cross_batch_implementation='blockwise' bounds the memory layers' score memory, "
+        "remat_block and loss_chunk_tokens save memory")),
     ("scan_\\w+_chunk_size", _warn("has no effect here (scan_attention / scan_mlp are not "
                                    "implemented; see cross_batch_block_size)")),
     ("fcm_(min|max)_ratio", _ignore_if(
         _is_zero, "forgetful causal masking is not implemented here; set 0 or drop the key")),
 )
+
+
+# Fields of the original LLaMA config that are run flags of the same name here (run settings
+# are not model fields: EasyLM.models.llama.llama_model.LLaMAConfig.run_settings).
+RUN_FLAG_FIELDS = ("remat_block",)
 
 
 def _action(rules, key):
@@ -165,16 +172,40 @@ def _literal(value):
         return value
 
 
+def _take_run_flags(fields, source):
+    """Remove from ``fields`` (model-config fields) those that are run flags here, returned as
+    flags."""
+    flags = {}
+    for name in RUN_FLAG_FIELDS:
+        if name in fields:
+            flags[name] = fields.pop(name)
+            _warn_once("legacy config key %s %s=%r read as the run flag --%s", source, name,
+                       flags[name], name)
+    return flags
+
+
 def translate_flags(values):
     """``(flags, model_fields)`` of a flat ``{dotted key: value}`` from a config file or the
     command line: legacy flags mapped, warned about or refused; the original ``llama.<field>``
-    flags gathered as model-config fields (for ``update_llama_config``)."""
-    flags, model_fields = {}, {}
+    flags gathered as model-config fields (for ``update_llama_config``); the original model
+    fields that are run flags here (``RUN_FLAG_FIELDS``) moved to their flags."""
+    flags, model_fields, moved = {}, {}, {}
     for key, value in values.items():
         if key.startswith("llama."):
-            model_fields.update(translate_model_fields({key[len("llama."):]: _literal(value)},
-                                                       source=key))
+            fields = translate_model_fields({key[len("llama."):]: _literal(value)}, source=key)
+            moved.update(_take_run_flags(fields, "llama.*"))
+            model_fields.update(fields)
             continue
+        if key == "update_llama_config":
+            fields = translate_model_fields(parse_object(value, key), key)
+            taken = _take_run_flags(fields, key)
+            if taken:
+                moved.update(taken)
+                value = json.dumps(fields)
         action = _action(FLAG_RULES, key)
         flags.update(action(key, value) if action else {key: value})
-    return flags, model_fields
+    for name, value in moved.items():
+        if name in flags and flags[name] != value:
+            raise ConfigError(f"{name}={flags[name]!r} and the legacy model field "
+                              f"{name}={value!r} disagree: keep only the run flag {name}")
+    return dict(flags, **moved), model_fields

@@ -1,5 +1,5 @@
-"""Train and eval steps under ``jax.jit`` with explicit shardings, gradient accumulation, FLOP
-accounting, and the training loop (logging, evaluation, checkpoints).
+"""Train and eval steps under ``jax.jit`` with explicit shardings, gradient accumulation, and
+the training loop (logging, evaluation, checkpoints, throughput from :mod:`EasyLM.flops`).
 
 The train state is a plain dict ``{"step", "params", "opt_state", "skipped_steps"}``: float32
 master parameters (the Flax variables' ``params`` tree), the optax state, the number of updates
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
+from EasyLM.flops import flops_per_step, peak_flops_per_device
 from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
                               with_sharding_constraint)
 from EasyLM.logging_utils import ConsoleProgress, WindowAggregator, with_prefix
@@ -30,16 +31,8 @@ from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_s
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
                                              output_head_kernel)
 from EasyLM.optimizers import get_optimizer
-from FoT.cross_batch import allowed_slots
 
 BATCH_KEYS = ("input_tokens", "target_tokens", "loss_masks")
-# Dense bf16 peak FLOP/s of one JAX device, matched against ``device.device_kind`` in order.
-# TPU v2/v3 expose each TensorCore as a device; later TPUs one device per chip.
-PEAK_FLOPS_PER_DEVICE = (
-    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12), ("v5e", 197e12),
-    ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12), ("v3", 61.5e12), ("v2", 22.5e12),
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-)
 # Metrics whose last value in a logging window is reported (the others are averaged).
 LATEST_METRICS = ("learning_rate", "param_norm", "skipped_steps")
 
@@ -51,40 +44,6 @@ def state_partition_specs(state_shapes):
     return jax.tree_util.tree_map(
         lambda spec, leaf: spec if len(spec) <= np.ndim(leaf) else PS(), specs, state_shapes,
         is_leaf=lambda x: isinstance(x, PS))
-
-
-def peak_flops_per_device(device=None):
-    kind = (device or jax.devices()[0]).device_kind
-    for name, flops in PEAK_FLOPS_PER_DEVICE:
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def flops_per_step(config, batch_size, seq_length, training=True):
-    """Model FLOPs of one step (forward; x3 for forward + backward), written out:
-
-    - matmuls: ``2 * P * B * L`` for ``P`` parameters used in matmuls (all but the input
-      embedding lookup; a tied head counts the embedding once);
-    - attention scores and values, per layer: ``4 * B * H * D * L^2 / 2`` for the causal local
-      context, plus ``4 * H * D * L^2 * sum_b (n_b - 1)`` in memory layers for the cross-batch
-      slots each row may use (FOT_SPEC 2.4), every key of a slot visible.
-    """
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * config.head_dim
-    layer = h * h * 2 + 2 * h * kv + 3 * h * i
-    params = config.num_hidden_layers * layer + h * v
-    tokens = batch_size * seq_length
-    heads_dim = config.num_attention_heads * config.head_dim
-    local = 2 * batch_size * heads_dim * seq_length ** 2 * config.num_hidden_layers
-    extra_slots = 0
-    if config.cross_batch_range > 0 and config.mem_layers:
-        n = allowed_slots(batch_size, config.cross_batch_range, config.dataset_packing,
-                          config.cross_batch_stepping)
-        extra_slots = int(np.sum(n - 1)) * len(config.mem_layers)
-    memory = 4 * heads_dim * seq_length ** 2 * extra_slots
-    forward = 2 * params * tokens + local + memory
-    return (3 if training else 1) * forward
 
 
 def data_split(mesh):

@@ -147,11 +147,7 @@ class _Pipeline:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-        if batch_size % (group_rows * process_count) != 0:
-            packing = f" x dataset packing {group_rows}" if group_rows > 1 else ""
-            raise ValueError(
-                f"batch size {batch_size} is not divisible by process count {process_count}"
-                f"{packing}; every process must get whole groups of {group_rows} row(s)")
+        check_whole_groups(batch_size, group_rows, process_count, "processes")
         self.token_source = token_source
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -371,6 +367,18 @@ def parse_pipeline_name(name):
         raise ValueError(f"unknown data pipeline {name!r}; expected {PIPELINE_NAMES_HELP}")
     kind, k, pad = match.groups()
     return kind, int(k or 1), bool(pad)
+
+
+def check_whole_groups(rows, packing, parts=1, part_name="parts"):
+    """Raise ``ValueError`` unless ``rows`` splits into ``parts`` equal shares of whole groups of
+    ``packing`` rows: a document's ``packing`` consecutive rows must stay together in a batch,
+    on a process and in a micro-batch, or cross-batch attention pairs the wrong rows."""
+    if rows % packing:
+        raise ValueError(f"{rows} rows are not divisible by the packing factor {packing} (rows "
+                         f"per document)")
+    if rows % (packing * parts):
+        raise ValueError(f"{rows} rows are not divisible into {parts} {part_name} of whole "
+                         f"groups of {packing} row(s)")
 
 
 def dataset_packing_for(name):

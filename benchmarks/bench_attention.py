@@ -8,8 +8,9 @@ First checks the kernel against the reference in float32 and bf16 on a smaller s
 and the four gradients) and prints PASS/FAIL.  Then every (variant, C, kv heads) runs in a
 fresh subprocess, so that each reports its own peak device memory, and is timed forward and
 forward+backward (median over calls after a warm-up, ``block_until_ready``).  TFLOP/s count
-useful work as docs/GPU.md says: ``4 L^2 D`` per row and head for each allowed memory slot,
-half that for the causal local slot, 3.5x the forward for forward+backward.
+useful work as docs/GPU.md says (:func:`EasyLM.flops.attention_flops`): ``4 L^2 D`` per row
+and head for each allowed memory slot, half that for the causal local slot, 3.5x the forward
+for forward+backward.
 
 The cuDNN variant is ``jax.nn.dot_product_attention(implementation="cudnn")`` over K/V
 gathered to ``[B, (C + 1) L, KV, D]`` and a boolean ``[B, 1, L, (C + 1) L]`` mask (causal on
@@ -66,13 +67,6 @@ def kernel_options(args):
             numbers = tuple(int(x) for x in value.split(","))
             options[flag] = numbers if len(numbers) > 1 else numbers[0]
     return options
-
-
-def useful_flops(length, heads, head_dim, n_slots):
-    """Forward FLOPs of the attention each row (``n_slots`` per row) may use, the local slot
-    causal."""
-    per_slot = 4 * length * length * heads * head_dim
-    return sum(per_slot * (0.5 + int(n) - 1) for n in n_slots)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -145,6 +139,7 @@ def peak_bytes():
 def run_timing(job):
     import jax
     import jax.numpy as jnp
+    from EasyLM.flops import attention_flops
     from FoT.cross_batch import allowed_slots
 
     dtype = jnp.dtype(job["dtype"])
@@ -153,7 +148,7 @@ def run_timing(job):
     inputs = jax.block_until_ready(jax.jit(prepare)(q, k_loc, k_mem, v))
     input_bytes = sum(x.nbytes for x in inputs)
     n_slots = allowed_slots(job["batch"], job["C"], job["packing"], job["stepping"])
-    flops = useful_flops(job["length"], job["heads"], job["head_dim"], n_slots)
+    flops = attention_flops(job["length"], job["heads"], job["head_dim"], n_slots)
     result = dict(input_gib=input_bytes / 2**30, device=jax.devices()[0].device_kind)
     forward = jax.jit(fn)
 

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
 from FoT.hf.configuration_fot_llama import FoTLlamaConfig
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM, windowed_attention
 
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=None, help="last_context_length (2048)")
     p.add_argument("--kv_heads", type=int, default=None, help="GQA: key/value heads")
     p.add_argument("--decode_tokens", type=int, default=None, help="default 32")
-    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES))
     p.add_argument("--device", default=None)
     p.add_argument("--torch_attention", default="true", choices=("true", "false"))
     p.add_argument("--json", help="also write the rows here")
@@ -75,7 +76,7 @@ def build_model(args):
                             sizes["num_attention_heads"], max_position_embeddings=args.window,
                             last_context_length=args.window,
                             torch_attention=args.torch_attention == "true")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = getattr(torch, dtype_name(args.dtype))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -88,7 +89,7 @@ def build_model(args):
 
 def check_attention(args, heads, head_dim):
     """Max error of the SDPA path against the explicit float32 softmax, per case."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = getattr(torch, dtype_name(args.dtype))
     window, errors = args.window, {}
     generator = torch.Generator(device=args.device).manual_seed(0)
     for kv_heads in sorted({heads, max(1, heads // 4)}, reverse=True):

@@ -212,8 +212,8 @@ def out_of_memory_message(error, config, environ=os.environ):
     return "\n".join([
         f"out of device memory: {what}",
         "To fit, change one of:",
-        "  update_llama_config: '{\"remat_block\": \"nothing_saveable\"}' recomputes each "
-        "layer's activations in the backward pass (dots_and_attention_saveable keeps more)",
+        f"  remat_block={config.remat_block!r}: nothing_saveable recomputes each layer's "
+        "activations in the backward pass (dots_and_attention_saveable keeps more)",
         f"  {source}.batch_size={batch}: fewer rows per step, or keep the batch and raise "
         f"optimizer.accumulate_gradient_steps={accumulate} to run it in smaller micro-batches",
         f"  loss_chunk_tokens={config.loss_chunk_tokens}: smaller loss slices (0 materialises "

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from EasyLM import run
 from EasyLM.checkpoint import (TrainCheckpointer, latest_train_checkpoint, load_llama_config,
                                load_params, read_metadata, save_params)
 from EasyLM.config import ConfigError
@@ -192,9 +193,10 @@ def test_resume_flag_chooses_the_run(tmp_path):
     old_run = tmp_path / "2024-01-01_00-00-00"
     (old_run / "checkpoints" / "step_8" / "state").mkdir(parents=True)
     config = get_default_with({"workdir": str(tmp_path)})
-    assert llama_train.select_run(config) == (str(old_run), str(old_run / "checkpoints/step_8"))
+    assert run.select_run(config.workdir, config.resume) == (
+        str(old_run), str(old_run / "checkpoints/step_8"))
     config.resume = False
-    fresh, resume_from = llama_train.select_run(config)
+    fresh, resume_from = run.select_run(config.workdir, config.resume)
     assert resume_from is None and fresh != str(old_run) and os.path.isdir(fresh)
 
 
@@ -334,7 +336,7 @@ def test_an_uncaught_exception_lands_in_train_log(tmp_path, monkeypatch):
         raise RuntimeError("the disk is full")
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(llama_train, "fit", failing_fit)
+    monkeypatch.setattr(run, "fit", failing_fit)
     _, train = split_config(build_config(["--config", SETUP, *SHORT, *QUIET,
                                           "--workdir", str(tmp_path)]))
     with pytest.raises(RuntimeError, match="the disk is full"):

@@ -21,7 +21,8 @@ from EasyLM.optimizers import get_default_config as optimizer_config
 from EasyLM.tokenizer import get_default_config as tokenizer_config
 from EasyLM.tokenizer import load_tokenizer
 from EasyLM.losses import token_sums
-from EasyLM.trainer import LoopSettings, Trainer, data_split, fit, flops_per_step
+from EasyLM.flops import flops_per_step
+from EasyLM.trainer import LoopSettings, Trainer, data_split, fit
 from FoT.cross_batch import allowed_slots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

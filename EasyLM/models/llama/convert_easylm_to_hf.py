@@ -26,9 +26,9 @@ import torch
 
 from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
                                parse_checkpoint_spec)
+from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
 from EasyLM.models.llama.hf_layout import native_to_hf
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 # The longest input a FoT export declares.  Positions are relative to the local window and
@@ -39,8 +39,10 @@ FOT_MAX_POSITION_EMBEDDINGS = 2 ** 31 - 1
 
 
 def write_safetensors(tensors, output_dir, dtype="fp32", max_shard_size=5 * 2 ** 30):
-    """Write ``(name, array)`` pairs as sharded safetensors with ``model.safetensors.index.json``."""
+    """Write ``(name, array)`` pairs as sharded safetensors with
+    ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
+    torch_dtype = getattr(torch, dtype_name(dtype))
     shards, current, current_size = [], {}, 0
 
     def flush():
@@ -54,7 +56,7 @@ def write_safetensors(tensors, output_dir, dtype="fp32", max_shard_size=5 * 2 **
 
     total = 0
     for name, array in tensors:
-        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32)).to(TORCH_DTYPES[dtype])
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32)).to(torch_dtype)
         size = tensor.numel() * tensor.element_size()
         if current and current_size + size > max_shard_size:
             flush()
@@ -108,8 +110,7 @@ def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
     """Write a Hugging Face model directory from a tensor stream and ``config.json`` dict."""
     os.makedirs(output_dir, exist_ok=True)
     write_safetensors(tensors, output_dir, dtype, max_shard_size)
-    hf_config = dict(hf_config, torch_dtype={"fp32": "float32", "bf16": "bfloat16",
-                                             "fp16": "float16"}[dtype])
+    hf_config = dict(hf_config, torch_dtype=dtype_name(dtype))
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     for path in extra_files:
@@ -172,7 +173,7 @@ def main(argv=None):
                         help="checkpoint directory: a run's RUN/checkpoints/step_<N> or a "
                              "converted model (params:: or trainstate:: prefix optional)")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--dtype", default="fp32", choices=sorted(TORCH_DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--tokenizer_path", default=None,
                         help="SentencePiece .model file or Hugging Face tokenizer directory")
     parser.add_argument("--max_shard_size", type=int, default=5 * 2 ** 30,
@@ -185,7 +186,7 @@ def main(argv=None):
                              "length of a run's checkpoint, else max_sequence_length)")
     memory.add_argument("--mem_attention_grouping", default=None, type=_pair,
                         help="HEADS,QUERIES processed at a time in memory layers")
-    memory.add_argument("--mem_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    memory.add_argument("--mem_dtype", default=None, choices=sorted(DTYPE_NAMES.values()),
                         help="dtype of stored memory (default: the activation dtype)")
     memory.add_argument("--torch_attention", default=True, type=_flag,
                         help="use torch scaled_dot_product_attention (true/false)")

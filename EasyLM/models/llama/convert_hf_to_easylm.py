@@ -11,15 +11,13 @@ import glob
 import json
 import os
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from EasyLM.checkpoint import save_params
+from EasyLM.jax_utils import DTYPE_NAMES, float_dtype
 from EasyLM.models.llama.hf_layout import hf_to_native, insert
 from EasyLM.models.llama.llama_model import LLaMAConfig
-
-_NUMPY_DTYPES = {"fp32": np.float32, "bf16": None, "fp16": np.float16}
 
 
 def iterate_hf_tensors(hf_dir):
@@ -56,11 +54,7 @@ def convert(hf_dir, mem_layers=None, param_dtype="fp32"):
         if converted is None:
             continue
         path, array = converted
-        if param_dtype == "bf16":
-            import ml_dtypes
-            array = array.astype(ml_dtypes.bfloat16)
-        else:
-            array = array.astype(_NUMPY_DTYPES[param_dtype])
+        array = array.astype(float_dtype(param_dtype))
         insert(params, path, array)
     _check_complete(params, config)
     return {"params": params}, config
@@ -92,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--mem_layers", default=None,
                         help="comma-separated FoT memory layer indices, e.g. 6,12,18")
-    parser.add_argument("--param_dtype", default="fp32", choices=sorted(_NUMPY_DTYPES))
+    parser.add_argument("--param_dtype", default="fp32", choices=sorted(DTYPE_NAMES))
     args = parser.parse_args(argv)
     variables, config = convert(args.hf_model, parse_mem_layers(args.mem_layers),
                                 args.param_dtype)

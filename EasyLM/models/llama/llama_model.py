@@ -7,6 +7,7 @@ with ``cross_batch_range > 0`` they run cross-batch attention (:mod:`FoT.cross_b
 """
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -47,8 +48,17 @@ def remat_policy(name):
     return EXTRA_REMAT_POLICIES.get(name) or getattr(jax.checkpoint_policies, name)
 
 
+def _run_setting(default, meaning, set_by=None):
+    """A field that says how a run executes the model, not what the model is: a run sets it
+    from ``set_by`` (by default the run flag of the field's name, declared from ``meaning``),
+    ``llama_config.json`` does not store it and ``update_llama_config`` may not set it."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "set_by": set_by})
+
+
 @dataclasses.dataclass
 class LLaMAConfig:
+    """The architecture (what a checkpoint's ``llama_config.json`` stores) and the run settings
+    (:func:`_run_setting` fields) that the modules read."""
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -63,23 +73,38 @@ class LLaMAConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-    # FoT memory layers and cross-batch training (FOT_SPEC section 2).
+    # FoT memory layers (FOT_SPEC section 2).
     mem_layers: tuple = ()
-    cross_batch_range: int = 0
-    cross_batch_stepping: bool = False
-    dataset_packing: int = 1
-    scan_cross_batch: bool = False
-    flip_sharding_in_cross_batch: bool = False
-    # "auto": pallas on GPU/TPU, reference on CPU ("blockwise" when scan_cross_batch is set).
-    cross_batch_implementation: str = "auto"
-    cross_batch_block_size: int = 512
-    # Non-memory layers: "auto" is cuDNN fused attention on GPU and XLA elsewhere.
-    attention_implementation: str = "auto"
-    remat_block: str = ""
-    # Run each run of consecutive ordinary layers as one ``lax.scan`` (parameters stay stored
-    # per layer as h/<i>; they are stacked inside the step).  Same numbers, fewer layer
-    # bodies to compile; slower per step on the H200 (README, Training throughput).
-    scan_layers: bool = False
+    # Cross-batch training: the train and eval models of one run differ here.
+    cross_batch_range: int = _run_setting(
+        0, "FoT cross-batch range C: memory layers also attend to the C previous rows",
+        "--train_cross_batch_range / --eval_cross_batch_range")
+    cross_batch_stepping: bool = _run_setting(
+        False, "a document's later rows see more of the C slots than its first",
+        "--train_cross_batch_stepping / --eval_cross_batch_stepping")
+    dataset_packing: int = _run_setting(
+        1, "consecutive rows per document",
+        "the data pipeline (train_dataset.<type>_dataset.data_pipeline=doc_aware_kN)")
+    scan_cross_batch: bool = _run_setting(
+        False, "blockwise cross-batch attention (bounded score memory) where "
+        "cross_batch_implementation is auto")
+    flip_sharding_in_cross_batch: bool = _run_setting(
+        False, "shard heads instead of rows inside cross-batch attention")
+    cross_batch_implementation: str = _run_setting(
+        "auto", "memory layers' attention: auto (pallas on GPU/TPU, reference on CPU, "
+        "blockwise with scan_cross_batch), " + ", ".join(CROSS_BATCH_IMPLEMENTATIONS))
+    cross_batch_block_size: int = _run_setting(
+        512, "query/key block of the blockwise cross-batch attention")
+    attention_implementation: str = _run_setting(
+        "auto", "ordinary layers' attention: auto (cuDNN fused on GPU, XLA elsewhere), xla, "
+        "cudnn")
+    remat_block: str = _run_setting(
+        "", "jax.checkpoint policy of each decoder layer ('' = none): nothing_saveable, "
+        "dots_saveable, dots_and_attention_saveable (also keeps fused attention outputs), ...")
+    # Parameters stay stored per layer as h/<i>; they are stacked inside the step.
+    scan_layers: bool = _run_setting(
+        False, "run each run of consecutive ordinary layers as one lax.scan: same numbers, "
+        "fewer layer bodies to compile, slower per step on the H200")
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -103,8 +128,10 @@ class LLaMAConfig:
             raise ValueError(f"mem_layers {list(self.mem_layers)}: indices {bad} are out of "
                              f"range for a model of {self.num_hidden_layers} layers "
                              f"(valid: 0..{self.num_hidden_layers - 1})")
-        if self.cross_batch_range < 0 or self.dataset_packing < 1:
-            raise ValueError("cross_batch_range must be >= 0 and dataset_packing >= 1")
+        for name, least in (("cross_batch_range", 0), ("dataset_packing", 1),
+                            ("cross_batch_block_size", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= {least}")
         if self.cross_batch_implementation not in ("auto",) + CROSS_BATCH_IMPLEMENTATIONS:
             raise ValueError(f"cross_batch_implementation {self.cross_batch_implementation!r}: "
                              f"choose one of {('auto',) + CROSS_BATCH_IMPLEMENTATIONS}")
@@ -124,8 +151,24 @@ class LLaMAConfig:
                              f"{sorted(fields)}")
         return dataclasses.replace(self, **updates)
 
+    @classmethod
+    def run_settings(cls):
+        """``{field: what sets it}`` of the run settings."""
+        return {f.name: f.metadata["set_by"] or f"--{f.name}" for f in dataclasses.fields(cls)
+                if "meaning" in f.metadata}
+
+    @classmethod
+    def run_flags(cls):
+        """``{field: (default, meaning)}`` of the run settings set by a run flag of their name:
+        the run declares its flags from these."""
+        return {f.name: (f.default, f.metadata["meaning"]) for f in dataclasses.fields(cls)
+                if "meaning" in f.metadata and f.metadata["set_by"] is None}
+
     def to_dict(self):
+        """The architecture: what ``llama_config.json`` stores."""
         out = dataclasses.asdict(self)
+        for name in self.run_settings():
+            del out[name]
         out["mem_layers"] = list(self.mem_layers)
         return out
 
@@ -135,9 +178,18 @@ class LLaMAConfig:
 
     @classmethod
     def from_dict(cls, values):
-        """Our fields; those of the original LLaMA config are translated (``legacy_keys``)."""
+        """Our architecture fields; those of the original LLaMA config are translated
+        (``legacy_keys``).  Run settings, which older checkpoints stored too, are left to the
+        run that loads the model, with a warning where they differ from the defaults."""
         values = translate_model_fields(values or {}, "model config")
-        return cls().replace(**values) if values else cls()
+        run = cls.run_settings()
+        defaults = cls()
+        dropped = [f"{name}={value!r} ({run[name]})" for name, value in values.items()
+                   if name in run and value != getattr(defaults, name)]
+        if dropped:
+            logging.getLogger("EasyLM").warning(
+                "model config: run settings %s ignored; the run sets them", ", ".join(dropped))
+        return cls().replace(**{k: v for k, v in values.items() if k not in run})
 
     @classmethod
     def from_hf_config(cls, hf, **overrides):

@@ -1,0 +1,57 @@
+"""FLOP accounting: the model FLOPs of a train or eval step, the attention FLOPs of cross-batch
+rows, and the peak FLOP/s of a device, for MFU in the training loop and the benchmarks."""
+import jax
+import numpy as np
+
+from FoT.cross_batch import allowed_slots
+
+# Dense bf16 peak FLOP/s of one JAX device, matched against ``device.device_kind`` in order.
+# TPU v2/v3 expose each TensorCore as a device; later TPUs one device per chip.
+PEAK_FLOPS_PER_DEVICE = (
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12), ("v3", 61.5e12), ("v2", 22.5e12),
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+)
+
+
+def peak_flops_per_device(device=None):
+    """The table's peak for ``device`` (default: the first device), or None if not listed."""
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS_PER_DEVICE:
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def attention_flops(length, heads, head_dim, n_slots):
+    """Forward FLOPs of scores and values for rows of ``length`` tokens, row ``b`` using
+    ``n_slots[b]`` context slots (FOT_SPEC 2.4): its own slot causal (half the square), every
+    key of the other slots visible."""
+    half_slot = 2 * length * length * heads * head_dim
+    return half_slot * sum(2 * int(n) - 1 for n in n_slots)
+
+
+def flops_per_step(config, batch_size, seq_length, training=True):
+    """Model FLOPs of one step (forward; x3 for forward + backward), written out:
+
+    - matmuls: ``2 * P * B * L`` for ``P`` parameters used in matmuls (all but the input
+      embedding lookup; a tied head counts the embedding once);
+    - attention: :func:`attention_flops` per layer, with one slot per row in ordinary layers
+      (and in memory layers when ``cross_batch_range`` is 0).
+    """
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    layer = h * h * 2 + 2 * h * kv + 3 * h * i
+    params = config.num_hidden_layers * layer + h * v
+    local = np.ones(batch_size, np.int32)
+    memory = local
+    if config.cross_batch_range > 0:
+        memory = allowed_slots(batch_size, config.cross_batch_range, config.dataset_packing,
+                               config.cross_batch_stepping)
+    memory_layers = len(config.mem_layers)
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    attention = ((config.num_hidden_layers - memory_layers)
+                 * attention_flops(seq_length, heads, head_dim, local)
+                 + memory_layers * attention_flops(seq_length, heads, head_dim, memory))
+    forward = 2 * params * batch_size * seq_length + attention
+    return (3 if training else 1) * forward

@@ -1,0 +1,174 @@
+"""A training run's life around the loop: which run directory (a fresh one or the newest to
+resume), the log files, the starting state (resume, load or initialise) and the loop itself
+with its metrics writers and checkpointer.
+
+Library code, usable without flags: :mod:`EasyLM.models.llama.llama_train` builds the trainer
+and data from its flags and calls :func:`select_run` and :func:`train`.  A run directory is
+``workdir/<timestamp>/`` holding ``config.json``, ``train.log``, the metrics files and
+``checkpoints/step_<N>/``.
+"""
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+import jax
+
+from EasyLM import checkpoint, logging_utils
+from EasyLM.trainer import Checkpointing, fit
+
+log = logging.getLogger("EasyLM")
+log.propagate = False  # our own handlers; a root handler would print each line twice
+
+
+@dataclasses.dataclass
+class StartFrom:
+    """Where a run that does not resume gets its state: ``load_checkpoint`` (a checkpoint spec
+    of :mod:`EasyLM.checkpoint`), else fresh parameters from ``seed``; ``load_dataset_state``
+    (a JSON data-pipeline state; ``{process_index}`` is replaced per process) overrides the
+    data position."""
+    load_checkpoint: str = ""
+    load_dataset_state: str = ""
+    seed: int = 42
+
+
+def dataset_state_path(template):
+    return template.replace("{process_index}", str(jax.process_index()))
+
+
+def _agree(text):
+    """Process 0's ``text`` on every process (run directories are named by its clock)."""
+    if jax.process_count() == 1:
+        return text
+    import numpy as np
+    from jax.experimental import multihost_utils
+    data = np.zeros(4096, np.uint8)
+    raw = text.encode()
+    data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    data = multihost_utils.broadcast_one_to_all(data)
+    return bytes(np.asarray(data)).rstrip(b"\0").decode()
+
+
+def select_run(workdir, resume=True):
+    """``(run_dir, checkpoint to resume or None)``, the same on every process: the newest run
+    under ``workdir`` with a complete checkpoint when ``resume``, else a new directory."""
+    choice = ""
+    if jax.process_index() == 0:
+        run_dir, resume_from = (checkpoint.find_resumable_run(workdir) if resume
+                                else (None, None))
+        if run_dir is None:
+            run_dir = checkpoint.new_run_dir(workdir)
+            os.makedirs(run_dir)
+        choice = json.dumps([run_dir, resume_from])
+    run_dir, resume_from = json.loads(_agree(choice))
+    return run_dir, resume_from
+
+
+def _setup_logging(log_dir, enabled):
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    if not enabled:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    formatter = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s")
+    for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(log_dir,
+                                                                              "train.log"))):
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+def _log_failure():
+    """The exception being handled, with its traceback, into the log files only: Python prints
+    it on the console as it leaves the run, and train.log should say how the run ended."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run stopped by an exception",
+                            (), sys.exc_info())
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _already_finished(resume_from, total_steps):
+    """Whether the run to resume reached ``total_steps``; if so, says how to extend it."""
+    step = checkpoint.read_metadata(resume_from)["step"]
+    if step < total_steps:
+        return False
+    log.info("nothing to train: the newest run's last checkpoint %s is at step %d and "
+             "total_steps=%d. To train further, raise total_steps (e.g. --total_steps=%d) and "
+             "run the same command again; --resume=false starts a fresh run.",
+             resume_from, step, total_steps, 2 * step)
+    return True
+
+
+def initial_state(trainer, start, resume_from=None):
+    """``(train state, train data-pipeline state or None)``: resume ``resume_from``, else load
+    or initialise as ``start`` (:class:`StartFrom`) says."""
+    dataset_state = None
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+        state = checkpoint.restore_train_state(resume_from, trainer.abstract_state())
+        return state, checkpoint.load_dataset_state(resume_from, jax.process_index())
+    if start.load_checkpoint:
+        kind, path = checkpoint.parse_checkpoint_spec(start.load_checkpoint)
+        log.info("loading %s", start.load_checkpoint)
+        if kind == "trainstate":
+            state = checkpoint.restore_train_state(path, trainer.abstract_state())
+            dataset_state = checkpoint.load_dataset_state(path, jax.process_index())
+        else:
+            state = trainer.state_from_params(
+                checkpoint.load_params(start.load_checkpoint, trainer.params_shardings))
+    else:
+        state = trainer.init_state(start.seed)
+    if start.load_dataset_state:
+        with open(dataset_state_path(start.load_dataset_state)) as f:
+            dataset_state = json.load(f)
+    return state, dataset_state
+
+
+def train(trainer, llama_config, train_data, settings, *, run_dir, resume_from, start,
+          run_config, logging_config, checkpointer_config, eval_data=None,
+          log_all_worker=False):
+    """Run the loop (:func:`EasyLM.trainer.fit`) in ``run_dir`` from :func:`select_run`;
+    returns ``run_dir``.
+
+    ``llama_config``: the model config stored with each checkpoint; ``settings``: the loop's
+    :class:`EasyLM.trainer.LoopSettings`; ``run_config``: the flat config written to
+    ``config.json`` and into each checkpoint's metadata; ``logging_config`` and
+    ``checkpointer_config``: those of :mod:`EasyLM.logging_utils` and :mod:`EasyLM.checkpoint`.
+    Process 0 logs (every process with ``log_all_worker``, to ``RUN/worker_<i>/``); a run
+    that already reached ``settings.total_steps`` says how to extend it and returns."""
+    writes = log_all_worker or jax.process_index() == 0
+    log_dir = run_dir if jax.process_index() == 0 else os.path.join(
+        run_dir, f"worker_{jax.process_index()}")
+    _setup_logging(log_dir, writes)
+    try:
+        if resume_from is not None and _already_finished(resume_from, settings.total_steps):
+            return run_dir
+        if jax.process_index() == 0:
+            checkpoint.write_json(os.path.join(run_dir, "config.json"), run_config)
+        log.info("run directory %s (%d processes, %d devices, mesh %s)", run_dir,
+                 jax.process_count(), jax.device_count(), dict(trainer.mesh.shape))
+        with jax.set_mesh(trainer.mesh):
+            state, dataset_state = initial_state(trainer, start, resume_from)
+            if dataset_state is not None:
+                train_data.load_state_dict(dataset_state)
+            begin = int(jax.device_get(state["step"]))
+            logger = logging_utils.MetricsLogger(
+                log_dir, logging_config, enabled=writes,
+                resume_step=begin if resume_from is not None else None, run_config=run_config)
+            checkpointer = checkpoint.TrainCheckpointer(run_dir, checkpointer_config)
+            # train_seq_length: the default window of inference on the checkpoint.
+            saving = Checkpointing(checkpointer, llama_config,
+                                   lambda: {"config": run_config, "run_dir": run_dir,
+                                            "train_seq_length": train_data.seq_length})
+            try:
+                fit(trainer, state, train_data,
+                    dataclasses.replace(settings, show_progress=settings.show_progress and writes),
+                    logger, eval_data, saving)
+            finally:
+                checkpointer.close()
+                logger.close()
+    except BaseException:
+        _log_failure()
+        raise
+    return run_dir
