@@ -4,7 +4,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,10 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from EasyLM.config import ConfigError  # noqa: E402
 from EasyLM.data import DatasetFactory, DocumentError, TextProcessor, process_record  # noqa: E402
 from EasyLM.tokenizer import load_tokenizer  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = os.path.join(ROOT, "tokenizers", "tiny_sp.model")
-TINY_CORPUS = os.path.join(ROOT, "data", "tiny_corpus.jsonl")
+from helpers import TINY_CORPUS, assert_same_batches, batches_after_restore, save_batches  # noqa: E402
+from helpers import TINY_SP as TINY_MODEL  # noqa: E402
 
 
 class CharTokenizer:
@@ -231,14 +228,12 @@ def resume_batches(cases_file, out_file):
     tokenizer = load_tokenizer({"vocab_file": TINY_MODEL})
     with open(cases_file) as f:
         cases = json.load(f)
-    out = {}
-    for i, case in enumerate(cases):
+    batches_per_case = []
+    for case in cases:
         dataset = DatasetFactory.load_dataset(case["config"], tokenizer)
         dataset.load_state_dict(json.loads(case["state"]))
-        for j, (batch, _) in zip(range(case["count"]), dataset):
-            for key, value in batch.items():
-                out[f"{i}/{j}/{key}"] = value
-    np.savez(out_file, **out)
+        batches_per_case.append([batch for _, (batch, _) in zip(range(case["count"]), dataset)])
+    save_batches(out_file, batches_per_case)
 
 
 def test_json_dataset_resumes_in_new_process_across_passes(tmp_path, tokenizer):
@@ -268,15 +263,9 @@ def test_json_dataset_resumes_in_new_process_across_passes(tmp_path, tokenizer):
         for saved in (boundary - 3, boundary + 1):
             cases.append({"config": config, "state": states[saved], "count": count})
             expected.append(batches[saved + 1:saved + 1 + count])
-    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.npz"
-    cases_file.write_text(json.dumps(cases))
-    subprocess.run([sys.executable, __file__, str(cases_file), str(out_file)], check=True)
-    resumed = np.load(out_file)
-    for i, batches in enumerate(expected):
-        assert len(batches) == count
-        for j, (batch, _) in enumerate(batches):
-            for key, value in batch.items():
-                np.testing.assert_array_equal(resumed[f"{i}/{j}/{key}"], value, f"case {i} {j}")
+    assert all(len(batches) == count for batches in expected)
+    resumed = batches_after_restore(__file__, cases, tmp_path)
+    assert_same_batches(resumed, expected, [f"case {i}" for i in range(len(cases))])
 
 
 def test_huggingface_dataset_local_json_with_shuffle_and_resume(tmp_path, tokenizer):

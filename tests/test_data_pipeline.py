@@ -2,7 +2,6 @@
 their process split, and exact resume in a fresh process."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from FoT.data_pipeline import (  # noqa: E402
     DocAwareDataPipeline, KPackingDAPipeline, LinearPipeline, dataset_packing_for, make_pipeline,
     parse_pipeline_name)
+from helpers import assert_same_batches, batches_after_restore, save_batches  # noqa: E402
 
 SOURCES = ("books", "code", "web")
 
@@ -25,7 +25,8 @@ def random_documents(seed, count=400, long_length=150):
     documents = []
     for _ in range(count):
         kind = rng.integers(5)
-        length = [0, 1, rng.integers(2, 12), rng.integers(12, 40), rng.integers(40, long_length)][kind]
+        length = [0, 1, rng.integers(2, 12), rng.integers(12, 40),
+                  rng.integers(40, long_length)][kind]
         tokens = np.arange(next_token, next_token + length, dtype=np.int32)
         next_token += length
         mask = rng.integers(0, 2, length).astype(np.float32)
@@ -91,7 +92,8 @@ def check_doc_aware(batches, documents, packing, seq_len, pad):
             seen.append(index)
             position += len(tokens)
         for token, value in zip(slot_targets, slot_masks):
-            expected = 0.0 if token == 0 or (pad and where[int(token)][1] == 0) else mask_of[int(token)]
+            expected = (0.0 if token == 0 or (pad and where[int(token)][1] == 0)
+                        else mask_of[int(token)])
             assert value == expected
     assert len(seen) == len(set(seen)), "a document was emitted twice"
     non_empty = {i for i in range(drawn) if len(documents[i][0]) > 0}
@@ -179,18 +181,15 @@ def resume_batches(cases_file, out_file):
     """Child side: restore each saved state and produce the next batches."""
     with open(cases_file) as f:
         cases = json.load(f)
-    out = {}
-    for i, case in enumerate(cases):
+    batches_per_case = []
+    for case in cases:
         state = json.loads(case["state"])
         documents = random_documents(case["seed"])[state["docs_drawn"]:]
         pipeline = make_pipeline(case["name"], documents, 8, 4, case["process_index"],
                                  case["process_count"])
         pipeline.set_state(state)
-        for j in range(case["count"]):
-            batch, _ = next(pipeline)
-            for key, value in batch.items():
-                out[f"{i}/{j}/{key}"] = value
-    np.savez(out_file, **out)
+        batches_per_case.append([next(pipeline)[0] for _ in range(case["count"])])
+    save_batches(out_file, batches_per_case)
 
 
 def test_resume_in_new_process(tmp_path):
@@ -206,15 +205,8 @@ def test_resume_in_new_process(tmp_path):
         cases.append({"name": name, "seed": 11, "count": count, "process_index": process_index,
                       "process_count": process_count, "state": json.dumps(pipeline.get_state())})
         expected.append(full[saved_after:])
-    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.npz"
-    cases_file.write_text(json.dumps(cases))
-    subprocess.run([sys.executable, __file__, str(cases_file), str(out_file)], check=True)
-    resumed = np.load(out_file)
-    for i, batches in enumerate(expected):
-        for j, (batch, _) in enumerate(batches):
-            for key, value in batch.items():
-                np.testing.assert_array_equal(resumed[f"{i}/{j}/{key}"], value,
-                                              err_msg=f"{RESUME_CASES[i]} batch {j} {key}")
+    resumed = batches_after_restore(__file__, cases, tmp_path)
+    assert_same_batches(resumed, expected, RESUME_CASES)
 
 
 def test_restore_rejects_other_layout():
