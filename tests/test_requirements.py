@@ -17,6 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Installed but never imported: what they are for, and the README text that says so.
 RUNTIME_ONLY = {"tensorboard": "tensorboard --logdir", "gcsfs": "gs://",
                 "accelerate": "transformers.Trainer"}
+# Installed but never imported: tools that CI (.ci/run) runs, and how it runs them.
+CI_TOOLS = {"ruff": "ruff check ."}
 # Imported only when a setting asks for them, not installed by requirements.txt: the README
 # text that tells how to install them.
 OPTIONAL = {"wandb": "pip install wandb"}
@@ -89,10 +91,14 @@ def test_every_requirement_is_used_and_every_import_is_required(readme):
     unlisted = {name: files for name, files in imported.items()
                 if name not in listed and name not in OPTIONAL}
     assert not unlisted, f"imported but not in requirements.txt: {unlisted}"
-    unused = listed - set(imported) - set(RUNTIME_ONLY)
+    unused = listed - set(imported) - set(RUNTIME_ONLY) - set(CI_TOOLS)
     assert not unused, f"in requirements.txt but imported nowhere: {sorted(unused)}"
     for name, text in RUNTIME_ONLY.items():
         assert name in listed and text in readme, name
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        ci = f.read()
+    for name, command in CI_TOOLS.items():
+        assert name in listed and command in ci, name
     for name, text in OPTIONAL.items():
         assert name not in listed and name in imported and text in readme, name
 
