@@ -16,8 +16,8 @@ from running_utils.runner_utils import (MEMORY_FRACTION_VARIABLES, apply_gpu_mem
                                         build_config, get_default_config, out_of_memory_error,
                                         out_of_memory_message, split_config)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETUP = os.path.join(REPO, "configs", "setup_test.json")
+from helpers import REPO, SETUP
+
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
-from FoT.cross_batch import (allowed_slots, cross_batch_attention, cross_batch_core,
-                             slot_mask)
+from FoT.cross_batch import (MASK_VALUE, allowed_slots, cross_batch_attention,
+                             cross_batch_core, slot_mask)
 
 
 def loop_cross_batch(q, k, v, positions, C, stepping, packing, theta=10000.0):
@@ -89,7 +89,7 @@ def test_legacy_call_matches_per_row_loop(B, L, H, KV, D, C, stepping, packing, 
 
     @jax.jit
     def ours(q, k, v):
-        return cross_batch_attention(q, k, v, bias, -1e6, C, stepping, packing, as_first,
+        return cross_batch_attention(q, k, v, bias, MASK_VALUE, C, stepping, packing, as_first,
                                      encode)
 
     @jax.jit
@@ -113,7 +113,7 @@ def test_blockwise_matches_reference(B, L, H, KV, D, C, stepping, packing, shift
     if with_bias:  # causal plus a padded tail in every row
         allowed = jnp.tril(jnp.ones((L, L), bool))[None, None] & (
             jnp.arange(L) < L - 1)[None, None, None, :]
-        bias = jnp.broadcast_to(jnp.where(allowed, 0.0, -1e6), (B, 1, L, L))
+        bias = jnp.broadcast_to(jnp.where(allowed, 0.0, MASK_VALUE), (B, 1, L, L))
 
     def run(impl):
         return lambda q, kl, km, v: cross_batch_core(

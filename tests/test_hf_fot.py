@@ -13,11 +13,12 @@ import transformers
 
 from EasyLM.checkpoint import save_params
 from EasyLM.models.llama import convert_easylm_to_hf
-from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf.cache_fot_llama import FoTCache
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from FoT.hf.windows_fot_llama import plan_windows
 from FoT.inference import MemoryOptions, WindowedLM
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SP = os.path.join(REPO, "tokenizers", "tiny_sp.model")
@@ -32,8 +33,7 @@ def tiny_fot_checkpoint(path, kv_heads=2, mem_layers=(1,), vocab_size=VOCAB, see
     ``init_scale`` widens the random weights so that logits have clear maxima (greedy
     decoding then cannot flip on float noise between frameworks).
     """
-    config = LLaMAConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=kv_heads,
+    config = tiny_config(vocab_size=vocab_size, num_key_value_heads=kv_heads,
                          max_sequence_length=WINDOW, mem_layers=mem_layers, rms_norm_eps=1e-5,
                          initializer_range=0.02 * init_scale)
     tokens = jnp.zeros((1, WINDOW), jnp.int32)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from EasyLM.models.llama.hf_layout import native_to_hf
-from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf import fot_config_dict
 from FoT.hf.configuration_fot_llama import FoTLlamaConfig
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
+from helpers import tiny_config
 
 WINDOW = 8
 VOCAB = 61
@@ -24,8 +25,7 @@ def tiny_models(mem_layers=(0, 2), kv_heads=4, **memory_options):
 
     With as many key/value heads as query heads (no GQA copy), attention saves the memory
     tensors themselves for backward: what an in-place memory breaks."""
-    config = LLaMAConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=kv_heads,
+    config = tiny_config(vocab_size=VOCAB, num_key_value_heads=kv_heads,
                          max_sequence_length=WINDOW, mem_layers=mem_layers, rms_norm_eps=1e-5,
                          initializer_range=0.1)
     variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(0),

@@ -5,17 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.inference import MemoryOptions, WindowedLM
+from helpers import tiny_config
 
 WINDOW = 8
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = LLaMAConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_sequence_length=WINDOW,
-                         mem_layers=(0, 2))
+    config = tiny_config(max_sequence_length=WINDOW, mem_layers=(0, 2))
     variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, WINDOW), jnp.int32))
     return variables, config, WindowedLM(variables, config, MemoryOptions(WINDOW))

@@ -3,7 +3,6 @@ refused with a message naming what replaced them; from a config file, the comman
 ``update_llama_config``, ``llama.*`` flags and ``json::`` model configs."""
 import json
 import logging
-import os
 
 import pytest
 
@@ -13,8 +12,8 @@ from EasyLM.models.llama import llama_train
 from EasyLM.models.llama.llama_model import LLaMAConfig
 from running_utils.runner_utils import build_config, split_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETUP = os.path.join(REPO, "configs", "setup_test.json")
+from helpers import REPO, SETUP
+
 
 
 class _Lines(logging.Handler):

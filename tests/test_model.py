@@ -18,6 +18,7 @@ from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
                                              LLaMAAttention, LLaMAConfig, get_partition_rules,
                                              layer_segments, with_cross_batch)
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,13 +96,6 @@ def test_unsupported_hf_architecture_fails_clearly(tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="unsupported Hugging Face architecture"):
         convert_hf_to_easylm.convert(str(tmp_path))
-
-
-def tiny_config(**updates):
-    base = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_sequence_length=64,
-                mem_layers=(1,))
-    return LLaMAConfig(**dict(base, **updates))
 
 
 def test_memory_layer_with_range_zero_equals_plain_model():

@@ -15,15 +15,17 @@ from jax.sharding import Mesh
 
 from EasyLM import logging_utils
 from EasyLM.data import DatasetFactory
+from EasyLM.flops import flops_per_step
 from EasyLM.jax_utils import MESH_AXES, get_jax_mesh
-from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
+from EasyLM.models.llama.llama_model import with_cross_batch
 from EasyLM.optimizers import get_default_config as optimizer_config
 from EasyLM.tokenizer import get_default_config as tokenizer_config
 from EasyLM.tokenizer import load_tokenizer
 from EasyLM.losses import token_sums
-from EasyLM.flops import flops_per_step
 from EasyLM.trainer import LoopSettings, Trainer, data_split, fit
 from FoT.cross_batch import allowed_slots
+
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZER = optimizer_config({"adamw_optimizer.lr": 3e-3, "adamw_optimizer.lr_warmup_steps": 2,
@@ -100,10 +102,11 @@ def test_same_losses_on_one_device_and_on_8_device_meshes(tmp_path):
 
 
 def tiny_config(**updates):
-    values = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, mem_layers=(0,))
-    values.update(updates)
-    return LLaMAConfig(**values)
+    """The shared tiny model cut to one memory layer of 2 heads (no GQA: a model-parallel mesh
+    splits the heads) over the tiny tokenizer's 512 tokens."""
+    return helpers.tiny_config(**dict(dict(
+        vocab_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=None, mem_layers=(0,)), **updates))
 
 
 @pytest.fixture(scope="module")
