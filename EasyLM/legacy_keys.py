@@ -6,7 +6,9 @@ One table per kind of config: runner flags (a JSON config file and the command l
 ``llama.*`` flags and ``json::`` model configs, read by :func:`translate_model_fields`).  Each
 legacy key is either mapped to the key that replaced it, accepted with a one-line warning where
 it has no effect (the value that changed nothing in the original code either), or refused with a
-``ConfigError`` naming what replaced it.  Both run before the config is validated.
+``ConfigError`` naming what replaced it.  Model fields that are run flags here
+(``remat_block``) move from ``update_llama_config`` and ``llama.*`` to their flag.  Both run
+before the config is validated.
 """
 import ast
 import json
@@ -115,15 +117,14 @@ MODEL_FIELD_RULES = (
     ("use_cache", _warn("has no effect here (windowed inference with memory caches is "
                         "FoT/inference.py)")),
     ("remat_(attention|mlp)", _ignore_if(
-        _is_empty, "only whole decoder layers are rematerialised here: set the run flag "
-        "remat_block to a jax.checkpoint policy (nothing_saveable, dots_saveable, "
-        "dots_and_attention_saveable, ...)")),
+        _is_empty, "only whole decoder layers are rematerialised here: set remat_block to a "
+        "jax.checkpoint policy (nothing_saveable, dots_saveable, dots_and_attention_saveable, "
+        "...)")),
     ("scan_(attention|mlp)", _ignore_if(
         lambda v: not _is_true(v), "blockwise (scanned) attention and MLP of ordinary layers "
-        "are not implemented; run flags instead: attention_implementation picks the attention "
-        "of ordinary layers (cuDNN fused on GPU), scan_cross_batch / "
-        "cross_batch_implementation='blockwise' bounds the memory layers' score memory, "
-        "remat_block and loss_chunk_tokens save memory")),
+        "are not implemented: attention_implementation picks the attention of ordinary layers "
+        "(cuDNN fused on GPU), scan_cross_batch / cross_batch_implementation='blockwise' bounds "
+        "the memory layers' score memory, remat_block and loss_chunk_tokens save memory")),
     ("scan_\\w+_chunk_size", _warn("has no effect here (scan_attention / scan_mlp are not "
                                    "implemented; see cross_batch_block_size)")),
     ("fcm_(min|max)_ratio", _ignore_if(
