@@ -95,7 +95,8 @@ def parse_args(argv=None):
                    help="cap JAX's device memory at this many GiB (0: the runner's default "
                    "gpu_memory_fraction, or the environment's XLA_*MEM_FRACTION)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case")
-    p.add_argument("--json", help="also write all results here")
+    p.add_argument("--json", help="also write all results here (rewritten after every case, so "
+                   "a run cut short keeps the cases it finished)")
     p.add_argument("--profile", help="trace the timed steps of each case into DIR/<n>/ and "
                    "print the device time per kernel (Perfetto trace)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -304,9 +305,17 @@ def in_subprocess(case, args):
     result["wall_s"] = time.perf_counter() - start
     out = dict(case, **result)
     print(describe(out), flush=True)
+    if args.json:
+        args.finished.append(out)
+        write_json(args.json, args.finished)
     if isinstance(out.get("profile_result"), dict):
         print_profile(out["profile_result"])
     return out
+
+
+def write_json(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def print_profile(profile):
@@ -509,6 +518,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {PARTS}")
     args.case_environment, args.memory_setting = subprocess_environment(args.memory_gib)
+    args.finished = []
     print(f"bench_train: device memory {args.memory_setting}", flush=True)
     if "throughput" in parts:
         results += throughput(args)
@@ -517,8 +527,7 @@ def main(argv=None):
     if "check" in parts:
         results += check(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     print_tables(results, args)
     verdict = next((r for r in results if r.get("part") == "check_verdict"), None)
     return 0 if verdict is None or verdict["passed"] else 1

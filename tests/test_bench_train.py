@@ -119,3 +119,26 @@ def test_benchmark_drivers_import_no_jax():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["[]"]
+
+
+def test_json_keeps_the_cases_finished_before_a_cut(tmp_path, monkeypatch):
+    """The file is rewritten after every case: a run killed mid-way keeps what it measured."""
+    out = tmp_path / "results.json"
+    args = bench_train.parse_args(TINY + ["--json", str(out)])
+    args.case_environment, args.finished, args.profile = dict(os.environ), [], None
+
+    def fake_run(command, **kwargs):
+        case = json.loads(command[-1])
+        if case["batch"] == 16:
+            raise KeyboardInterrupt  # the run is killed during its second case
+        return subprocess.CompletedProcess(command, 0, stdout="RESULT " + json.dumps(
+            {"step_ms": 10.0, "tokens_per_s": 1.0, "mfu": 0.5, "peak_gib": 1.0,
+             "final_loss": 5.0, "attention_resolved": "xla",
+             "cross_batch_resolved": "reference"}), stderr="")
+
+    monkeypatch.setattr(bench_train.subprocess, "run", fake_run)
+    bench_train.in_subprocess(bench_train.base_case(args, "fast", C=4, batch=8), args)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.in_subprocess(bench_train.base_case(args, "fast", C=4, batch=16), args)
+    saved = json.loads(out.read_text())
+    assert [(r["batch"], r["step_ms"]) for r in saved] == [(8, 10.0)]
