@@ -3,6 +3,9 @@
     python -m EasyLM.models.llama.convert_hf_to_easylm --hf_model DIR --output PATH \
         [--mem_layers 6,12,18] [--param_dtype fp32|bf16]
 
+Reads LLaMA-family directories (``LlamaForCausalLM``), this toolkit's FoT exports and
+published LongLLaMA checkpoints (``model_type "longllama"``: their memory layers, window
+``last_context_length`` and RoPE base carry over; ``mem_positionals=false`` is refused).
 Tensors are streamed one at a time from safetensors (memory-mapped) or ``.bin`` shards, so
 the converted model is held in memory once.  The model config travels with the checkpoint.
 """

@@ -197,11 +197,16 @@ class LLaMAConfig:
         hf = hf if isinstance(hf, dict) else hf.to_dict()
         model_type = hf.get("model_type")
         architectures = hf.get("architectures") or []
-        if model_type not in ("llama", "fot_llama") or any(
+        if model_type not in ("llama", "fot_llama", "longllama") or any(
                 "Llama" not in a for a in architectures):
             raise ValueError(f"unsupported Hugging Face architecture: model_type={model_type!r}, "
                              f"architectures={architectures}; only LLaMA-family models "
-                             f"(model_type 'llama', LlamaForCausalLM) can be converted")
+                             f"(model_type 'llama', LlamaForCausalLM; FoT exports; LongLLaMA "
+                             f"'longllama') can be converted")
+        if model_type == "longllama" and not hf.get("mem_positionals", True):
+            raise ValueError("LongLLaMA config sets mem_positionals=false (memory layers without "
+                             "RoPE); memory layers here always rotate their keys, so this "
+                             "checkpoint cannot be imported")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ValueError(f"Hugging Face config sets {flag}=true; LLaMA layers here "
@@ -214,10 +219,11 @@ class LLaMAConfig:
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            # An exported FoT model declares no length limit (positions restart in every
-            # window); its window is the length it trained on.
-            max_sequence_length=(hf.get("last_context_length") if model_type == "fot_llama"
-                                 else None) or hf.get("max_position_embeddings", 2048),
+            # FoT exports and LongLLaMA checkpoints run in windows of last_context_length
+            # tokens (positions restart in every window): that is their local context.
+            max_sequence_length=(hf.get("last_context_length")
+                                 if model_type in ("fot_llama", "longllama") else None)
+            or hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             initializer_range=hf.get("initializer_range", 0.02),
             rope_theta=_hf_rope_theta(hf), rope_scaling=_hf_rope_scaling(hf),
