@@ -21,6 +21,7 @@ from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
 from FoT.cross_batch import cross_batch_core
+from FoT.sharded import sharded_cross_batch
 
 # The residual stream is sharded over rows only: it is what every tensor-parallel (mp) shard
 # needs whole, and constraining its hidden axis to "mp" also miscompiled on XLA:CPU.
@@ -426,20 +427,17 @@ class LLaMAAttention(nn.Module):
 
     def _cross_batch(self, q, k_loc, k_mem, v, bias):
         cfg = self.config
-        if cfg.flip_sharding_in_cross_batch:
-            # Rows exchange keys in cross-batch; sharding heads instead of rows keeps that
-            # exchange local to each device.
-            flipped = PS(None, None, BATCH_AXES + ("mp",), None)
-            q, k_loc, k_mem, v = (with_sharding_constraint(x, flipped)
-                                  for x in (q, k_loc, k_mem, v))
         implementation = resolve_cross_batch_implementation(cfg, q.shape[1])
         if implementation == "pallas" and bias is not None:
             implementation = "blockwise"
-        return cross_batch_core(q, k_loc, k_mem, v, cross_batch_range=cfg.cross_batch_range,
-                                cross_batch_stepping=cfg.cross_batch_stepping,
-                                dataset_packing=cfg.dataset_packing, local_bias=bias,
-                                implementation=implementation,
-                                block_size=cfg.cross_batch_block_size)
+        # Each device attends for its own rows (FoT.sharded); flip_sharding_in_cross_batch
+        # asks for the all-to-all over heads instead of the halo of neighbouring rows.
+        return sharded_cross_batch(q, k_loc, k_mem, v, cross_batch_range=cfg.cross_batch_range,
+                                   cross_batch_stepping=cfg.cross_batch_stepping,
+                                   dataset_packing=cfg.dataset_packing, local_bias=bias,
+                                   implementation=implementation,
+                                   block_size=cfg.cross_batch_block_size,
+                                   layout="heads" if cfg.flip_sharding_in_cross_batch else "auto")
 
 
 def _padding_bias(attention_mask, length):
