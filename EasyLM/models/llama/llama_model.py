@@ -565,6 +565,20 @@ def layer_segments(num_layers, mem_layers):
     return segments
 
 
+class TokenEmbedding(nn.Embed):
+    """``nn.Embed`` (same parameter) whose lookup partitions without gathering the batch.
+
+    The table is sharded (vocab over mp, hidden over fsdp) and the token ids over rows; left
+    alone, the partitioner gathers every row's ids or embeddings onto every device.  Gathering
+    the table's hidden axis first (what FSDP does for every other weight) leaves each device
+    a lookup of its own rows in its vocabulary shard, summed over mp.
+    """
+
+    def __call__(self, inputs):
+        table = with_sharding_constraint(self.embedding.astype(self.dtype), PS("mp", None))
+        return jnp.take(table, inputs, axis=0)
+
+
 class FlaxLLaMAModule(nn.Module):
     """Embedding, decoder layers and final norm; returns hidden states ``[B, L, hidden]``."""
     config: LLaMAConfig
@@ -579,7 +593,7 @@ class FlaxLLaMAModule(nn.Module):
                              f"dataset_packing {cfg.dataset_packing}")
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+        embed = TokenEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range),
                          name="wte")
