@@ -131,9 +131,13 @@ def _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_
     batch_size, length, num_heads, head_dim = q.shape
     num_kv = k_loc.shape[2]
     num_slots = cross_batch_range + 1
-    sources = slot_sources(batch_size, cross_batch_range)
-    keys = jnp.concatenate([k_loc[:, None], k_mem[sources[:, 1:]]], axis=1)  # [B,S,L,KV,D]
-    values = v[sources]
+    # Slot 0 is the row itself: no gather, so that a sharded batch (C = 0 in ordinary layers,
+    # or one device's rows) partitions without collecting other rows.
+    keys, values = k_loc[:, None], v[:, None]  # [B, S, L, KV, D]
+    if cross_batch_range > 0:
+        others = slot_sources(batch_size, cross_batch_range)[:, 1:]
+        keys = jnp.concatenate([keys, k_mem[others]], axis=1)
+        values = jnp.concatenate([values, v[others]], axis=1)
     qg = _group(q, num_kv)
     scores = jnp.einsum("bqkgd,bcskd->bkgqcs", qg, keys, precision=precision,
                         preferred_element_type=jnp.float32) / math.sqrt(head_dim)

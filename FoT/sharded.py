@@ -7,14 +7,15 @@ reference's gather of neighbouring rows becomes an all-gather.  :func:`sharded_c
 runs the attention under ``shard_map`` instead, in one of two layouts:
 
 * ``"rows"`` (halo): row ``b`` reads rows ``b - 1 .. b - C``, so with rows split contiguously a
-  device only lacks the memory keys and values of the last ``h`` rows of the devices before
-  it (``h`` = ``C`` rounded up to whole packing groups).  They arrive by ``ppermute`` (one hop
-  per device they span), and the device runs the unmodified attention on the extended batch
-  ``[halo; local]``, keeping the outputs of its own rows.  The extended batch starts on a
-  packing-group boundary and, on the first devices, never reaches before global row 0, so the
-  slot table of the extended batch equals the global one on every local row; the branch of
-  each of those first devices is picked with ``lax.switch``.  Cost: the halo rows also run
-  as (discarded) queries, ``h / local_rows`` more memory-layer attention per device.
+  device only lacks the memory keys and values of the last ``h`` rows before its own (``h``
+  = ``C``, plus up to ``dataset_packing - 1`` to start on a packing-group boundary).  They
+  arrive by ``ppermute`` (one hop per device they span), and the device runs the unmodified
+  attention on an extended batch ``[earlier rows; own rows; padding]``, keeping its own
+  rows' outputs.  Every device runs the same program on the same shapes (its own rows sit
+  at a per-device offset), and the extended batch's own slot table gives each own row the
+  slots of its global row (see :func:`_local_offset`).  Cost: the earlier and padding rows
+  also run as queries whose outputs are dropped, ``h / local rows`` more memory-layer
+  attention per device.
 * ``"heads"``: an all-to-all turns "all heads of my rows" into "all rows of my heads", the
   attention runs on the whole batch with the ordinary slot table, and a second all-to-all
   turns the result back.  It needs each device's key/value heads to split evenly over the
@@ -66,9 +67,12 @@ def sharded_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_st
     if local_bias is not None and local_bias.shape[0] == q.shape[0] > 1:
         bias_spec = PS(plan.batch_axes or None)
     in_specs = (row_spec,) * 4 + (bias_spec,)
-    # check_vma=False: pallas_call does not declare how its outputs vary over mesh axes.
+    # Axes the specs do not name stay automatic: were they manual, the transpose would sum
+    # the inputs' cotangents over them.  check_vma=False: pallas_call does not declare how
+    # its outputs vary over mesh axes.
+    manual = set(plan.batch_axes) | ({plan.head_axis} if plan.head_axis else set())
     run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=row_spec,
-                        check_vma=False)
+                        axis_names=manual, check_vma=False)
     return run(q, k_loc, k_mem, v, local_bias)
 
 
@@ -92,7 +96,7 @@ class _MeshPlan:
         if mesh is None or mesh.empty or mesh.size == 1:
             return None
         sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-        batch_axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+        batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
         batch_devices = int(np.prod([sizes[a] for a in batch_axes]))
         if q_shape[0] % batch_devices:
             raise ValueError(f"a batch of {q_shape[0]} rows does not split over the "
@@ -100,8 +104,9 @@ class _MeshPlan:
         # Heads split over mp only if both query and key/value heads do (GQA groups stay
         # whole); otherwise every mp device computes all heads of its rows.
         mp = sizes.get(HEAD_AXIS, 1)
-        head_axis = HEAD_AXIS if mp > 1 and q_shape[2] % mp == kv_shape[2] % mp == 0 else None
-        if not batch_axes and head_axis is None:
+        head_axis = (HEAD_AXIS if HEAD_AXIS in sizes and q_shape[2] % mp == kv_shape[2] % mp == 0
+                     else None)
+        if batch_devices == 1 and (mp == 1 or head_axis is None):
             return None
         return cls(batch_axes, batch_devices, head_axis, mp if head_axis else 1)
 
@@ -110,48 +115,43 @@ def _rows_body(plan, global_rows, args):
     """Per-device attention with a halo of previous rows' memory keys and values."""
     devices = plan.batch_devices
     rows = global_rows // devices
-    layouts = [_extended_batch(d * rows, rows, args["cross_batch_range"],
-                               args["dataset_packing"]) for d in range(devices)]
-    branches = sorted(set(layouts))
-    branch_of_device = np.asarray([branches.index(x) for x in layouts], np.int32)
-    halo = max(lead for lead, _ in branches)
-
-    def attend(lead, tail, q, k_loc, k_mem, v, halo_k, halo_v, bias):
-        def pad(x, before=None):
-            parts = [jnp.zeros((lead,) + x.shape[1:], x.dtype) if before is None
-                     else before[before.shape[0] - lead:], x,
-                     jnp.zeros((tail,) + x.shape[1:], x.dtype)]
-            return jnp.concatenate(parts) if lead or tail else x
-
-        if bias is not None and bias.shape[0] > 1:
-            bias = pad(bias)
-        out = cross_batch_core(pad(q), pad(k_loc), pad(k_mem, halo_k), pad(v, halo_v),
-                               local_bias=bias, **args)
-        return out[lead:lead + rows]
+    packing = args["dataset_packing"]
+    offsets = np.asarray([_local_offset(d * rows, args["cross_batch_range"], packing)
+                          for d in range(devices)], np.int32)
+    halo = int(offsets.max())
+    extended = -(-(halo + rows) // packing) * packing
 
     def body(q, k_loc, k_mem, v, bias):
-        if len(branches) == 1:
-            return attend(*branches[0], q, k_loc, k_mem, v, None, None, bias)
+        if halo == 0 and extended == rows:
+            return cross_batch_core(q, k_loc, k_mem, v, local_bias=bias, **args)
+        offset = jnp.asarray(offsets)[lax.axis_index(plan.batch_axes)]
+
+        def extend(x, before=None):
+            """``[earlier rows; x; padding]`` with x at row ``offset``, ``extended`` rows."""
+            if before is None:
+                before = jnp.zeros((halo,) + x.shape[1:], x.dtype)
+            padding = jnp.zeros((extended - rows,) + x.shape[1:], x.dtype)
+            return lax.dynamic_slice_in_dim(jnp.concatenate([before, x, padding]),
+                                            halo - offset, extended)
+
         halo_k, halo_v = (_receive_halo(x, halo, plan.batch_axes, devices) for x in (k_mem, v))
-        branch = jnp.asarray(branch_of_device)[lax.axis_index(plan.batch_axes)]
-        return lax.switch(branch, [lambda *a, layout=x: attend(*layout, *a) for x in branches],
-                          q, k_loc, k_mem, v, halo_k, halo_v, bias)
+        if bias is not None and bias.shape[0] > 1:
+            bias = extend(bias)
+        out = cross_batch_core(extend(q), extend(k_loc), extend(k_mem, halo_k),
+                               extend(v, halo_v), local_bias=bias, **args)
+        return lax.dynamic_slice_in_dim(out, offset, rows)
 
     return body
 
 
-def _extended_batch(start, rows, cross_batch_range, packing):
-    """``(lead, tail)``: the device whose rows begin at global row ``start`` attends over
-    ``lead`` earlier rows, its own ``rows`` and ``tail`` padding rows.
-
-    ``lead`` covers the ``C`` rows its slots may read and starts the extended batch on a
-    packing-group boundary, and ``tail`` ends it on one, so the extended batch's slot table
-    (rows modulo the packing, slots capped at row + 1) gives each of the device's rows the
-    slots of its global row.  ``lead`` never reaches before global row 0, where the cap must
-    stay.  The padding rows' outputs are dropped, so they add compute but no gradient.
-    """
-    lead = min(start, cross_batch_range + (start - cross_batch_range) % packing)
-    return lead, -(lead + rows) % packing
+def _local_offset(start, cross_batch_range, packing):
+    """Where the rows of the device starting at global row ``start`` sit in its extended
+    batch: after the earlier rows its slots may read (``C``, more to start on a packing-group
+    boundary), or after all earlier rows where there are fewer (the extended batch then
+    starts at global row 0).  Either way an extended row and its global row agree modulo the
+    packing, and the slot cap ``row + 1`` binds only where it binds globally, so the extended
+    batch's slot table gives each local row its global slots."""
+    return min(start, cross_batch_range + (start - cross_batch_range) % packing)
 
 
 def _receive_halo(x, halo, axes, devices):
