@@ -33,6 +33,13 @@ Parts:
   ``--max-length-batch`` rows with cross-batch range 4 under ``nothing_saveable`` remat.
 - ``check``: both paths train ``--check-steps`` steps from the same initialisation and data;
   their per-step losses must agree within ``--check-rtol`` (bf16 compute).
+- ``collectives`` (not in the default list): compiles (does not run) the train step of each
+  ``--cases`` case, or of the fast path at the first ``--C`` and ``--batches``, on ``--mesh``
+  and prints its collectives by kind, shape and bytes (:mod:`benchmarks.collectives`), e.g.
+  to choose ``mesh_dim``; on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+  gives fake devices.
+
+Every part runs on ``--mesh`` (default ``1,-1,1``: the batch over all devices).
 
 Device memory: each case's JAX takes what a training run gets from the runner, its default
 ``gpu_memory_fraction`` (``XLA_PYTHON_CLIENT_MEM_FRACTION``; JAX's own 75% would stop the
@@ -62,12 +69,14 @@ REMAT = {"slow": ("none", "nothing_saveable"),
                   "nothing_saveable")}
 CASE_KEYS = ("C", "batch", "length", "remat", "scan", "chunk", "attention", "cross_batch",
              "packing", "stepping", "steps", "warmup", "lr")
-PARTS = ("throughput", "max_length", "check")
+DEFAULT_PARTS = ("throughput", "max_length", "check")
+PARTS = DEFAULT_PARTS + ("collectives",)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default=",".join(PARTS))
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"some of {PARTS}")
+    p.add_argument("--mesh", default="1,-1,1", help="mesh_dim (dp,fsdp,mp) of every case")
     p.add_argument("--model", default="1b", help="standard model config name")
     p.add_argument("--mem-layers", default="6,12,18", help="memory layer indices")
     p.add_argument("--vocab-size", type=int, default=0, help="override the model's vocabulary")
@@ -165,8 +174,14 @@ def run_case(case):
     config = model_config(case)
     optimizer = optimizers.get_default_config()
     optimizer.adamw_optimizer.lr = case["lr"]
-    mesh = get_jax_mesh("1,-1,1")
+    mesh = get_jax_mesh(case["mesh"])
     trainer = Trainer(mesh, config, optimizer, "bf16", loss_chunk_tokens=case["chunk"])
+    if case.get("part") == "collectives":
+        from benchmarks.collectives import train_step_collectives
+        with jax.set_mesh(mesh):
+            return dict(devices=jax.device_count(), device=jax.devices()[0].device_kind,
+                        collectives=train_step_collectives(trainer, case["batch"],
+                                                           case["length"]))
     device = jax.local_devices()[0]
     result = dict(device=device.device_kind, jax=jax.__version__, devices=jax.device_count(),
                   attention_resolved=resolve_attention_implementation(config, "bfloat16"),
@@ -334,7 +349,7 @@ def base_case(args, path, **updates):
                 mem_layers=[int(i) for i in args.mem_layers.split(",") if i],
                 vocab_size=args.vocab_size, length=args.length, C=4, packing=args.packing,
                 stepping=args.stepping, batch=8, remat="nothing_saveable", steps=args.steps,
-                warmup=args.warmup, lr=args.lr, seed=0)
+                warmup=args.warmup, lr=args.lr, seed=0, mesh=args.mesh)
     case.update(updates)
     return case
 
@@ -443,12 +458,34 @@ def check(args):
     return results
 
 
+def collectives(args):
+    from benchmarks import collectives as audit
+    cases = (parse_cases(args.cases, args) if args.cases else
+             [base_case(args, "fast", C=int(args.C.split(",")[0]),
+                        batch=int(args.batches.split(",")[0]))])
+    results = [in_subprocess(dict(case, part="collectives"), args) for case in cases]
+    for r in results:
+        if ok(r):
+            entries = [dict(e, shape=tuple(e["shape"])) for e in r["collectives"]]
+            print(audit.format_table(entries, f"{describe_setting(r)} on mesh {r['mesh']} "
+                                     f"({r['devices']} x {r['device']})"))
+            print(f"\nall-gathers of activations along the batch: "
+                  f"{len(audit.batch_all_gathers(entries, r['batch'], r['length']))}")
+    return results
+
+
+def describe_setting(r):
+    return (f"{r.get('path')} C={r.get('C')} B={r.get('batch')} L={r.get('length')} "
+            f"remat={r.get('remat')} scan={r.get('scan')} chunk={r.get('chunk')} "
+            f"attn={r.get('attention')} xb={r.get('cross_batch')}")
+
+
 def describe(r):
-    setting = (f"{r.get('path')} C={r.get('C')} B={r.get('batch')} L={r.get('length')} "
-               f"remat={r.get('remat')} scan={r.get('scan')} chunk={r.get('chunk')} "
-               f"attn={r.get('attention')} xb={r.get('cross_batch')}")
+    setting = describe_setting(r)
     if not ok(r):
         return f"{setting}: {r['error']}"
+    if r.get("part") == "collectives":
+        return f"{setting}: {len(r['collectives'])} collectives on mesh {r['mesh']}"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
     return (f"{setting}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
@@ -526,6 +563,8 @@ def main(argv=None):
         results += max_length(args)
     if "check" in parts:
         results += check(args)
+    if "collectives" in parts:
+        results += collectives(args)
     if args.json:
         write_json(args.json, results)
     print_tables(results, args)
