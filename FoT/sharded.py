@@ -24,7 +24,7 @@ runs the attention under ``shard_map`` instead, in one of two layouts:
 On one device, or when no mesh axis shards the inputs, the plain attention runs: no wrapper,
 same program.  ``"auto"`` takes ``"rows"``: its traffic is ``h`` rows of K and V per device
 against four all-to-alls of every activation for ``"heads"``; which one is faster on real
-interconnects has not been measured yet (README, sharding).
+interconnects has not been measured yet.
 """
 import jax
 import jax.numpy as jnp
