@@ -32,11 +32,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as PS
 
+from EasyLM.jax_utils import BATCH_AXES
 from FoT.cross_batch import cross_batch_core
 
 LAYOUTS = ("auto", "rows", "heads")
-BATCH_AXES = ("dp", "fsdp")
-HEAD_AXIS = "mp"
+HEAD_AXIS = "mp"  # the model's tensor-parallel axis (EasyLM.jax_utils.MESH_AXES)
 
 
 def sharded_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping=False,
@@ -158,7 +158,7 @@ def _receive_halo(x, halo, axes, devices):
     """The last ``halo`` rows before this device's first row (as many as the devices before it
     hold; rows before global row 0 arrive as zeros and are never read)."""
     rows = x.shape[0]
-    hops = min(-(-halo // rows), devices - 1)
+    hops = -(-halo // rows)  # at most devices - 1: no device's offset reaches before row 0
     pieces = []
     for hop in range(1, hops + 1):
         count = min(rows, halo - (hop - 1) * rows)
