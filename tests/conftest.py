@@ -54,6 +54,10 @@ SLOW = {
     "test_cross_batch.py": ("test_legacy_call_matches_per_row_loop",
                             "test_blockwise_matches_reference"),
     "test_checkpoint.py": ("test_a_kill_during_a_save_leaves_the_last_good_checkpoint",),
+    "test_sharded_cross_batch.py": ("test_matches_one_device_and_keeps_rows_local",
+                                    "test_mosaic_kernel"),
+    "test_collectives.py": ("test_train_step_gathers_no_activation_along_the_batch",
+                            "test_bench_train_prints_the_collectives_of_a_mesh"),
 }
 # Tests that need a GPU: skipped on other backends.
 GPU = {

@@ -12,13 +12,16 @@ from EasyLM.optimizers import get_default_config as optimizer_config
 from EasyLM.trainer import Trainer
 
 # A GPU program's asynchronous collectives and a CPU program's synchronous ones.
-HLO = """
-  %ag = (f32[2,32,64]{2,1,0}, f32[16,32,64]{2,1,0}) all-gather-start(f32[2,32,64]{2,1,0} %x), dimensions={0}, metadata={op_name="jit(step)/embed"}
-  %agd = f32[16,32,64]{2,1,0} all-gather-done((f32[2,32,64]{2,1,0}, f32[16,32,64]{2,1,0}) %ag)
-  %w = bf16[64,128]{1,0} all-gather(bf16[8,128]{1,0} %p), channel_id=2, dimensions={0}
-  %r = f32[64,128]{1,0} all-reduce(f32[64,128]{1,0} %g), to_apply=%add
-  %cp = f32[2,32,1,64]{3,2,1,0} collective-permute(f32[2,32,1,64]{3,2,1,0} %k), source_target_pairs={{0,1}}
-"""
+HLO = "\n".join([
+    '  %ag = (f32[2,32,64]{2,1,0}, f32[16,32,64]{2,1,0}) all-gather-start('
+    'f32[2,32,64]{2,1,0} %x), dimensions={0}, metadata={op_name="jit(step)/embed"}',
+    "  %agd = f32[16,32,64]{2,1,0} all-gather-done("
+    "(f32[2,32,64]{2,1,0}, f32[16,32,64]{2,1,0}) %ag)",
+    "  %w = bf16[64,128]{1,0} all-gather(bf16[8,128]{1,0} %p), channel_id=2, dimensions={0}",
+    "  %r = f32[64,128]{1,0} all-reduce(f32[64,128]{1,0} %g), to_apply=%add",
+    "  %cp = f32[2,32,1,64]{3,2,1,0} collective-permute(f32[2,32,1,64]{3,2,1,0} %k), "
+    "source_target_pairs={{0,1}}",
+])
 
 
 def test_reads_kinds_shapes_and_bytes():
