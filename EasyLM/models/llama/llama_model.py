@@ -90,7 +90,9 @@ class LLaMAConfig:
         False, "blockwise cross-batch attention (bounded score memory) where "
         "cross_batch_implementation is auto")
     flip_sharding_in_cross_batch: bool = _run_setting(
-        False, "shard heads instead of rows inside cross-batch attention")
+        False, "on a batch-sharded mesh, exchange rows for heads (all-to-all) inside "
+        "cross-batch attention instead of passing each device the previous rows' keys and "
+        "values (halo); used where each device's key/value heads split over the batch devices")
     cross_batch_implementation: str = _run_setting(
         "auto", "memory layers' attention: auto (pallas on GPU/TPU, reference on CPU, "
         "blockwise with scan_cross_batch), " + ", ".join(CROSS_BATCH_IMPLEMENTATIONS))
@@ -594,9 +596,9 @@ class FlaxLLaMAModule(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         embed = TokenEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                         param_dtype=self.param_dtype,
-                         embedding_init=nn.initializers.normal(cfg.initializer_range),
-                         name="wte")
+                               param_dtype=self.param_dtype,
+                               embedding_init=nn.initializers.normal(cfg.initializer_range),
+                               name="wte")
         hidden = with_sharding_constraint(embed(input_ids.astype(jnp.int32)), RESIDUAL_SPEC)
         block, policy = LLaMABlock, None
         if cfg.remat_block not in ("", "none"):
