@@ -15,6 +15,11 @@ Three implementations share one interface (:func:`cross_batch_core`):
 * ``"pallas"`` is the fused kernel of :mod:`FoT.kernels`, which reads neighbouring rows'
   keys/values in place.
 
+:func:`check_supported` is each variant's declaration of the inputs it runs, and
+:data:`FALLBACK_ORDER` the order in which a caller falls back from one to the next.
+:func:`attend` is the one spelling of softmax attention that the reference variant and the
+windowed inference of :mod:`FoT.inference` share.  The slot table is in :mod:`FoT.slots`.
+
 :func:`cross_batch_attention` keeps the call shape of the original LongLLaMA FoT code
 (un-rotated q/k plus RoPE callbacks and an additive local bias).
 """
@@ -25,46 +30,40 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from FoT import kernels
+from FoT.slots import allowed_slots, slot_sources
+
 IMPLEMENTATIONS = ("reference", "blockwise", "pallas")
+# Fastest first.  A caller choosing automatically takes the first variant whose
+# check_supported accepts its inputs; the reference accepts everything.
+FALLBACK_ORDER = ("pallas", "blockwise", "reference")
 # The original code masks with -1e6: large enough that exp() underflows to exactly zero in
 # float32, small enough that adding it to a finite bias never overflows.
 MASK_VALUE = -1e6
+_KERNEL_TAKES_NO_BIAS = ("the pallas cross-batch kernel applies the causal mask itself and "
+                         "takes no local_bias; use implementation='blockwise' for padded inputs")
 
 
-def allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):
-    """``n_b`` of FOT_SPEC 2.4: how many context slots (slot 0 included) each row may use."""
-    validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing)
-    num_slots = cross_batch_range + 1
-    rows = np.arange(batch_size)
-    if dataset_packing == 1 or not cross_batch_stepping:
-        n = np.full(batch_size, num_slots)
-    else:
-        step = -(-num_slots // max(dataset_packing - 1, 1))
-        n = np.minimum((rows % dataset_packing) * step + 1, num_slots)
-    return np.minimum(n, rows + 1).astype(np.int32)
+def check_supported(implementation, *, length, head_dim, dtype, padded=False, block_size=512):
+    """Whether ``implementation`` runs rows of ``length`` tokens with heads of ``head_dim``
+    in ``dtype`` (``padded``: with a ``local_bias``) on this platform: returns None, else
+    raises ``NotImplementedError`` saying why.  The kernel counts as supported only where it
+    compiles (GPU, TPU), not in the interpreter."""
+    if implementation == "pallas":
+        if padded:
+            raise NotImplementedError(_KERNEL_TAKES_NO_BIAS)
+        kernels.check_supported(length, head_dim, dtype)
+    elif implementation == "blockwise":
+        _check_blockwise(length, block_size)
+    elif implementation != "reference":
+        raise ValueError(f"unknown cross-batch implementation {implementation!r}; "
+                         f"choose one of {IMPLEMENTATIONS}")
 
 
-def slot_mask(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):
-    """Boolean ``[B, C + 1]`` table: ``slot_mask[b, c]`` is whether row ``b`` sees slot ``c``."""
-    n = allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping)
-    return np.arange(cross_batch_range + 1)[None, :] < n[:, None]
-
-
-def slot_sources(batch_size, cross_batch_range):
-    """``[B, C + 1]`` row index feeding each slot: ``(b - c) mod B``."""
-    return (np.arange(batch_size)[:, None] - np.arange(cross_batch_range + 1)[None, :]) % batch_size
-
-
-def validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing):
-    if cross_batch_range < 0:
-        raise ValueError(f"cross_batch_range must be >= 0, got {cross_batch_range}")
-    if dataset_packing < 1:
-        raise ValueError(f"dataset_packing must be >= 1, got {dataset_packing}")
-    if batch_size % dataset_packing != 0:
-        raise ValueError(
-            f"batch size {batch_size} is not divisible by dataset_packing {dataset_packing}: "
-            "each document occupies dataset_packing consecutive rows, so the batch must hold "
-            "whole groups (change the batch size or the data pipeline's kN)")
+def _check_blockwise(length, block_size):
+    if length % min(block_size, length) != 0:
+        raise NotImplementedError(f"blockwise cross-batch needs the sequence length ({length}) "
+                                  f"to be a multiple of its block size ({block_size})")
 
 
 def _check_shapes(q, k_loc, k_mem, v):
@@ -105,11 +104,8 @@ def cross_batch_core(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepp
                           mask_value, block_size, precision)
     if implementation == "pallas":
         if local_bias is not None:
-            raise ValueError("the pallas cross-batch kernel applies the causal mask itself and "
-                             "takes no local_bias; use implementation='blockwise' for padded "
-                             "inputs")
-        from FoT.kernels import flash_cross_batch
-        return flash_cross_batch(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
+            raise NotImplementedError(_KERNEL_TAKES_NO_BIAS)
+        return kernels.flash_cross_batch(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
                                  cross_batch_stepping=cross_batch_stepping,
                                  dataset_packing=dataset_packing, **kernel_options)
     raise ValueError(f"unknown cross-batch implementation {implementation!r}; "
@@ -128,42 +124,79 @@ def _causal_allowed(length, key_offset=0, key_len=None):
 
 def _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_value,
                precision):
-    batch_size, length, num_heads, head_dim = q.shape
-    num_kv = k_loc.shape[2]
+    batch_size, length = q.shape[:2]
     num_slots = cross_batch_range + 1
-    # Slot 0 is the row itself: no gather, so that a sharded batch (C = 0 in ordinary layers,
-    # or one device's rows) partitions without collecting other rows.
-    keys, values = k_loc[:, None], v[:, None]  # [B, S, L, KV, D]
-    if cross_batch_range > 0:
-        others = slot_sources(batch_size, cross_batch_range)[:, 1:]
-        keys = jnp.concatenate([keys, k_mem[others]], axis=1)
-        values = jnp.concatenate([values, v[others]], axis=1)
-    qg = _group(q, num_kv)
-    scores = jnp.einsum("bqkgd,bcskd->bkgqcs", qg, keys, precision=precision,
-                        preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    slot_ok = jnp.arange(num_slots)[None, :] < jnp.asarray(n_slots)[:, None]  # [B, S]
-    scores = jnp.where(slot_ok[:, None, None, None, :, None], scores, mask_value)
-    local = scores[:, :, :, :, 0, :]
-    if local_bias is None:
-        local = jnp.where(_causal_allowed(length), local, mask_value)
-    else:
-        local = local + local_bias.astype(jnp.float32)[:, :, None]
-    scores = scores.at[:, :, :, :, 0, :].set(local)
-    flat = scores.reshape(scores.shape[:4] + (num_slots * length,))
-    probs = jax.nn.softmax(flat, axis=-1).reshape(scores.shape).astype(v.dtype)
-    out = jnp.einsum("bkgqcs,bcskd->bqkgd", probs, values, precision=precision,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(batch_size, length, num_heads, head_dim).astype(q.dtype)
+    sources = slot_sources(batch_size, cross_batch_range)
+    keys = jnp.concatenate([k_loc[:, None], k_mem[sources[:, 1:]]], axis=1)  # [B,S,L,KV,D]
+    flat = (batch_size, num_slots * length) + k_loc.shape[2:]
+    # Within a slot: the local slot is causal (or left to the bias), the others all visible.
+    local = _causal_allowed(length) if local_bias is None else jnp.ones((length, length), bool)
+    within = jnp.ones((num_slots, length, length), bool).at[0].set(local)
+    slot_ok = np.arange(num_slots)[None, :] < np.asarray(n_slots)[:, None]  # [B, S]
+    visible = (slot_ok[:, None, :, None] & jnp.swapaxes(within, 0, 1)[None]).reshape(
+        batch_size, length, num_slots * length)
+    bias = None
+    if local_bias is not None:
+        local_bias = local_bias[:, 0].astype(jnp.float32)
+        bias = jnp.concatenate([local_bias, jnp.zeros(local_bias.shape[:2] + (
+            cross_batch_range * length,), jnp.float32)], axis=-1)
+    return attend(q, keys.reshape(flat), v[sources].reshape(flat), visible, bias=bias,
+                  mask_value=mask_value, precision=precision)
+
+
+def attend(q, keys, values, visible, *, bias=None, chunks=None, mask_value=MASK_VALUE,
+           precision=None):
+    """Softmax attention of ``q [B, n, H, D]`` over ``keys, values [B, S, KV, D]`` (query
+    head ``h`` reads key head ``h // (H / KV)``): one float32 softmax per query.
+
+    ``visible`` (bool, broadcastable to ``[B, n, S]``) says which keys each query sees; the
+    others score ``mask_value``.  ``bias`` (broadcastable to ``[B, n, S]``) is added to the
+    scores before that.  ``chunks = (heads, queries)`` computes that many heads and queries
+    at a time, bounding the scores' memory (FOT_SPEC 5's ``attention_grouping``).  Returns
+    ``[B, n, H, D]`` in ``q.dtype``.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    group = num_heads // keys.shape[2]
+    head_chunk, query_chunk = chunks or (num_heads, length)
+    per_head = []
+    for h0 in range(0, num_heads, head_chunk):
+        h1 = min(h0 + head_chunk, num_heads)
+        if h0 % group == 0 and h1 % group == 0:  # whole key heads: slices, no copies
+            shared, kv = group, slice(h0 // group, h1 // group)
+        else:
+            shared, kv = 1, np.arange(h0, h1) // group
+        k_h, v_h = keys[:, :, kv], values[:, :, kv]
+        per_query = []
+        for i0 in range(0, length, query_chunk):
+            i1 = min(i0 + query_chunk, length)
+            q_c = q[:, i0:i1, h0:h1].reshape(batch, i1 - i0, (h1 - h0) // shared, shared,
+                                             head_dim)
+            scores = jnp.einsum("bqkgd,bskd->bkgqs", q_c, k_h, precision=precision,
+                                preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+            if bias is not None:
+                scores = scores + _query_rows(bias, i0, i1)[:, None, None]
+            scores = jnp.where(_query_rows(visible, i0, i1)[:, None, None], scores, mask_value)
+            probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+            out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_h, precision=precision,
+                             preferred_element_type=jnp.float32)
+            per_query.append(out.reshape(batch, i1 - i0, h1 - h0, head_dim))
+        per_head.append(jnp.concatenate(per_query, axis=1))
+    return jnp.concatenate(per_head, axis=2).astype(q.dtype)
+
+
+def _query_rows(table, start, stop):
+    """Rows ``start:stop`` of a ``[..., n or 1, S]`` table, as ``[B or 1, rows or 1, S]``."""
+    table = jnp.asarray(table)
+    table = table.reshape((1,) * (3 - table.ndim) + table.shape)
+    return table if table.shape[1] == 1 else table[:, start:stop]
 
 
 def _blockwise(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_value,
                block_size, precision):
     batch_size, length, num_heads, head_dim = q.shape
     num_kv = k_loc.shape[2]
+    _check_blockwise(length, block_size)
     block = min(block_size, length)
-    if length % block != 0:
-        raise ValueError(f"blockwise cross-batch needs the sequence length ({length}) to be a "
-                         f"multiple of its block size ({block})")
     blocks_per_slot = length // block
     qg = _group(q, num_kv)
     scale = 1.0 / math.sqrt(head_dim)

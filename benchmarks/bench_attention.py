@@ -86,7 +86,8 @@ def attention_fn(job, variant):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from FoT.cross_batch import cross_batch_core, slot_mask, slot_sources
+    from FoT.cross_batch import cross_batch_core
+    from FoT.slots import slot_mask, slot_sources
 
     args = dict(cross_batch_range=job["C"], cross_batch_stepping=job["stepping"],
                 dataset_packing=job["packing"])
@@ -140,7 +141,7 @@ def run_timing(job):
     import jax
     import jax.numpy as jnp
     from EasyLM.flops import attention_flops
-    from FoT.cross_batch import allowed_slots
+    from FoT.slots import allowed_slots
 
     dtype = jnp.dtype(job["dtype"])
     q, k_loc, k_mem, v, cotangent = make_inputs(job, dtype)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from FoT.kernels import mosaic_lowering, triton_lowering
-from FoT.kernels.plan import BlockSizes, make_plan
+from FoT.kernels.plan import BlockSizes, check_blocks, check_inputs, make_plan
 from FoT.kernels.triton_lowering import TritonOptions
 
 BACKENDS = ("triton", "mosaic")
@@ -42,28 +42,52 @@ def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_step
       num_warps, num_stages: Triton only; an int for all three kernels or a tuple
         ``(forward, dq, dkv)``; ``None`` takes the tuned default for the input dtype.
     """
-    platform = jax.default_backend()
-    if backend is None:
-        backend = "mosaic" if platform == "tpu" else "triton"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    backend = _backend(backend)
     if interpret is None:
-        interpret = platform != _NATIVE_PLATFORM[backend]
+        interpret = jax.default_backend() != _NATIVE_PLATFORM[backend]
     if backend == "mosaic" and (num_warps is not None or num_stages is not None):
         raise ValueError("num_warps and num_stages are Triton settings; the mosaic backend "
                          "takes block sizes only")
-    length = q.shape[1]
-    chosen = dict(block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv,
-                  block_k_dkv=block_k_dkv)
-    defaults = dataclasses.asdict(_LOWERINGS[backend].default_blocks(q.dtype))
-    blocks = BlockSizes(**{name: min(defaults[name], length) if size is None else size
-                           for name, size in chosen.items()})
+    blocks = _blocks(backend, q.dtype, q.shape[1], dict(
+        block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv))
     plan = make_plan(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
                      cross_batch_stepping=cross_batch_stepping,
                      dataset_packing=dataset_packing, blocks=blocks)
     lowering = _Lowering(backend, bool(interpret),
                          TritonOptions.make(q.dtype, num_warps, num_stages))
     return _attention(plan, lowering, q, k_loc, k_mem, v)
+
+
+def check_supported(length, head_dim, dtype, *, backend=None, interpret=False):
+    """The kernel's declaration of what it runs: None when :func:`flash_cross_batch` with
+    ``backend`` and its default tiles handles rows of ``length`` tokens and heads of
+    ``head_dim`` in ``dtype``; otherwise ``NotImplementedError`` with the reason, so that a
+    caller can fall back to another variant.  Without ``interpret`` the backend's hardware
+    must be present: elsewhere the kernel only runs in the (slow) Pallas interpreter."""
+    backend = _backend(backend)
+    platform = jax.default_backend()
+    if not interpret and platform != _NATIVE_PLATFORM[backend]:
+        raise NotImplementedError(f"the {backend} lowering compiles for "
+                                  f"{_NATIVE_PLATFORM[backend]}; on {platform} the kernel only "
+                                  f"runs in the Pallas interpreter")
+    check_inputs(head_dim, dtype)
+    check_blocks(length, _blocks(backend, dtype, length, {}))
+
+
+def _backend(backend):
+    if backend is None:
+        return "mosaic" if jax.default_backend() == "tpu" else "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    return backend
+
+
+def _blocks(backend, dtype, length, chosen):
+    """The tiles of ``chosen`` (name -> size or None), the lowering's defaults for ``dtype``
+    (capped at ``length``) where it has none."""
+    defaults = dataclasses.asdict(_LOWERINGS[backend].default_blocks(dtype))
+    return BlockSizes(**{name: min(size, length) if chosen.get(name) is None else chosen[name]
+                         for name, size in defaults.items()})
 
 
 @dataclasses.dataclass(frozen=True)

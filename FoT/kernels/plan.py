@@ -14,12 +14,15 @@ Scores are kept in base 2: ``s2 = (q . k) * log2(e) / sqrt(D)``, so that the sof
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from FoT.cross_batch import allowed_slots
+from FoT.slots import allowed_slots
 
 SUPPORTED_HEAD_DIMS = (64, 128)
+# Inputs of 16 or 32 bits; the score tiles are float32 whatever they are.
+SUPPORTED_ITEMSIZES = (2, 4)
 LOG2_E = math.log2(math.e)
 
 
@@ -43,7 +46,7 @@ class TilingPlan:
     num_kv_heads: int
     head_dim: int
     cross_batch_range: int
-    allowed: tuple  # n_b per row (slot 0 included), from cross_batch.allowed_slots
+    allowed: tuple  # n_b per row (slot 0 included), from slots.allowed_slots
     blocks: BlockSizes
 
     @property
@@ -149,6 +152,32 @@ def pad_pow2(values):
     return np.concatenate([values, np.zeros(size - len(values), values.dtype)])
 
 
+# The kernel's limits.  Both checks return None or raise NotImplementedError saying why, so
+# that a caller able to run another variant can catch it and fall back.
+
+def check_inputs(head_dim, dtype):
+    """Whether the kernel takes heads of ``head_dim`` in ``dtype``."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(f"the cross-batch kernel supports head dims "
+                                  f"{SUPPORTED_HEAD_DIMS}, got {head_dim}; use "
+                                  f"implementation='blockwise' for other sizes")
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize not in SUPPORTED_ITEMSIZES:
+        raise NotImplementedError(f"the cross-batch kernel takes 16- or 32-bit floats, got "
+                                  f"{dtype}")
+
+
+def check_blocks(length, blocks):
+    """Whether ``blocks`` tiles rows of ``length`` tokens."""
+    for name, size in dataclasses.asdict(blocks).items():
+        if size < 16 or size & (size - 1):
+            raise NotImplementedError(f"{name}={size} must be a power of two >= 16")
+        if length % size != 0:
+            raise NotImplementedError(f"the cross-batch kernel needs the sequence length "
+                                      f"({length}) to be a multiple of {name}={size}; pad the "
+                                      f"sequence or pick a block size dividing it")
+
+
 def make_plan(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping, dataset_packing,
               blocks):
     """Validates shapes and block sizes and returns the plan; every error names the fix."""
@@ -161,19 +190,11 @@ def make_plan(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping, da
         raise ValueError(f"q {q.shape} and k {k_loc.shape} disagree in batch, length or head dim")
     if num_heads % num_kv != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} kv heads")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the cross-batch kernel supports head dims {SUPPORTED_HEAD_DIMS}, got "
-                         f"{head_dim}; use implementation='blockwise' for other sizes")
     if len({q.dtype, k_loc.dtype, k_mem.dtype, v.dtype}) != 1:
         raise ValueError(f"q, k_loc, k_mem and v must share one dtype, got {q.dtype}, "
                          f"{k_loc.dtype}, {k_mem.dtype}, {v.dtype}")
-    for name, size in dataclasses.asdict(blocks).items():
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name}={size} must be a power of two >= 16")
-        if length % size != 0:
-            raise ValueError(f"the cross-batch kernel needs the sequence length ({length}) to be "
-                             f"a multiple of {name}={size}; pad the sequence or pick a block "
-                             f"size dividing it")
+    check_inputs(head_dim, q.dtype)
+    check_blocks(length, blocks)
     n = allowed_slots(batch, cross_batch_range, dataset_packing, cross_batch_stepping)
     return TilingPlan(batch, length, num_heads, num_kv, head_dim, cross_batch_range,
                       tuple(int(x) for x in n), blocks)

@@ -19,7 +19,9 @@ from jax.sharding import PartitionSpec as PS
 from EasyLM.jax_utils import BATCH_AXES, with_sharding_constraint
 from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
+from FoT.cross_batch import FALLBACK_ORDER
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
+from FoT.cross_batch import check_supported as check_cross_batch_support
 from FoT.cross_batch import cross_batch_core
 from FoT.sharded import sharded_cross_batch
 
@@ -370,20 +372,33 @@ def _dense(features, config, dtype, param_dtype, name):
                     kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
-def resolve_cross_batch_implementation(config, length):
-    """The configured variant; ``auto`` takes the fused kernel where it supports the shapes."""
-    if config.cross_batch_implementation != "auto":
-        return config.cross_batch_implementation
-    blockwise_ok = length % min(config.cross_batch_block_size, length) == 0
-    if config.scan_cross_batch and blockwise_ok:
-        return "blockwise"
-    from FoT.kernels.plan import SUPPORTED_HEAD_DIMS
-    kernel_ok = config.head_dim in SUPPORTED_HEAD_DIMS and length % 128 == 0
-    if jax.default_backend() in ("gpu", "tpu"):
-        if kernel_ok:
-            return "pallas"
-        return "blockwise" if blockwise_ok else "reference"
-    return "reference"
+def resolve_cross_batch_implementation(config, length, dtype=jnp.float32, padded=False):
+    """The cross-batch variant a memory layer runs on rows of ``length`` tokens in ``dtype``
+    (``padded``: with a padding mask).
+
+    ``auto`` walks :data:`~FoT.cross_batch.FALLBACK_ORDER` (on CPU only the reference;
+    ``scan_cross_batch`` puts blockwise first) and takes the first variant whose declaration,
+    :func:`FoT.cross_batch.check_supported`, accepts the inputs.  An explicit choice is kept;
+    only padded rows, which the kernel cannot take, move it down the same order.
+    """
+    configured = config.cross_batch_implementation
+    if configured == "auto":
+        order = FALLBACK_ORDER if jax.default_backend() in ("gpu", "tpu") else ("reference",)
+        if config.scan_cross_batch:
+            order = ("blockwise",) + tuple(name for name in order if name != "blockwise")
+    elif padded:
+        order = FALLBACK_ORDER[FALLBACK_ORDER.index(configured):]
+    else:
+        return configured
+    for name in order[:-1]:
+        try:
+            check_cross_batch_support(name, length=length, head_dim=config.head_dim,
+                                      dtype=dtype, padded=padded,
+                                      block_size=config.cross_batch_block_size)
+        except NotImplementedError:
+            continue
+        return name
+    return order[-1]  # every order ends with the reference, which runs any input
 
 
 def resolve_attention_implementation(config, dtype):
@@ -429,9 +444,8 @@ class LLaMAAttention(nn.Module):
 
     def _cross_batch(self, q, k_loc, k_mem, v, bias):
         cfg = self.config
-        implementation = resolve_cross_batch_implementation(cfg, q.shape[1])
-        if implementation == "pallas" and bias is not None:
-            implementation = "blockwise"
+        implementation = resolve_cross_batch_implementation(cfg, q.shape[1], q.dtype,
+                                                            padded=bias is not None)
         # Each device attends for its own rows (FoT.sharded); flip_sharding_in_cross_batch
         # asks for the all-to-all over heads instead of the halo of neighbouring rows.
         return sharded_cross_batch(q, k_loc, k_mem, v, cross_batch_range=cfg.cross_batch_range,

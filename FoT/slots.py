@@ -1,0 +1,44 @@
+"""The slot table of cross-batch attention (FOT_SPEC 2.3-2.4): which neighbour rows each row
+of a batch may attend to.
+
+A leaf module: the reference variants (:mod:`FoT.cross_batch`), the kernel's tiling plan
+(:mod:`FoT.kernels.plan`) and the trainer's accounting all read the table from here, so none
+of them has to import another to get it.
+"""
+import numpy as np
+
+
+def validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing):
+    if cross_batch_range < 0:
+        raise ValueError(f"cross_batch_range must be >= 0, got {cross_batch_range}")
+    if dataset_packing < 1:
+        raise ValueError(f"dataset_packing must be >= 1, got {dataset_packing}")
+    if batch_size % dataset_packing != 0:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by dataset_packing {dataset_packing}: "
+            "each document occupies dataset_packing consecutive rows, so the batch must hold "
+            "whole groups (change the batch size or the data pipeline's kN)")
+
+
+def allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):
+    """``n_b`` of FOT_SPEC 2.4: how many context slots (slot 0 included) each row may use."""
+    validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing)
+    num_slots = cross_batch_range + 1
+    rows = np.arange(batch_size)
+    if dataset_packing == 1 or not cross_batch_stepping:
+        n = np.full(batch_size, num_slots)
+    else:
+        step = -(-num_slots // max(dataset_packing - 1, 1))
+        n = np.minimum((rows % dataset_packing) * step + 1, num_slots)
+    return np.minimum(n, rows + 1).astype(np.int32)
+
+
+def slot_mask(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):
+    """Boolean ``[B, C + 1]`` table: ``slot_mask[b, c]`` is whether row ``b`` sees slot ``c``."""
+    n = allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping)
+    return np.arange(cross_batch_range + 1)[None, :] < n[:, None]
+
+
+def slot_sources(batch_size, cross_batch_range):
+    """``[B, C + 1]`` row index feeding each slot: ``(b - c) mod B``."""
+    return (np.arange(batch_size)[:, None] - np.arange(cross_batch_range + 1)[None, :]) % batch_size
