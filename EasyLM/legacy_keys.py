@@ -115,7 +115,7 @@ MODEL_FIELD_RULES = (
         _is_zero, "dropout is not implemented here (the FoT models train without it); set 0 "
         "or drop the key")),
     ("use_cache", _warn("has no effect here (windowed inference with memory caches is "
-                        "FoT/inference.py)")),
+                        "EasyLM/models/llama/windowed_lm.py)")),
     ("remat_(attention|mlp)", _ignore_if(
         _is_empty, "only whole decoder layers are rematerialised here: set remat_block to a "
         "jax.checkpoint policy (nothing_saveable, dots_saveable, dots_and_attention_saveable, "

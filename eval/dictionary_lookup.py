@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from eval.plots import accuracy_curves
 from experiments.dictionary_data import document_keys, far_lookups, read_documents
-from FoT.inference import add_model_arguments, model_from_args
+from eval.models import add_model_arguments, model_from_args
 
 
 def distractor_prefixes(docs, window, num_targets, memory_windows, rng):

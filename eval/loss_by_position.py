@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.plots import loss_curves
-from FoT.inference import add_model_arguments, encode, model_from_args
+from eval.models import add_model_arguments, encode, model_from_args
 
 
 def read_documents(path, tokenizer, text_field, max_length, min_length, max_docs):

@@ -403,11 +403,11 @@ def test_dictionary_script_writes_data_evaluations_figures_and_table(dictionary_
 def test_dictionary_export_scores_like_the_checkpoint_with_distractors(dictionary_run):
     """The accuracies of a 20-step model hardly depend on memory; its losses do, so the
     export is compared on them too, on the evaluation's own inputs."""
-    from FoT.inference import TorchWindowedLM, WindowedLM
+    from eval.models import TorchWindowedLM, load_model
 
     out = dictionary_run
     checkpoint = json.loads((out / "eval_fot" / "dictionary_lookup.json").read_text())["model"]
-    jax_model = WindowedLM.from_checkpoint(checkpoint, WINDOW)
+    jax_model = load_model(checkpoint, last_context_length=WINDOW)
     torch_model = TorchWindowedLM(str(out / "hf_fot"), device="cpu")
     assert torch_model.last_context_length == WINDOW
     docs = dd.read_documents(out / "data" / "eval.jsonl", WINDOW, 20)

@@ -17,7 +17,8 @@ from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf.cache_fot_llama import FoTCache
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from FoT.hf.windows_fot_llama import plan_windows
-from FoT.inference import MemoryOptions, WindowedLM
+from EasyLM.models.llama.windowed_lm import WindowedLM
+from FoT.inference import MemoryOptions
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

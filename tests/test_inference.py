@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
-from FoT.inference import MemoryOptions, WindowedLM
+from EasyLM.models.llama.windowed_lm import WindowedLM
+from FoT.inference import MemoryOptions
 from helpers import tiny_config
 
 WINDOW = 8

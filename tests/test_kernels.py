@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from FoT.cross_batch import cross_batch_core
-from FoT.kernels import flash_cross_batch
+from FoT.kernels import check_supported, flash_cross_batch
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SMALL_BLOCKS = dict(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
@@ -138,18 +138,36 @@ def test_lowers_for_the_hardware(platform, backend, dtype, kv_heads, head_dim):
     assert lowered.as_text()
 
 
-@pytest.mark.parametrize("shape,options,message", [
-    ((2, 48, 2, 1, 64), dict(block_q=32, block_k=16), "multiple of block_q=32"),
-    ((2, 32, 2, 1, 64), dict(block_k=24), "power of two"),
-    ((2, 32, 2, 1, 32), {}, "head dims"),
-    ((2, 32, 3, 2, 64), {}, "not a multiple"),
-    ((2, 32, 2, 1, 64), dict(backend="cuda"), "unknown kernel backend"),
-    ((2, 32, 2, 1, 64), dict(backend="mosaic", num_warps=4), "Triton settings"),
+@pytest.mark.parametrize("shape,options,error,message", [
+    ((2, 48, 2, 1, 64), dict(block_q=32, block_k=16), NotImplementedError,
+     "multiple of block_q=32"),
+    ((2, 32, 2, 1, 64), dict(block_k=24), NotImplementedError, "power of two"),
+    ((2, 32, 2, 1, 32), {}, NotImplementedError, "head dims"),
+    ((2, 32, 3, 2, 64), {}, ValueError, "not a multiple"),
+    ((2, 32, 2, 1, 64), dict(backend="cuda"), ValueError, "unknown kernel backend"),
+    ((2, 32, 2, 1, 64), dict(backend="mosaic", num_warps=4), ValueError, "Triton settings"),
 ])
-def test_errors(shape, options, message):
+def test_errors(shape, options, error, message):
+    # NotImplementedError: inputs the kernel does not run (a caller may fall back to another
+    # variant); ValueError: a mistake in the call.
     q, k_loc, k_mem, v, _ = random_inputs(0, *shape, jnp.float32)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         flash_cross_batch(q, k_loc, k_mem, v, cross_batch_range=1, **options)
+
+
+def test_declared_support():
+    """check_supported raises what flash_cross_batch would, and refuses platforms where the
+    kernel would only be interpreted."""
+    check_supported(256, 64, jnp.bfloat16, interpret=True)
+    for length, head_dim, dtype, message in [(256, 96, jnp.float32, "head dims"),
+                                             (256, 64, jnp.float64, "16- or 32-bit"),
+                                             (600, 64, jnp.float32, "multiple of"),
+                                             (40, 64, jnp.float32, "power of two")]:
+        with pytest.raises(NotImplementedError, match=message):
+            check_supported(length, head_dim, dtype, interpret=True)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(NotImplementedError, match="interpreter"):
+            check_supported(256, 64, jnp.float32)
 
 
 @on_gpu

@@ -4,6 +4,10 @@ The parameter tree follows EasyLM's names (``transformer/h/<i>/attention/wq/kern
 sharding rules and converters address parameters by regex on those paths.  Memory layers
 (``mem_layers``) have the same parameters as ordinary layers; only their attention differs:
 with ``cross_batch_range > 0`` they run cross-batch attention (:mod:`FoT.cross_batch`).
+
+Given per-layer caches and a :class:`~FoT.inference.Piece`, the same modules run one piece of
+windowed inference (FOT_SPEC 5): every attention layer attends over its local window and, in
+memory layers, its memory, and returns its updated cache (see :mod:`FoT.inference`).
 """
 import dataclasses
 import json
@@ -21,8 +25,8 @@ from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
 from FoT.cross_batch import FALLBACK_ORDER
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
+from FoT.cross_batch import attend, cross_batch_core
 from FoT.cross_batch import check_supported as check_cross_batch_support
-from FoT.cross_batch import cross_batch_core
 from FoT.sharded import sharded_cross_batch
 
 # The residual stream is sharded over rows only: it is what every tensor-parallel (mp) shard
@@ -352,6 +356,7 @@ def get_partition_rules():
 class CausalLMOutput(NamedTuple):
     logits: Any
     hidden_states: Any = None
+    caches: Any = None  # windowed inference: every layer's updated LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -416,7 +421,9 @@ class LLaMAAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, position_ids, attention_mask):
+    def __call__(self, hidden, position_ids, attention_mask, cache=None, piece=None):
+        """The attention's output; given a ``cache`` (a :class:`~FoT.inference.LayerCache`)
+        and the ``piece`` it runs, ``(output, updated cache)`` of windowed inference."""
         cfg = self.config
         batch, length, _ = hidden.shape
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -429,18 +436,22 @@ class LLaMAAttention(nn.Module):
         head_spec = PS(BATCH_AXES, None, "mp", None)
         q, k, v = (with_sharding_constraint(x, head_spec) for x in (q, k, v))
         inv_freq = inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q_rot = apply_rope(q, position_ids, inv_freq)
-        k_rot = apply_rope(k, position_ids, inv_freq)
-        bias = _padding_bias(attention_mask, length)
-        if self.is_memory_layer and cfg.cross_batch_range > 0:
-            k_mem = apply_rope_as_first(k, position_ids, inv_freq)
-            out = self._cross_batch(q_rot, k_rot, k_mem, v, bias)
+        if cache is not None:
+            out, cache = _windowed_attention(q, k, v, position_ids, cache, piece, inv_freq)
+        elif self.is_memory_layer and cfg.cross_batch_range > 0:
+            out = self._cross_batch(apply_rope(q, position_ids, inv_freq),
+                                    apply_rope(k, position_ids, inv_freq),
+                                    apply_rope_as_first(k, position_ids, inv_freq), v,
+                                    _padding_bias(attention_mask, length))
         else:
-            out = causal_attention(q_rot, k_rot, v, bias,
+            out = causal_attention(apply_rope(q, position_ids, inv_freq),
+                                   apply_rope(k, position_ids, inv_freq), v,
+                                   _padding_bias(attention_mask, length),
                                    resolve_attention_implementation(cfg, self.dtype))
         out = with_sharding_constraint(out, head_spec)
         out = out.reshape(batch, length, heads * head_dim)
-        return _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out)
+        out = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out)
+        return out if cache is None else (out, cache)
 
     def _cross_batch(self, q, k_loc, k_mem, v, bias):
         cfg = self.config
@@ -454,6 +465,33 @@ class LLaMAAttention(nn.Module):
                                    implementation=implementation,
                                    block_size=cfg.cross_batch_block_size,
                                    layout="heads" if cfg.flip_sharding_in_cross_batch else "auto")
+
+
+def _windowed_attention(q, k, v, query_positions, cache, piece, inv_freq):
+    """FOT_SPEC 5 for one layer: the piece's queries over the slid local window and, with a
+    memory, over the memory in the same softmax; returns the output and the updated cache."""
+    batch, length = q.shape[:2]
+    local_k, local_v = piece.slide(cache.local_k, k), piece.slide(cache.local_v, v)
+    keys, values, visible = local_k, local_v, piece.local_visible(length)
+    key_positions = piece.key_positions(batch)
+    positional = not cache.has_memory or piece.mem_positionals
+    if positional:
+        q = apply_rope(q, query_positions, inv_freq)
+        keys = apply_rope(keys, key_positions, inv_freq)
+    if not cache.has_memory:
+        return attend(q, keys, values, visible), cache._replace(local_k=local_k, local_v=local_v)
+    # The evicted entries are the oldest of the window before the slide.
+    evicted_k, evicted_v = cache.local_k[:, :length], cache.local_v[:, :length]
+    if positional:
+        evicted_k = apply_rope_as_first(evicted_k, key_positions[:, :length], inv_freq)
+    mem_k, mem_v = piece.remember(cache.mem_k, evicted_k), piece.remember(cache.mem_v, evicted_v)
+    capacity = mem_k.shape[1]
+    keys = jnp.concatenate([mem_k.astype(keys.dtype), keys], axis=1)
+    values = jnp.concatenate([mem_v.astype(values.dtype), values], axis=1)
+    visible = jnp.concatenate([jnp.broadcast_to(piece.memory_visible(capacity),
+                                                (length, capacity)), visible], axis=1)
+    out = attend(q, keys, values, visible, chunks=piece.attention_grouping)
+    return out, cache._replace(local_k=local_k, local_v=local_v, mem_k=mem_k, mem_v=mem_v)
 
 
 def _padding_bias(attention_mask, length):
@@ -499,16 +537,21 @@ class LLaMABlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, position_ids, attention_mask):
+    def __call__(self, hidden, position_ids, attention_mask, cache=None, piece=None):
+        """The layer's output; with a ``cache`` (windowed inference) also its updated cache."""
         cfg = self.config
         norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="attention_norm")
-        hidden = hidden + LLaMAAttention(cfg, self.is_memory_layer, self.dtype,
-                                         self.param_dtype, name="attention")(
-            norm(hidden), position_ids, attention_mask)
+        attended = LLaMAAttention(cfg, self.is_memory_layer, self.dtype, self.param_dtype,
+                                  name="attention")(norm(hidden), position_ids, attention_mask,
+                                                    cache, piece)
+        if cache is not None:
+            attended, cache = attended
+        hidden = hidden + attended
         norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ffn_norm")
         hidden = hidden + LLaMAMLP(cfg, self.dtype, self.param_dtype, name="feed_forward")(
             norm(hidden))
-        return with_sharding_constraint(hidden, RESIDUAL_SPEC)
+        hidden = with_sharding_constraint(hidden, RESIDUAL_SPEC)
+        return hidden if cache is None else (hidden, cache)
 
 
 class LLaMABlockCollection(nn.Module):
@@ -517,7 +560,9 @@ class LLaMABlockCollection(nn.Module):
     With ``scan_layers`` each maximal run of consecutive ordinary (non-memory) layers is one
     ``lax.scan`` over its layers' parameters, stacked from the per-layer tree on the fly, so
     checkpoints and converters keep the unrolled layout.  Memory layers run on their own.
-    Initialisation always runs unrolled (it creates the parameters).
+    Initialisation always runs unrolled (it creates the parameters), and so does windowed
+    inference (``caches``: one :class:`~FoT.inference.LayerCache` per layer), which returns
+    ``(hidden, updated caches)``.
     """
     config: LLaMAConfig
     block_class: Any = LLaMABlock
@@ -526,14 +571,25 @@ class LLaMABlockCollection(nn.Module):
     remat_policy: Optional[str] = None
 
     @nn.compact
-    def __call__(self, hidden, position_ids, attention_mask):
+    def __call__(self, hidden, position_ids, attention_mask, caches=None, piece=None):
         cfg = self.config
+        if caches is not None:
+            return self._windowed(hidden, position_ids, caches, piece)
         if cfg.scan_layers and not self.is_initializing():
             return self._scanned(hidden, position_ids, attention_mask)
         for i in range(cfg.num_hidden_layers):
             hidden = self.block_class(cfg, i in cfg.mem_layers, self.dtype, self.param_dtype,
                                       name=str(i))(hidden, position_ids, attention_mask)
         return hidden
+
+    def _windowed(self, hidden, position_ids, caches, piece):
+        # The plain block class: rematerialisation only matters for gradients.
+        cfg, updated = self.config, []
+        for i, cache in enumerate(caches):
+            hidden, cache = LLaMABlock(cfg, i in cfg.mem_layers, self.dtype, self.param_dtype,
+                                       name=str(i))(hidden, position_ids, None, cache, piece)
+            updated.append(cache)
+        return hidden, tuple(updated)
 
     def _scanned(self, hidden, position_ids, attention_mask):
         cfg = self.config
@@ -602,12 +658,18 @@ class FlaxLLaMAModule(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, caches=None,
+                 piece=None):
+        """With ``caches`` and ``piece`` (windowed inference, :mod:`FoT.inference`) the input
+        is one piece, positions come from the piece, and the result is ``(hidden, updated
+        caches)``."""
         cfg = self.config
-        if input_ids.shape[0] % cfg.dataset_packing:
+        if caches is None and input_ids.shape[0] % cfg.dataset_packing:
             raise ValueError(f"batch of {input_ids.shape[0]} rows is not divisible by "
                              f"dataset_packing {cfg.dataset_packing}")
-        if position_ids is None:
+        if position_ids is None and piece is not None:
+            position_ids = piece.query_positions(*input_ids.shape)
+        elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         embed = TokenEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                param_dtype=self.param_dtype,
@@ -619,8 +681,12 @@ class FlaxLLaMAModule(nn.Module):
             policy = cfg.remat_block
             block = nn.remat(LLaMABlock, policy=remat_policy(policy), prevent_cse=True)
         hidden = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, policy,
-                                      name="h")(hidden, position_ids, attention_mask)
-        return RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(hidden)
+                                      name="h")(hidden, position_ids, attention_mask, caches,
+                                                piece)
+        if caches is not None:
+            hidden, caches = hidden
+        hidden = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(hidden)
+        return hidden if caches is None else (hidden, caches)
 
 
 class FlaxLLaMAForCausalLMModule(nn.Module):
@@ -630,21 +696,25 @@ class FlaxLLaMAForCausalLMModule(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,
-                 return_hidden_states=False, compute_logits=True):
+                 return_hidden_states=False, compute_logits=True, caches=None, piece=None):
         """``compute_logits=False`` skips the output head: the result's ``logits`` is ``None``
         and ``hidden_states`` holds the final hidden states (for a chunked loss that applies
-        :func:`output_head_kernel` itself)."""
+        :func:`output_head_kernel` itself).  ``caches`` and ``piece`` run one piece of
+        windowed inference (:class:`FlaxLLaMAModule`); the result's ``caches`` are the
+        updated ones."""
         cfg = self.config
         hidden = FlaxLLaMAModule(cfg, self.dtype, self.param_dtype, name="transformer")(
-            input_ids, attention_mask, position_ids)
+            input_ids, attention_mask, position_ids, caches, piece)
+        if caches is not None:
+            hidden, caches = hidden
         if not compute_logits and not self.is_initializing():
-            return CausalLMOutput(None, hidden)
+            return CausalLMOutput(None, hidden, caches)
         if cfg.tie_word_embeddings:
             embedding = self.variables["params"]["transformer"]["wte"]["embedding"]
             logits = hidden @ embedding.T.astype(self.dtype)
         else:
             logits = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")(hidden)
-        return CausalLMOutput(logits, hidden if return_hidden_states else None)
+        return CausalLMOutput(logits, hidden if return_hidden_states else None, caches)
 
 
 def output_head_kernel(params, config):
