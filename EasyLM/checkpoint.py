@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from EasyLM.config import ConfigDict, Option
+from EasyLM.models.llama.llama_model import LLaMAConfig
 
 CONFIG_FILE = "llama_config.json"
 PARAMS_ITEM = "params"
@@ -103,7 +104,6 @@ def save_params(path, variables, llama_config):
 
 def load_llama_config(path):
     """The model config stored in a checkpoint directory."""
-    from EasyLM.models.llama.llama_model import LLaMAConfig
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"checkpoint {path} has no {CONFIG_FILE}")

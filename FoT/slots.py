@@ -1,9 +1,9 @@
 """The slot table of cross-batch attention (FOT_SPEC 2.3-2.4): which neighbour rows each row
 of a batch may attend to.
 
-A leaf module: the reference variants (:mod:`FoT.cross_batch`), the kernel's tiling plan
-(:mod:`FoT.kernels.plan`) and the trainer's accounting all read the table from here, so none
-of them has to import another to get it.
+A leaf module, so that the cross-batch variants (:mod:`FoT.cross_batch`) and the kernel's
+tiling plan (:mod:`FoT.kernels.plan`), which :mod:`FoT.cross_batch` dispatches to, both read
+the one table without importing each other.
 """
 import numpy as np
 

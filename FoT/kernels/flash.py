@@ -29,6 +29,8 @@ def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_step
     local mask: ``q [B, L, H, D]``, ``k_loc, k_mem, v [B, L, KV, D]`` (bf16 or float32,
     ``H % KV == 0``, ``D`` in ``plan.SUPPORTED_HEAD_DIMS``, ``L`` a multiple of every block
     size); returns ``[B, L, H, D]`` in ``q.dtype`` and is differentiable in all four inputs.
+    Inputs outside those limits raise ``NotImplementedError``, as :func:`check_supported`
+    declares beforehand.
 
     Args:
       backend: ``"triton"`` (Pallas on GPU) or ``"mosaic"`` (Pallas on TPU).  ``None`` picks

@@ -28,6 +28,8 @@ from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
                                parse_checkpoint_spec)
 from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
 from EasyLM.models.llama.hf_layout import native_to_hf
+from EasyLM.tokenizer import tokenizer_from_json
+from FoT.hf import MODEL_FILES, fot_config_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -96,7 +98,6 @@ def copy_tokenizer(tokenizer_path, output_dir):
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
     if tokenizer_path.endswith(".json"):
-        from EasyLM.tokenizer import tokenizer_from_json
         tokenizer_from_json(tokenizer_path).save_pretrained(output_dir)
         return
     from FoT.hf.tokenization_sentencepiece_llama import SentencePieceLlamaTokenizer
@@ -143,7 +144,6 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     params = load_params(load_checkpoint)["params"]
     hf_config, extra_files = config.to_hf_dict(), ()
     if config.mem_layers and not no_memory:
-        from FoT.hf import MODEL_FILES, fot_config_dict
         options = {k: v for k, v in memory_options.items() if v is not None}
         options.setdefault("last_context_length", default_window(path, config))
         hf_config["max_position_embeddings"] = FOT_MAX_POSITION_EMBEDDINGS
