@@ -185,8 +185,8 @@ def run_case(case):
     device = jax.local_devices()[0]
     result = dict(device=device.device_kind, jax=jax.__version__, devices=jax.device_count(),
                   attention_resolved=resolve_attention_implementation(config, "bfloat16"),
-                  cross_batch_resolved=(resolve_cross_batch_implementation(config, case["length"])
-                                        if case["C"] > 0 else "-"))
+                  cross_batch_resolved=(resolve_cross_batch_implementation(
+                      config, case["length"], "bfloat16") if case["C"] > 0 else "-"))
     data = RandomTokens(case["batch"], case["length"], config.vocab_size, case["seed"])
     logger = Records()
     warmup, steps = case["warmup"], case["steps"]

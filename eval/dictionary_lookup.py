@@ -21,9 +21,9 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from eval.models import add_model_arguments, model_from_args
 from eval.plots import accuracy_curves
 from experiments.dictionary_data import document_keys, far_lookups, read_documents
-from eval.models import add_model_arguments, model_from_args
 
 
 def distractor_prefixes(docs, window, num_targets, memory_windows, rng):

@@ -21,8 +21,8 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from eval.plots import loss_curves
 from eval.models import add_model_arguments, encode, model_from_args
+from eval.plots import loss_curves
 
 
 def read_documents(path, tokenizer, text_field, max_length, min_length, max_docs):

@@ -20,8 +20,8 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from eval.plots import accuracy_heatmap
 from eval.models import add_model_arguments, encode, model_from_args
+from eval.plots import accuracy_heatmap
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
         "memorize them. I will quiz you about the important information there.")

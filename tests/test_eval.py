@@ -11,11 +11,11 @@ import torch
 import transformers
 
 from eval import loss_by_position, passkey
+from eval.models import encode
 from EasyLM import checkpoint
 from EasyLM.models.llama import convert_easylm_to_hf
-from EasyLM.tokenizer import load_tokenizer
 from EasyLM.models.llama.windowed_lm import WindowedLM
-from eval.models import encode
+from EasyLM.tokenizer import load_tokenizer
 from test_hf_fot import TINY_SP, tiny_fot_checkpoint
 
 LENGTHS, DEPTHS = [200, 260], [0.0, 0.5, 1.0]

@@ -14,10 +14,10 @@ import transformers
 from EasyLM.checkpoint import save_params
 from EasyLM.models.llama import convert_easylm_to_hf
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
+from EasyLM.models.llama.windowed_lm import WindowedLM
 from FoT.hf.cache_fot_llama import FoTCache
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from FoT.hf.windows_fot_llama import plan_windows
-from EasyLM.models.llama.windowed_lm import WindowedLM
 from FoT.inference import MemoryOptions
 from helpers import tiny_config
 

@@ -438,16 +438,16 @@ class LLaMAAttention(nn.Module):
         inv_freq = inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
         if cache is not None:
             out, cache = _windowed_attention(q, k, v, position_ids, cache, piece, inv_freq)
-        elif self.is_memory_layer and cfg.cross_batch_range > 0:
-            out = self._cross_batch(apply_rope(q, position_ids, inv_freq),
-                                    apply_rope(k, position_ids, inv_freq),
-                                    apply_rope_as_first(k, position_ids, inv_freq), v,
-                                    _padding_bias(attention_mask, length))
         else:
-            out = causal_attention(apply_rope(q, position_ids, inv_freq),
-                                   apply_rope(k, position_ids, inv_freq), v,
-                                   _padding_bias(attention_mask, length),
-                                   resolve_attention_implementation(cfg, self.dtype))
+            q_rot = apply_rope(q, position_ids, inv_freq)
+            k_rot = apply_rope(k, position_ids, inv_freq)
+            bias = _padding_bias(attention_mask, length)
+            if self.is_memory_layer and cfg.cross_batch_range > 0:
+                k_mem = apply_rope_as_first(k, position_ids, inv_freq)
+                out = self._cross_batch(q_rot, k_rot, k_mem, v, bias)
+            else:
+                out = causal_attention(q_rot, k_rot, v, bias,
+                                       resolve_attention_implementation(cfg, self.dtype))
         out = with_sharding_constraint(out, head_spec)
         out = out.reshape(batch, length, heads * head_dim)
         out = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out)
