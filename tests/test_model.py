@@ -295,6 +295,26 @@ def test_auto_cross_batch_choice_respects_kernel_limits(monkeypatch):
     assert llama_model.resolve_cross_batch_implementation(forced, 256) == "reference"
 
 
+def test_cross_batch_falls_back_in_the_declared_order(monkeypatch):
+    from EasyLM.models.llama import llama_model
+    resolve = llama_model.resolve_cross_batch_implementation
+    monkeypatch.setattr(llama_model.jax, "default_backend", lambda: "gpu")
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    # The kernel's tiles depend on the dtype: 192 tokens take float32's 64-token tiles but
+    # not bfloat16's 128-token ones.
+    assert resolve(config, 192, jnp.float32) == "pallas"
+    assert resolve(config, 192, jnp.bfloat16) == "blockwise"
+    # Padded rows: the kernel takes no bias, whether chosen automatically or explicitly.
+    assert resolve(config, 256, padded=True) == "blockwise"
+    explicit = config.replace(cross_batch_implementation="pallas")
+    assert resolve(explicit, 600) == "pallas"
+    assert resolve(explicit, 256, padded=True) == "blockwise"
+    assert resolve(explicit, 600, padded=True) == "reference"
+    scanned = config.replace(scan_cross_batch=True)
+    assert resolve(scanned, 512) == "blockwise"
+    assert resolve(scanned, 640) == "pallas"
+
+
 def test_exported_fot_config_converts_back_with_its_window():
     # FoT exports declare no length limit; converting back must not make that the window.
     hf = dict(LLaMAConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
