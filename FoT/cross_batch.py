@@ -126,8 +126,13 @@ def _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_
                precision):
     batch_size, length = q.shape[:2]
     num_slots = cross_batch_range + 1
-    sources = slot_sources(batch_size, cross_batch_range)
-    keys = jnp.concatenate([k_loc[:, None], k_mem[sources[:, 1:]]], axis=1)  # [B,S,L,KV,D]
+    # Slot 0 is the row itself: no gather, so that a sharded batch (C = 0 in ordinary layers,
+    # or one device's rows) partitions without collecting other rows.
+    keys, values = k_loc[:, None], v[:, None]  # [B, S, L, KV, D]
+    if cross_batch_range > 0:
+        others = slot_sources(batch_size, cross_batch_range)[:, 1:]
+        keys = jnp.concatenate([keys, k_mem[others]], axis=1)
+        values = jnp.concatenate([values, v[others]], axis=1)
     flat = (batch_size, num_slots * length) + k_loc.shape[2:]
     # Within a slot: the local slot is causal (or left to the bias), the others all visible.
     local = _causal_allowed(length) if local_bias is None else jnp.ones((length, length), bool)
@@ -140,7 +145,7 @@ def _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_
         local_bias = local_bias[:, 0].astype(jnp.float32)
         bias = jnp.concatenate([local_bias, jnp.zeros(local_bias.shape[:2] + (
             cross_batch_range * length,), jnp.float32)], axis=-1)
-    return attend(q, keys.reshape(flat), v[sources].reshape(flat), visible, bias=bias,
+    return attend(q, keys.reshape(flat), values.reshape(flat), visible, bias=bias,
                   mask_value=mask_value, precision=precision)
 
 
