@@ -256,7 +256,8 @@ def cross_batch_attention(query, key, value, bias, min_value, cross_batch_range,
     ``pos_encode_as_first(xk=key)`` returns keys rotated as if first in their row;
     ``pos_encode(xq=query, xk=key)`` returns ``(query, key)`` rotated at their positions;
     ``bias`` ``[B, 1, L, L]`` is added to the local slot's scores (``None``: causal, as the
-    pallas kernel requires); masked slots get ``min_value``.  Dropout is not supported (FoT training does not use it).
+    pallas kernel requires); masked slots get ``min_value``.  Dropout is not supported (FoT
+    training does not use it).
     """
     del broadcast_dropout, dropout_rng, deterministic
     if dropout_rate > 0.0:

@@ -38,7 +38,7 @@ DEFERRED = {
 for _module in ("EasyLM.jax_utils", "EasyLM.models.llama.llama_model",
                 "EasyLM.optimizers", "EasyLM.trainer"):
     DEFERRED[("benchmarks.bench_train", _module)] = "JAX, in the worker subprocess only"
-for _module in ("FoT.cross_batch", "FoT.slots"):
+for _module in ("EasyLM.flops", "FoT.cross_batch", "FoT.slots"):
     DEFERRED[("benchmarks.bench_attention", _module)] = "JAX, in the worker subprocess only"
 
 
