@@ -32,11 +32,13 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as PS
 
-from EasyLM.jax_utils import BATCH_AXES
 from FoT.cross_batch import cross_batch_core
 
 LAYOUTS = ("auto", "rows", "heads")
-HEAD_AXIS = "mp"  # the model's tensor-parallel axis (EasyLM.jax_utils.MESH_AXES)
+# The model's mesh axes (EasyLM.jax_utils.MESH_AXES, which the tests check these against),
+# named here because FoT sits below EasyLM and imports nothing from it.
+BATCH_AXES = ("dp", "fsdp")  # rows
+HEAD_AXIS = "mp"  # heads: the tensor-parallel axis
 
 
 def sharded_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping=False,

@@ -40,6 +40,9 @@ for _module in ("EasyLM.jax_utils", "EasyLM.models.llama.llama_model",
     DEFERRED[("benchmarks.bench_train", _module)] = "JAX, in the worker subprocess only"
 for _module in ("EasyLM.flops", "FoT.cross_batch", "FoT.slots"):
     DEFERRED[("benchmarks.bench_attention", _module)] = "JAX, in the worker subprocess only"
+DEFERRED[("benchmarks.collectives", "EasyLM.trainer")] = "JAX, in the worker subprocess only"
+DEFERRED[("benchmarks.bench_train", "benchmarks.collectives")] = \
+    "the collectives part's driver, beside the JAX imports of the worker that runs it"
 
 
 def project_modules():
@@ -134,6 +137,13 @@ def test_no_import_cycles():
 
     for module in sorted(GRAPH):
         visit(module)
+
+
+def test_fot_names_the_models_mesh_axes():
+    # FoT.sharded cannot import them from EasyLM (FoT is the lower layer).
+    from EasyLM.jax_utils import BATCH_AXES, MESH_AXES
+    from FoT import sharded
+    assert sharded.BATCH_AXES == BATCH_AXES and sharded.HEAD_AXIS in MESH_AXES
 
 
 def test_packages_import_only_their_layer_or_lower():
