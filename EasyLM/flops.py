@@ -3,7 +3,7 @@ rows, and the peak FLOP/s of a device, for MFU in the training loop and the benc
 import jax
 import numpy as np
 
-from FoT.cross_batch import allowed_slots
+from FoT.slots import allowed_slots
 
 # Dense bf16 peak FLOP/s of one JAX device, matched against ``device.device_kind`` in order.
 # TPU v2/v3 expose each TensorCore as a device; later TPUs one device per chip.

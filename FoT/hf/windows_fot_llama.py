@@ -1,6 +1,6 @@
 """How the FoT model cuts its input into windows; shared by the PyTorch model and the JAX
-inference (:mod:`FoT.inference`), so both consume tokens the same way.  Plain Python: this
-file is copied into exported model directories.
+inference (:mod:`EasyLM.models.llama.windowed_lm`), so both consume tokens the same way.
+Plain Python: this file is copied into exported model directories.
 """
 
 
