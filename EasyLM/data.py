@@ -37,6 +37,7 @@ import numpy as np
 
 from EasyLM.config import ConfigDict, ConfigError, Option
 from FoT import data_pipeline
+from FoT.slots import check_whole_groups
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ class _DocumentDataset:
         if config.seq_length < 1 or config.batch_size < 1:
             raise ConfigError(f"{name}.seq_length and {name}.batch_size must be >= 1")
         try:
-            data_pipeline.check_whole_groups(config.batch_size, self._packing,
+            check_whole_groups(config.batch_size, self._packing,
                                              self.process_count, "processes")
         except ValueError as error:
             raise ConfigError(f"{name}.batch_size {config.batch_size} with {name}.data_pipeline "

@@ -33,6 +33,8 @@ import re
 
 import numpy as np
 
+from FoT.slots import check_whole_groups
+
 
 def _encode_array(array):
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
@@ -367,18 +369,6 @@ def parse_pipeline_name(name):
         raise ValueError(f"unknown data pipeline {name!r}; expected {PIPELINE_NAMES_HELP}")
     kind, k, pad = match.groups()
     return kind, int(k or 1), bool(pad)
-
-
-def check_whole_groups(rows, packing, parts=1, part_name="parts"):
-    """Raise ``ValueError`` unless ``rows`` splits into ``parts`` equal shares of whole groups of
-    ``packing`` rows: a document's ``packing`` consecutive rows must stay together in a batch,
-    on a process and in a micro-batch, or cross-batch attention pairs the wrong rows."""
-    if rows % packing:
-        raise ValueError(f"{rows} rows are not divisible by the packing factor {packing} (rows "
-                         f"per document)")
-    if rows % (packing * parts):
-        raise ValueError(f"{rows} rows are not divisible into {parts} {part_name} of whole "
-                         f"groups of {packing} row(s)")
 
 
 def dataset_packing_for(name):

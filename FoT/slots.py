@@ -13,11 +13,20 @@ def validate_cross_batch_args(batch_size, cross_batch_range, dataset_packing):
         raise ValueError(f"cross_batch_range must be >= 0, got {cross_batch_range}")
     if dataset_packing < 1:
         raise ValueError(f"dataset_packing must be >= 1, got {dataset_packing}")
-    if batch_size % dataset_packing != 0:
-        raise ValueError(
-            f"batch size {batch_size} is not divisible by dataset_packing {dataset_packing}: "
-            "each document occupies dataset_packing consecutive rows, so the batch must hold "
-            "whole groups (change the batch size or the data pipeline's kN)")
+    check_whole_groups(batch_size, dataset_packing)
+
+
+def check_whole_groups(rows, packing, parts=1, part_name="parts"):
+    """Raise ``ValueError`` unless ``rows`` splits into ``parts`` equal shares of whole groups of
+    ``packing`` rows: a document's ``packing`` consecutive rows must stay together in a batch,
+    on a process and in a micro-batch, or cross-batch attention pairs the wrong rows."""
+    if rows % packing:
+        raise ValueError(f"{rows} rows are not divisible by dataset_packing {packing} "
+                         f"(the packing factor {packing}: each document occupies {packing} "
+                         f"consecutive rows; change the batch size or the data pipeline's kN)")
+    if rows % (packing * parts):
+        raise ValueError(f"{rows} rows are not divisible into {parts} {part_name} of whole "
+                         f"groups of {packing} row(s)")
 
 
 def allowed_slots(batch_size, cross_batch_range, dataset_packing, cross_batch_stepping):

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from EasyLM.jax_utils import dtype_name
 from EasyLM.models.llama.windowed_lm import WindowedLM
 from EasyLM.tokenizer import load_tokenizer
 
@@ -24,7 +25,7 @@ class TorchWindowedLM:
         import torch
         from transformers import AutoModelForCausalLM
         self.torch = torch
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        torch_dtype = getattr(torch, dtype_name(dtype))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         with open(os.path.join(model_dir, "config.json")) as f:
             is_fot = json.load(f).get("model_type") == "fot_llama"
@@ -95,7 +96,7 @@ def load_model(load_checkpoint=None, hf_model=None, last_context_length=None, us
                                            mem_attention_grouping=attention_grouping,
                                            mem_dtype=mem_dtype).items() if v is not None}
         return TorchWindowedLM(hf_model, use_memory, dtype, **overrides)
-    jax_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    jax_dtype = dtype_name(dtype)
     return WindowedLM.from_checkpoint(load_checkpoint, last_context_length,
                                       use_memory=use_memory, attention_grouping=attention_grouping,
                                       mem_dtype=mem_dtype, dtype=jax_dtype)

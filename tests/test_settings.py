@@ -10,7 +10,7 @@ from EasyLM.config import ConfigError
 from EasyLM.jax_utils import dtype_name, float_dtype
 from EasyLM.models.llama import llama_train
 from EasyLM.models.llama.llama_model import LLaMAConfig
-from FoT.data_pipeline import check_whole_groups
+from FoT.slots import check_whole_groups
 from running_utils import runner
 from running_utils.runner_utils import MEMORY_FRACTION_VARIABLES, build_config, split_config
 
@@ -107,7 +107,7 @@ def test_checkpoint_config_stores_the_architecture_and_reads_older_ones(tmp_path
 
 def test_one_packing_rule():
     check_whole_groups(8, 2, 2, "processes")
-    with pytest.raises(ValueError, match="not divisible by the packing factor 3"):
+    with pytest.raises(ValueError, match="not divisible by dataset_packing 3"):
         check_whole_groups(8, 3)
     with pytest.raises(ValueError, match="into 4 micro-batches of whole groups of 2"):
         check_whole_groups(12, 2, 4, "micro-batches")

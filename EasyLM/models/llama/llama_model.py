@@ -23,11 +23,12 @@ from jax.sharding import PartitionSpec as PS
 from EasyLM.jax_utils import BATCH_AXES, with_sharding_constraint
 from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
-from FoT.cross_batch import FALLBACK_ORDER
+from FoT.cross_batch import FALLBACK_ORDER, MASK_VALUE
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
 from FoT.cross_batch import attend, cross_batch_core
 from FoT.cross_batch import check_supported as check_cross_batch_support
 from FoT.sharded import sharded_cross_batch
+from FoT.slots import check_whole_groups
 
 # The residual stream is sharded over rows only: it is what every tensor-parallel (mp) shard
 # needs whole, and constraining its hidden axis to "mp" also miscompiled on XLA:CPU.
@@ -500,7 +501,7 @@ def _padding_bias(attention_mask, length):
         return None
     causal = jnp.tril(jnp.ones((length, length), bool))
     allowed = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(allowed, 0.0, -1e6).astype(jnp.float32)
+    return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
 
 
 def causal_attention(q, k, v, bias=None, implementation="xla"):
@@ -664,9 +665,8 @@ class FlaxLLaMAModule(nn.Module):
         is one piece, positions come from the piece, and the result is ``(hidden, updated
         caches)``."""
         cfg = self.config
-        if caches is None and input_ids.shape[0] % cfg.dataset_packing:
-            raise ValueError(f"batch of {input_ids.shape[0]} rows is not divisible by "
-                             f"dataset_packing {cfg.dataset_packing}")
+        if caches is None:
+            check_whole_groups(input_ids.shape[0], cfg.dataset_packing)
         if position_ids is None and piece is not None:
             position_ids = piece.query_positions(*input_ids.shape)
         elif position_ids is None:

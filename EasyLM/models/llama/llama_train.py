@@ -20,7 +20,8 @@ from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS
 from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
 from EasyLM.trainer import LoopSettings, Trainer, data_split
-from FoT.data_pipeline import check_whole_groups, dataset_packing_for
+from FoT.data_pipeline import dataset_packing_for
+from FoT.slots import check_whole_groups
 
 
 def get_default_config(updates=None):
