@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from helpers import GPU_SKIP_REASON  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -79,4 +80,4 @@ def pytest_collection_modifyitems(config, items):
         if _listed(GPU, item):
             item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not on_gpu:
-            item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))

@@ -13,6 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = os.path.join(REPO, "configs", "setup_test.json")
 TINY_SP = os.path.join(REPO, "tokenizers", "tiny_sp.model")
 TINY_CORPUS = os.path.join(REPO, "data", "tiny_corpus.jsonl")
+# The suite runs JAX on CPU (tests/conftest.py) unless JAX_PLATFORMS says otherwise.
+GPU_SKIP_REASON = ("needs a GPU; the suite runs JAX on CPU unless JAX_PLATFORMS is set: "
+                   "JAX_PLATFORMS=cuda XLA_FLAGS= python -m pytest -m gpu tests")
 
 # Small enough to compile in a second or two, big enough for GQA (4 query heads, 2 key/value
 # heads), a memory layer between ordinary ones and a rotary embedding of head_dim 8.

@@ -12,11 +12,12 @@ import pytest
 
 from FoT.cross_batch import cross_batch_core
 from FoT.kernels import check_supported, flash_cross_batch
+from helpers import GPU_SKIP_REASON
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SMALL_BLOCKS = dict(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
 
-on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason=GPU_SKIP_REASON)
 
 
 def random_inputs(seed, B, L, H, KV, D, dtype):

@@ -18,7 +18,7 @@ from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
                                              LLaMAAttention, LLaMAConfig, get_partition_rules,
                                              layer_segments, with_cross_batch)
-from helpers import tiny_config
+from helpers import GPU_SKIP_REASON, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -268,7 +268,7 @@ def test_bad_inputs_fail_clearly():
         load_params("params::/nonexistent/ckpt")
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason=GPU_SKIP_REASON)
 def test_cudnn_attention_matches_xla_on_gpu():
     config = tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=256,
                          mem_layers=())
