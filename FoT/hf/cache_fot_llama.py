@@ -1,14 +1,26 @@
 """State the FoT PyTorch model keeps between windows and generation steps.
 
-Every layer has a *local window*: the un-rotated keys and values of at most
-``last_context_length`` (``W``) most recent tokens (they are rotated at use, at positions
-relative to the start of the window).  Memory layers also have a *memory*: keys (rotated as
-if at position 0) and values of every token that left the local window.  This file is copied
-into exported model directories and must import nothing from the toolkit.
+Every layer has a *local window* of at most ``local_capacity`` tokens (``last_context_length``
+``W`` under the default rule) and memory layers also a *memory*: keys (rotated as if at
+position 0, i.e. not rotated) and values of every token that left the local window
+(:mod:`windows_fot_llama`: a window always leaves whole, so a token keeps its local position
+while it is local).  Two kinds of state:
+
+* :class:`InferenceLayer` (no autograd: evaluation, generation).  Preallocated buffers with
+  per-row lengths, so that rows of a batch may hold different numbers of tokens (padding).
+  A memory layer keeps one buffer per row, ``[memory | local window]``: memory entries
+  un-rotated, local keys rotated at their local position, so that attention reads one
+  contiguous slice; an un-rotated copy of the local keys replaces the rotated ones when the
+  window moves to memory (no copy of the memory, ever).
+* :class:`AutogradLayer` (training).  Nothing that attention saved for backward may be written
+  again, so the memory grows by concatenation and gradients flow into earlier windows' keys
+  and values, as in the cross-batch training model.  All rows hold the same tokens.
+
+This file is copied into exported model directories and must import nothing from the toolkit.
 """
 import torch
 
-from .windows_fot_llama import plan_windows
+from .windows_fot_llama import check_rule, local_capacity, plan_windows
 
 
 def join(first, second):
@@ -18,170 +30,186 @@ def join(first, second):
     return torch.cat([first.to(second.dtype), second], dim=2)
 
 
-class MemoryBuffer:
-    """Memory of one memory layer: ``[B, KV, length, D]`` keys and values.
+def _grown(buffer, capacity):
+    """``buffer`` ``[B, KV, *, D]`` with room for ``capacity`` tokens (its content kept)."""
+    if buffer.shape[2] >= capacity:
+        return buffer
+    grown = buffer.new_empty(buffer.shape[:2] + (capacity,) + buffer.shape[3:])
+    grown[:, :, :buffer.shape[2]] = buffer
+    return grown
 
-    Without autograd (inference), the tensors have spare room along the token axis, so that
-    generation can append one token at a time without copying the memory, and so that
-    attention can write the current local keys right after the memory and read both as one
-    contiguous view instead of concatenating a copy of a memory that may hold 100k+ tokens.
 
-    With autograd (training), writing in place would overwrite tensors that earlier windows'
-    attention saved for backward, so ``append(..., in_place=False)`` builds a new tensor
-    (``torch.cat``) and never writes into one that exists; attention then concatenates the
-    memory with the local window (:meth:`view`).
+class InferenceLayer:
+    """One layer's inference buffers ``[B, KV, capacity, D]`` (see the module docstring).
+
+    ``keys``/``values`` hold, per row, the memory (memory layers only) followed by the local
+    window; ``raw_keys`` holds the local window's un-rotated keys (memory layers with RoPE).
+    Lengths live in :class:`FoTCache`: they are the same for every layer.
     """
 
-    def __init__(self, dtype=None):
-        self.dtype = dtype
-        self.keys = self.values = None
-        self.length = 0
+    def __init__(self, has_memory, rotated, dtype):
+        self.has_memory, self.rotated, self.dtype = has_memory, rotated, dtype
+        self.keys = self.values = self.raw_keys = None
 
-    @property
-    def capacity(self):
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def reserve(self, extra, like):
-        """Make room for ``length + extra`` tokens shaped like ``like`` ``[B, KV, *, D]``."""
-        needed = self.length + extra
-        if needed <= self.capacity:
+    def reserve(self, like, capacity, local_capacity):
+        """Room for ``capacity`` tokens per row (``local_capacity`` without memory), buffers
+        shaped like ``like`` ``[B, KV, *, D]``."""
+        if not self.has_memory:
+            capacity = local_capacity
+        if self.keys is None:
+            shape = like.shape[:2] + (capacity,) + like.shape[3:]
+            dtype = self.dtype or like.dtype
+            self.keys = torch.empty(shape, dtype=dtype, device=like.device)
+            self.values = torch.empty(shape, dtype=dtype, device=like.device)
+            if self.has_memory and self.rotated:
+                self.raw_keys = like.new_empty(like.shape[:2] + (local_capacity,) +
+                                               like.shape[3:])
             return
-        # Growing by half amortises token-by-token growth during generation.
-        capacity = max(needed, self.length + self.length // 2)
-        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
-        dtype = self.dtype or like.dtype
-        keys = torch.empty(shape, dtype=dtype, device=like.device)
-        values = torch.empty(shape, dtype=dtype, device=like.device)
-        if self.length:
-            keys[:, :, :self.length] = self.keys[:, :, :self.length]
-            values[:, :, :self.length] = self.values[:, :, :self.length]
-        self.keys, self.values = keys, values
+        if capacity > self.keys.shape[2]:
+            # Growing by half amortises token-by-token growth during generation.
+            capacity = max(capacity, self.keys.shape[2] * 3 // 2)
+            self.keys, self.values = _grown(self.keys, capacity), _grown(self.values, capacity)
 
-    def view(self):
-        """The memory's keys and values ``[B, KV, length, D]`` (``None`` when empty)."""
-        if not self.length:
-            return None, None
-        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+    def to_memory(self, row, memory_length, local_length):
+        """Row ``row``'s local window (``local_length`` tokens after ``memory_length``) becomes
+        memory: its keys are put back un-rotated."""
+        if self.has_memory and self.rotated and local_length:
+            end = memory_length + local_length
+            self.keys[row, :, memory_length:end] = self.raw_keys[row, :, :local_length]
 
-    def append(self, keys, values, in_place=True):
-        """Add keys/values after the memory; ``in_place=False`` (autograd) writes into no
-        existing tensor."""
-        if not in_place:
-            dtype = self.dtype or keys.dtype
-            keys, values = keys.to(dtype), values.to(dtype)
-            if self.length:
-                old_keys, old_values = self.view()
-                keys, values = torch.cat([old_keys, keys], 2), torch.cat([old_values, values], 2)
-            self.keys, self.values, self.length = keys, values, keys.shape[2]
-            return
-        count = keys.shape[2]
-        self.reserve(count, keys)
-        self.keys[:, :, self.length:self.length + count] = keys
-        self.values[:, :, self.length:self.length + count] = values
-        self.length += count
-
-    def with_local(self, keys, values):
-        """The memory followed by the local ``keys``/``values``, as ``[B, KV, length + L, D]``.
-
-        Inference only (no autograd): the local keys are written into the spare room."""
-        if self.keys.dtype != keys.dtype:
-            return (torch.cat([self.keys[:, :, :self.length].to(keys.dtype), keys], dim=2),
-                    torch.cat([self.values[:, :, :self.length].to(values.dtype), values], dim=2))
-        count = keys.shape[2]
-        self.reserve(count, keys)
-        # Scratch space past the memory: the next append overwrites it.
-        self.keys[:, :, self.length:self.length + count] = keys
-        self.values[:, :, self.length:self.length + count] = values
-        end = self.length + count
-        return self.keys[:, :, :end], self.values[:, :, :end]
+    def write(self, row, offset, local_offset, keys, raw_keys, values):
+        """Store a piece's keys/values ``[KV, P, D]`` (or ``[B, ...]`` with ``row=None``) at
+        ``offset`` (``local_offset`` in the un-rotated copy)."""
+        rows = slice(None) if row is None else row
+        count = keys.shape[-2]
+        self.keys[rows, :, offset:offset + count] = keys
+        self.values[rows, :, offset:offset + count] = values
+        if self.raw_keys is not None:
+            self.raw_keys[rows, :, local_offset:local_offset + count] = raw_keys
 
     def select_rows(self, index):
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, index)
-            self.values = self.values.index_select(0, index)
+        for name in ("keys", "values", "raw_keys"):
+            buffer = getattr(self, name)
+            if buffer is not None:
+                setattr(self, name, buffer.index_select(0, index))
 
 
-class LayerCache:
-    """Local window (and memory, for a memory layer) of one decoder layer."""
+class AutogradLayer:
+    """Local window (un-rotated keys) and memory of one layer under autograd."""
 
-    def __init__(self, memory=None):
+    def __init__(self, has_memory, dtype):
         self.keys = self.values = None
-        self.memory = memory
+        self.memory_keys = self.memory_values = None
+        self.has_memory, self.dtype = has_memory, dtype
 
     @property
     def local_length(self):
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def evict(self, count):
-        """Remove and return the ``count`` oldest local keys and values (``None`` if 0)."""
-        if count == 0:
-            return None, None
-        old = self.keys[:, :, :count], self.values[:, :, :count]
-        self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
-        return old
+    @property
+    def memory_length(self):
+        return 0 if self.memory_keys is None else self.memory_keys.shape[2]
 
-    def advance(self, evict, upcoming, to_memory, in_place):
-        """Before a piece: move the ``evict`` oldest local tokens into the memory (keys mapped
-        by ``to_memory``); ``upcoming`` tokens are left in this call, to size an in-place
-        memory once.  Returns the local keys/values and the memory's keys/values that the
-        piece attends to (``None`` where empty).  Attention itself changes no state, so that
-        activation checkpointing can run it again."""
-        memory = self.memory
-        old_keys, old_values = self.evict(evict)
-        if memory is not None and old_keys is not None:
-            if in_place:
-                memory.reserve(self.local_length + evict + upcoming, old_keys)
-            memory.append(to_memory(old_keys), old_values, in_place)
-        memory_keys, memory_values = (None, None) if memory is None else memory.view()
-        return self.keys, self.values, memory_keys, memory_values
+    def advance(self, evict, to_memory):
+        """Before a piece: the ``evict`` oldest local tokens (all or none) leave the window,
+        into the memory (keys mapped by ``to_memory``) in a memory layer.  Returns the local
+        and memory keys/values the piece attends to (``None`` where empty); attention itself
+        changes no state, so that activation checkpointing can run it again."""
+        if evict:
+            old_keys, old_values = self.keys[:, :, :evict], self.values[:, :, :evict]
+            self.keys, self.values = self.keys[:, :, evict:], self.values[:, :, evict:]
+            if self.has_memory:
+                dtype = self.dtype or old_keys.dtype
+                self.memory_keys = join(self.memory_keys, to_memory(old_keys).to(dtype))
+                self.memory_values = join(self.memory_values, old_values.to(dtype))
+        return self.keys, self.values, self.memory_keys, self.memory_values
 
     def push(self, keys, values):
-        """Append new un-rotated keys/values; return the whole local window."""
         self.keys, self.values = join(self.keys, keys), join(self.values, values)
-        return self.keys, self.values
 
     def select_rows(self, index):
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, index)
-            self.values = self.values.index_select(0, index)
-        if self.memory is not None:
-            self.memory.select_rows(index)
+        for name in ("keys", "values", "memory_keys", "memory_values"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index))
 
 
 class FoTCache:
-    """``past_key_values`` of the FoT model: one :class:`LayerCache` per layer.
+    """``past_key_values`` of the FoT model.
 
     ``use_memory=False`` gives memory layers no memory, so they act as ordinary local layers
-    (the "without memory" baseline of the evaluations).
+    (the "without memory" baseline of the evaluations).  The cache takes the inference or the
+    autograd form on first use, from whether autograd is on; it keeps that form.
+    ``local_lengths``/``memory_lengths`` are per row (python ints); ``seen_tokens`` counts
+    the input columns consumed, padding included (what ``generate`` slices inputs by).
     """
 
     is_compileable = False
     is_croppable = False
 
     def __init__(self, config, use_memory=True):
-        mem_dtype = getattr(torch, config.mem_dtype) if config.mem_dtype else None
+        self.mem_dtype = getattr(torch, config.mem_dtype) if config.mem_dtype else None
         self.window = config.last_context_length
-        self.layers = [
-            LayerCache(MemoryBuffer(mem_dtype) if use_memory and i in config.mem_layers else None)
-            for i in range(config.num_hidden_layers)]
+        self.rule = getattr(config, "window_rule", "aligned")
+        self.local_limit = getattr(config, "local_window_limit", None)
+        check_rule(self.rule)
+        self.local_capacity = local_capacity(self.window, self.rule, self.local_limit)
+        self.memory_layers = [use_memory and i in config.mem_layers
+                              for i in range(config.num_hidden_layers)]
+        self.rotated = [not memory or config.mem_positionals for memory in self.memory_layers]
+        self.layers = None
+        self.autograd = None
+        self.local_lengths = self.memory_lengths = None
         self.seen_tokens = 0
+
+    def start(self, batch, autograd):
+        """Take the inference or autograd form for ``batch`` rows (on first use)."""
+        if self.layers is None:
+            self.autograd = autograd
+            if autograd:
+                self.layers = [AutogradLayer(memory, self.mem_dtype)
+                               for memory in self.memory_layers]
+            else:
+                self.layers = [InferenceLayer(memory, rotated, self.mem_dtype)
+                               for memory, rotated in zip(self.memory_layers, self.rotated)]
+            self.local_lengths, self.memory_lengths = [0] * batch, [0] * batch
+        elif autograd != self.autograd:
+            raise ValueError("a FoTCache filled with autograd off cannot be continued with it "
+                             "on, nor the reverse: start a new cache")
+        if batch != len(self.local_lengths):
+            raise ValueError(f"the cache holds {len(self.local_lengths)} rows, got a batch of "
+                             f"{batch}")
 
     @property
     def local_length(self):
-        return self.layers[0].local_length
+        """Local tokens of a cache whose rows are all alike (else a ``ValueError``)."""
+        return self._same(self.local_lengths)
 
     @property
     def memory_length(self):
-        return max((layer.memory.length for layer in self.layers if layer.memory is not None),
-                   default=0)
+        return self._same(self.memory_lengths)
+
+    @staticmethod
+    def _same(values):
+        if not values:
+            return 0
+        if len(set(values)) > 1:
+            raise ValueError(f"rows hold different numbers of tokens: {values}")
+        return values[0]
 
     def get_seq_length(self, layer_idx=0):
-        """Tokens consumed so far (what ``generate`` asks to know which inputs are new)."""
+        """Input columns consumed so far (what ``generate`` asks to know which are new)."""
         return self.seen_tokens
 
-    def plan(self, num_tokens):
-        return plan_windows(self.local_length, num_tokens, self.window)
+    def plan(self, row, num_tokens):
+        return plan_windows(self.local_lengths[row], num_tokens, self.window, self.rule,
+                            self.local_limit)
 
     def reorder_cache(self, beam_idx):
+        if self.layers is None:
+            return
         for layer in self.layers:
             layer.select_rows(beam_idx)
+        index = beam_idx.tolist()
+        self.local_lengths = [self.local_lengths[i] for i in index]
+        self.memory_lengths = [self.memory_lengths[i] for i in index]

@@ -23,6 +23,12 @@ class FoTLlamaConfig(LlamaConfig):
         (e.g. ``"bfloat16"``); ``None`` stores them in the activation dtype.
     mem_attention_grouping (`(heads, queries)`, *optional*): memory layers attend for at
         most this many heads and queries at a time, which bounds their score tensor.
+    window_rule (`str`): how inputs are cut into windows (``windows_fot_llama``):
+        ``"aligned"`` (default; causal, as training sees windows) or ``"longllama"`` (the
+        original LongLLaMA code's rule, for models published with it).
+    local_window_limit (`int`, *optional*): under ``"longllama"``, the most tokens the local
+        window holds in generation and the size of a prompt's memory windows (the original's
+        ``max_position_embeddings``); defaults to ``last_context_length``.
     torch_attention (`bool`): use ``torch.nn.functional.scaled_dot_product_attention``;
         ``False`` uses an explicit float32 softmax (slower, a reference).
     """
@@ -34,6 +40,8 @@ class FoTLlamaConfig(LlamaConfig):
     mem_positionals: bool = True
     mem_dtype: str | None = None
     mem_attention_grouping: list[int] | tuple[int, ...] | None = None
+    window_rule: str = "aligned"
+    local_window_limit: int | None = None
     torch_attention: bool = True
 
     def __post_init__(self, **kwargs):
@@ -52,6 +60,13 @@ class FoTLlamaConfig(LlamaConfig):
                              f"{self.num_hidden_layers} layers")
         if self.last_context_length < 1:
             raise ValueError(f"last_context_length must be >= 1, got {self.last_context_length}")
+        if self.window_rule not in ("aligned", "longllama"):
+            raise ValueError(f"window_rule must be 'aligned' or 'longllama', got "
+                             f"{self.window_rule!r}")
+        limit = self.local_window_limit
+        if limit is not None and limit < self.last_context_length:
+            raise ValueError(f"local_window_limit ({limit}) must be >= last_context_length "
+                             f"({self.last_context_length})")
         grouping = self.mem_attention_grouping
         if grouping is not None and (len(grouping) != 2 or min(grouping) < 1):
             raise ValueError(f"mem_attention_grouping must be two positive integers "

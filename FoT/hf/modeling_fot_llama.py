@@ -1,17 +1,21 @@
 """PyTorch LLaMA with Focused Transformer (FoT) memory layers, for inference on long inputs
 and for training (fine-tuning) on inputs of any number of windows.
 
-Inputs are processed in windows of ``config.last_context_length`` (``W``) tokens
-(:func:`plan_windows`).  Every layer attends causally within its local window, at positions
-relative to the window's start.  Memory layers also attend, in the same softmax, to the
-memory: keys (rotated as if at position 0) and values of all tokens that left the local
-window.  ``generate()`` keeps the last ``W`` tokens in the local cache and moves older ones
-into memory.  Weights use Hugging Face Llama names and RoPE layout, so this model and a
-plain ``LlamaForCausalLM`` load the same tensors.  Padding (a ``0`` in ``attention_mask``) is
-not supported: memory has no notion of it.  With autograd on, the memory grows by
-concatenation (gradients flow into earlier windows' keys and values, as in the cross-batch
-training model); without it, in place in preallocated room.  Activation checkpointing
-recomputes each layer's window from the same local and memory tensors.
+Inputs are processed in windows of ``config.last_context_length`` (``W``) tokens, cut by
+``config.window_rule`` (:mod:`windows_fot_llama`; the default rule is causal: a token's output
+depends only on the tokens before it).  Every layer attends causally within its local window,
+at positions relative to the window's start.  Memory layers also attend, in the same softmax,
+to the memory: keys (rotated as if at position 0) and values of all tokens that left the local
+window.  Weights use Hugging Face Llama names and RoPE layout, so this model and a plain
+``LlamaForCausalLM`` load the same tensors.
+
+Padding: without autograd, zeros in ``attention_mask`` (left, right or anywhere) mark columns
+that are not tokens; each row consumes only its own tokens, so a padded batch gives every
+real token the logits it has alone (pad positions get zero logits).  With autograd (training),
+rows must hold the same tokens, padding allowed only at their ends (``labels`` -100 there).
+With autograd on, the memory grows by concatenation (gradients flow into earlier windows'
+keys and values, as in the cross-batch training model); activation checkpointing recomputes
+each layer's window from the same local and memory tensors.
 
 This file is copied into exported model directories: only relative imports of its own files.
 """
@@ -57,6 +61,18 @@ class LocalRope:
         """Rotate ``x`` ``[B, heads, L, D]`` at positions ``start .. start + L - 1``."""
         end = start + x.shape[2]
         return x * self.cos[:, :, start:end] + rotate_half(x) * self.sin[:, :, start:end]
+
+    def rotate_rows(self, x, starts):
+        """Rotate ``x`` ``[B, heads, P, D]``, row ``b`` at positions ``starts[b] ..``."""
+        if len(set(starts)) == 1:
+            return self.rotate(x, starts[0])
+        positions = (torch.tensor(starts, device=x.device)[:, None] +
+                     torch.arange(x.shape[2], device=x.device))
+        # Past a row's tokens (lockstep padding) positions may run off the table: clamped,
+        # those outputs are discarded.
+        positions = positions.clamp(max=self.cos.shape[2] - 1)
+        cos, sin = self.cos[0, 0][positions][:, None], self.sin[0, 0][positions][:, None]
+        return x * cos + rotate_half(x) * sin
 
     def rotate_as_first(self, x):
         return x * self.cos[:, :, :1] + rotate_half(x) * self.sin[:, :, :1]
@@ -133,19 +149,20 @@ class FoTLlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden, past_keys, past_values, memory_keys, memory_values, rope,
-                positional=True, memory=None):
-        """``hidden`` ``[B, n, hidden]`` of one piece attends to the local window (un-rotated
-        ``past_keys``/``past_values`` ``[B, KV, *, D]`` or ``None``, then the piece) and, in a
-        memory layer, to ``memory_keys``/``memory_values`` (``None`` when empty).
-        ``positional=False`` uses no RoPE.  ``memory``, the :class:`MemoryBuffer` holding
-        those tensors, is given only without autograd: the local keys are then written after
-        the memory in its spare room instead of concatenating a copy of the memory.  Returns
-        the output and the piece's un-rotated keys and values; changes no state."""
+    def _project(self, hidden):
         batch, length, _ = hidden.shape
-        q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        return tuple(proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+                     for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def forward(self, hidden, past_keys, past_values, memory_keys, memory_values, rope,
+                positional=True):
+        """Autograd form: ``hidden`` ``[B, n, hidden]`` of one piece attends to the local
+        window (un-rotated ``past_keys``/``past_values`` ``[B, KV, *, D]`` or ``None``, then
+        the piece) and, in a memory layer, to ``memory_keys``/``memory_values`` (``None`` when
+        empty).  ``positional=False`` uses no RoPE.  Returns the output and the piece's
+        un-rotated keys and values; changes no state."""
+        batch, length, _ = hidden.shape
+        q, k, v = self._project(hidden)
         keys, values = join(past_keys, k), join(past_values, v)
         if positional:
             q = rope.rotate(q, keys.shape[2] - length)
@@ -153,12 +170,41 @@ class FoTLlamaAttention(nn.Module):
         grouping = None
         if memory_keys is not None:
             grouping = self.config.mem_attention_grouping
-            if memory is not None:
-                keys, values = memory.with_local(keys, values)
-            else:
-                keys, values = join(memory_keys, keys), join(memory_values, values)
+            keys, values = join(memory_keys, keys), join(memory_values, values)
         out = windowed_attention(q, keys, values, grouping, self.config.torch_attention)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), k, v
+
+    def infer(self, hidden, layer, step, rope):
+        """Inference form: one lockstep piece ``[B, P, hidden]`` (row ``b``'s first
+        ``step.lengths[b]`` entries are tokens); the piece's keys and values are stored in
+        ``layer`` (:class:`InferenceLayer`) behind each row's memory and local window, and
+        each row attends to its own ``[memory | local window]`` slice."""
+        batch, length, _ = hidden.shape
+        q, k, v = self._project(hidden)
+        raw_k = k
+        if layer.rotated:
+            q, k = rope.rotate_rows(q, step.local), rope.rotate_rows(k, step.local)
+        grouping = self.config.mem_attention_grouping if layer.has_memory else None
+        offsets = [local + (memory if layer.has_memory else 0)
+                   for local, memory in zip(step.local, step.memory)]
+        sdpa = self.config.torch_attention
+        if step.uniform:
+            layer.write(None, offsets[0], step.local[0], k, raw_k, v)
+            end = offsets[0] + length
+            out = windowed_attention(q, layer.keys[:, :, :end].to(q.dtype),
+                                     layer.values[:, :, :end].to(q.dtype), grouping, sdpa)
+        else:
+            out = torch.zeros_like(q)
+            for row, count in enumerate(step.lengths):
+                if not count:
+                    continue
+                layer.write(row, offsets[row], step.local[row], k[row, :, :count],
+                            raw_k[row, :, :count], v[row, :, :count])
+                end = offsets[row] + count
+                out[row:row + 1, :, :count] = windowed_attention(
+                    q[row:row + 1, :, :count], layer.keys[row:row + 1, :, :end].to(q.dtype),
+                    layer.values[row:row + 1, :, :end].to(q.dtype), grouping, sdpa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
 class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -174,14 +220,51 @@ class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden, past_keys, past_values, memory_keys, memory_values, rope=None,
-                positional=True, memory=None):
-        """Tensors that may need gradients are positional (what reentrant checkpointing
-        asks); returns the output and the piece's un-rotated keys and values."""
+                positional=True):
+        """Autograd form.  Tensors that may need gradients are positional (what reentrant
+        checkpointing asks); returns the output and the piece's un-rotated keys and values."""
         attended, keys, values = self.self_attn(
             self.input_layernorm(hidden), past_keys, past_values, memory_keys, memory_values,
-            rope, positional, memory)
+            rope, positional)
         hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), keys, values
+
+    def infer(self, hidden, layer, step, rope):
+        """Inference form (:meth:`FoTLlamaAttention.infer`)."""
+        hidden = hidden + self.self_attn.infer(self.input_layernorm(hidden), layer, step, rope)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class _Step:
+    """Where each row's lockstep piece goes: local tokens kept (``local``, after eviction),
+    memory tokens (``memory``) and the piece's tokens (``lengths``); ``uniform`` when every
+    row is alike (one slice, no per-row work)."""
+
+    def __init__(self, local, memory, lengths, uniform):
+        self.local, self.memory, self.lengths, self.uniform = local, memory, lengths, uniform
+
+
+def _new_columns(attention_mask, length):
+    """``[B, n]`` boolean mask of the new columns' tokens, ``None`` when all are tokens."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+        raise ValueError(f"attention_mask must be [batch, past + new tokens] with at least "
+                         f"{length} columns, got {tuple(attention_mask.shape)}")
+    valid = attention_mask[:, -length:].bool()
+    return None if bool(valid.all()) else valid
+
+
+def _check_trailing_padding(valid):
+    """Autograd form: all rows consume all columns, which is exact for tokens followed only
+    by padding (the default rule is causal) and wrong otherwise."""
+    if valid is None:
+        return
+    after_pad = valid[:, 1:] & ~valid[:, :-1]
+    if bool(after_pad.any()):
+        raise ValueError("with autograd on, padding is supported only at the end of rows "
+                         "(right padding, labels -100 there); run left-padded or ragged "
+                         "batches under torch.no_grad(), or pad on the right")
 
 
 class FoTLlamaPreTrainedModel(PreTrainedModel):
@@ -214,38 +297,102 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
-        """``position_ids`` and other Hugging Face arguments are accepted and ignored:
-        positions are always relative to the local window."""
+        """``attention_mask`` ``[B, n]`` or ``[B, past + n]`` (as ``generate`` passes it): 1 for
+        tokens, 0 for padding.  ``position_ids`` and other Hugging Face arguments are accepted
+        and ignored: positions are always relative to the local window."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("FoT memory does not support padding (zeros in attention_mask); "
-                             "run sequences of different lengths separately")
-        cache = self._cache(past_key_values)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rope = LocalRope(self.rotary_emb, hidden, self.config.last_context_length)
-        length = hidden.shape[1]
-        # With autograd, nothing that attention saved for backward may be written again: the
-        # memory grows by concatenation instead of in its preallocated room.
-        in_place = not torch.is_grad_enabled()
+        batch, length = hidden.shape[:2]
+        valid = _new_columns(attention_mask, length)
+        cache = self._cache(past_key_values)
+        autograd = torch.is_grad_enabled()
+        cache.start(batch, autograd)
+        rope = LocalRope(self.rotary_emb, hidden, cache.local_capacity)
+        if autograd:
+            _check_trailing_padding(valid)
+            hidden = self._autograd_pieces(hidden, cache, rope)
+        else:
+            hidden = self._inference_pieces(hidden, valid, cache, rope)
+        cache.seen_tokens += length
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return BaseModelOutputWithPast(last_hidden_state=hidden,
+                                       past_key_values=cache if use_cache else None)
+
+    def _autograd_pieces(self, hidden, cache, rope):
+        """Every row consumes all ``n`` columns with the same plan (the training form)."""
         outputs = []
-        for start, end, evict in cache.plan(length):
+        for start, end, evict in cache.plan(0, hidden.shape[1]):
             piece = hidden[:, start:end]
             for layer, layer_cache in zip(self.layers, cache.layers):
-                memory = layer_cache.memory
-                positional = memory is None or self.config.mem_positionals
+                positional = not layer_cache.has_memory or self.config.mem_positionals
                 to_memory = rope.rotate_as_first if positional else _identity
                 past_keys, past_values, memory_keys, memory_values = layer_cache.advance(
-                    evict, length - start, to_memory, in_place)
-                piece, keys, values = layer(
-                    piece, past_keys, past_values, memory_keys, memory_values, rope=rope,
-                    positional=positional, memory=memory if in_place else None)
+                    evict, to_memory)
+                piece, keys, values = layer(piece, past_keys, past_values, memory_keys,
+                                            memory_values, rope=rope, positional=positional)
                 layer_cache.push(keys, values)
             outputs.append(self.norm(piece))
-            cache.seen_tokens += end - start
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        return BaseModelOutputWithPast(last_hidden_state=torch.cat(outputs, dim=1),
-                                       past_key_values=cache if use_cache else None)
+            for row in range(len(cache.local_lengths)):
+                cache.memory_lengths[row] += evict if any(cache.memory_layers) else 0
+                cache.local_lengths[row] += end - start - evict
+        return torch.cat(outputs, dim=1)
+
+    def _inference_pieces(self, hidden, valid, cache, rope):
+        """Each row consumes its own tokens (the columns ``valid`` marks) with its own plan;
+        the rows' ``j``-th pieces run together."""
+        batch, length = hidden.shape[:2]
+        uniform = (valid is None and len(set(cache.local_lengths)) == 1 and
+                   len(set(cache.memory_lengths)) == 1)
+        if uniform:
+            columns = None
+            plans = [cache.plan(0, length)] * batch
+        else:
+            if valid is None:
+                valid = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+            columns = [row.nonzero().squeeze(1) for row in valid]
+            plans = [cache.plan(row, len(cols)) for row, cols in enumerate(columns)]
+        needed = max(m + l + n for m, l, n in zip(cache.memory_lengths, cache.local_lengths,
+                                                  [len(c) for c in columns] if columns
+                                                  else [length] * batch))
+        config = self.config
+        like = hidden.new_empty(batch, config.num_key_value_heads, 0,
+                                getattr(config, "head_dim", None) or
+                                config.hidden_size // config.num_attention_heads)
+        for layer_cache in cache.layers:
+            layer_cache.reserve(like, needed, cache.local_capacity)
+        out = hidden.new_zeros(hidden.shape) if columns is not None else None
+        outputs = []
+        for j in range(max(len(plan) for plan in plans)):
+            pieces = [plan[j] if j < len(plan) else (0, 0, 0) for plan in plans]
+            for row, (_, _, evict) in enumerate(pieces):
+                if evict:
+                    for layer_cache in cache.layers:
+                        layer_cache.to_memory(row, cache.memory_lengths[row], evict)
+                    cache.memory_lengths[row] += evict if any(cache.memory_layers) else 0
+                    cache.local_lengths[row] -= evict
+            lengths = [end - start for start, end, _ in pieces]
+            step = _Step(list(cache.local_lengths), list(cache.memory_lengths), lengths,
+                         uniform)
+            if uniform:
+                start, end, _ = pieces[0]
+                piece = hidden[:, start:end]
+            else:
+                index = torch.zeros(batch, max(lengths), dtype=torch.long, device=hidden.device)
+                for row, (start, end, _) in enumerate(pieces):
+                    index[row, :end - start] = columns[row][start:end]
+                piece = hidden[torch.arange(batch, device=hidden.device)[:, None], index]
+            for layer, layer_cache in zip(self.layers, cache.layers):
+                piece = layer.infer(piece, layer_cache, step, rope)
+            piece = self.norm(piece)
+            if uniform:
+                outputs.append(piece)
+            else:
+                for row, (start, end, _) in enumerate(pieces):
+                    out[row, columns[row][start:end]] = piece[row, :end - start]
+            for row, count in enumerate(lengths):
+                cache.local_lengths[row] += count
+        return torch.cat(outputs, dim=1) if uniform else out
 
     def _cache(self, past_key_values):
         if isinstance(past_key_values, FoTCache):

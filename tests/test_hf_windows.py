@@ -1,0 +1,211 @@
+"""The PyTorch FoT model's window rules (FoT/hf/windows_fot_llama.py) against a from-scratch
+reference that computes every token's attention from the rule's definition, and causal
+consistency: whole = chunked = token by token = prefix = padded batch (float32, 1e-5)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
+from FoT.hf.cache_fot_llama import FoTCache
+from FoT.hf.windows_fot_llama import plan_windows
+from test_hf_training import VOCAB, WINDOW, tiny_models
+
+TOL = dict(atol=1e-5, rtol=0)
+
+
+def rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_logits(model, ids, window_start):
+    """Logits of ``ids`` ``[N]`` computed token by token from the definition: token ``t``
+    attends (one softmax) to tokens ``window_start[t] .. t`` at positions relative to
+    ``window_start[t]`` and, in memory layers, to every earlier token with its key at
+    position 0 (not rotated).  No cache, no pieces: a check of both."""
+    config, inner = model.config, model.model
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    n = len(ids)
+    positions = torch.arange(n)[None]
+    cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = cos[0], sin[0]  # [N, D]
+
+    def rotate(x, pos):  # x [heads, D]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[pos] + rotated * sin[pos]
+
+    hidden = inner.embed_tokens.weight[torch.as_tensor(ids)]
+    for index, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        x = rms(hidden, layer.input_layernorm.weight, config.rms_norm_eps)
+        q = (x @ attn.q_proj.weight.T).view(n, heads, head_dim)
+        k = (x @ attn.k_proj.weight.T).view(n, kv_heads, head_dim)
+        v = (x @ attn.v_proj.weight.T).view(n, kv_heads, head_dim)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        memory_layer = index in config.mem_layers
+        out = torch.empty(n, heads, head_dim)
+        for t in range(n):
+            start = window_start[t]
+            keys = [rotate(k[j], j - start) for j in range(start, t + 1)]
+            values = [v[j] for j in range(start, t + 1)]
+            if memory_layer:
+                keys = [k[j] for j in range(start)] + keys
+                values = [v[j] for j in range(start)] + values
+            keys, values = torch.stack(keys, 1), torch.stack(values, 1)  # [heads, S, D]
+            query = rotate(q[t], t - start)
+            scores = torch.einsum("hd,hsd->hs", query, keys) * head_dim ** -0.5
+            out[t] = torch.einsum("hs,hsd->hd", scores.softmax(-1), values)
+        hidden = hidden + out.reshape(n, -1) @ attn.o_proj.weight.T
+        x = rms(hidden, layer.post_attention_layernorm.weight, config.rms_norm_eps)
+        mlp = layer.mlp
+        hidden = hidden + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) *
+                                        mlp.up_proj(x))
+    return model.lm_head(rms(hidden, inner.norm.weight, config.rms_norm_eps))
+
+
+def aligned_starts(n):
+    return [WINDOW * (t // WINDOW) for t in range(n)]
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+def model(request):
+    return tiny_models(mem_layers=(1,), kv_heads=request.param)[2].eval()
+
+
+def ids_of(length, rows=1, seed=0, low=0):
+    return torch.tensor(np.random.default_rng(seed).integers(low, VOCAB, (rows, length)))
+
+
+def test_plan_windows_rules():
+    # aligned: windows at multiples of W of the stream, whatever the calls
+    assert plan_windows(0, 20, 8) == [(0, 8, 0), (8, 16, 8), (16, 20, 8)]
+    assert plan_windows(5, 1, 8) == [(0, 1, 0)]
+    assert plan_windows(8, 1, 8) == [(0, 1, 8)]  # a full window moves to memory whole
+    assert plan_windows(3, 12, 8) == [(0, 5, 0), (5, 12, 8)]
+    # longllama: the prompt's last W tokens are its final window; memory windows of
+    # local_limit tokens before them; then the window grows to local_limit
+    assert plan_windows(0, 20, 8, "longllama") == [(0, 8, 0), (8, 12, 8), (12, 20, 4)]
+    assert plan_windows(0, 20, 8, "longllama", 16) == [(0, 12, 0), (12, 20, 12)]
+    assert plan_windows(15, 1, 8, "longllama", 16) == [(0, 1, 0)]
+    assert plan_windows(16, 1, 8, "longllama", 16) == [(0, 1, 16)]
+    with pytest.raises(ValueError, match="window_rule"):
+        plan_windows(0, 4, 8, "sliding")
+
+
+def test_aligned_rule_equals_the_definition_and_the_training_model(model):
+    ids = ids_of(3 * WINDOW + 5)
+    with torch.no_grad():
+        ours = model(ids).logits[0]
+        expected = reference_logits(model, ids[0].tolist(), aligned_starts(ids.shape[1]))
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_aligned_rule_is_how_training_sees_windows():
+    # The cross-batch training model over a document's windows as batch rows (the last
+    # row padded: causal rows ignore what follows) gives the same logits.
+    variables, config, model = tiny_models(mem_layers=(0, 2))
+    length = 3 * WINDOW + 3
+    ids = ids_of(4 * WINDOW, seed=1)
+    training = FlaxLLaMAForCausalLMModule(config.replace(cross_batch_range=3))
+    rows = jnp.asarray(ids.numpy().reshape(4, WINDOW))
+    expected = np.asarray(training.apply(variables, rows).logits).reshape(1, -1, VOCAB)
+    with torch.no_grad():
+        ours = model.eval()(ids[:, :length]).logits.numpy()
+    np.testing.assert_allclose(ours, expected[:, :length], atol=1e-5, rtol=0)
+
+
+def test_whole_chunked_token_by_token_and_prefix_agree(model):
+    ids = ids_of(3 * WINDOW + WINDOW // 2, seed=2)
+    with torch.no_grad():
+        whole = model(ids).logits
+        for sizes in ([5, 17, 1, 1, 4], [1] * ids.shape[1], [WINDOW - 1, 2, WINDOW + 3]):
+            cache, parts, start = FoTCache(model.config), [], 0
+            while start < ids.shape[1]:
+                size = sizes[len(parts) % len(sizes)]
+                parts.append(model(ids[:, start:start + size], past_key_values=cache).logits)
+                start += size
+            torch.testing.assert_close(torch.cat(parts, 1), whole, **TOL, msg=str(sizes))
+        prefix = model(ids[:, :2 * WINDOW + 3]).logits
+    torch.testing.assert_close(prefix, whole[:, :prefix.shape[1]], **TOL)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_of_different_lengths_equals_each_row_alone(model, side):
+    lengths = [5, 2 * WINDOW + 3, 3 * WINDOW + 1, WINDOW]
+    longest = max(lengths)
+    rows = [ids_of(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        columns = slice(longest - len(row), None) if side == "left" else slice(0, len(row))
+        ids[i, columns], mask[i, columns] = row, 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            torch.testing.assert_close(batch[i][mask[i].bool()], alone, **TOL, msg=f"row {i}")
+        if side == "right":  # causal: right padding needs no mask at all
+            unmasked = model(ids).logits
+            for i, n in enumerate(lengths):
+                torch.testing.assert_close(unmasked[i, :n], batch[i, :n], **TOL)
+
+
+def test_left_padded_generation_equals_each_prompt_alone():
+    model = tiny_models(mem_layers=(1,), kv_heads=2)[2].eval()
+    for p in model.parameters():  # wide logits: greedy choices cannot flip on float noise
+        p.data *= 1.5
+    # Token 0 is the padding: generate() masks it wherever it appears in a prompt.
+    prompts = [ids_of(n, seed=20 + n, low=1)[0] for n in (3, WINDOW + 2, 2 * WINDOW - 1)]
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, longest - len(prompt):], mask[i, longest - len(prompt):] = prompt, 1
+    new = 2 * WINDOW + 3  # crosses window boundaries at different steps in each row
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+        for i, prompt in enumerate(prompts):
+            alone = model.generate(prompt[None], max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=0)
+            assert batch[i, longest:].tolist() == alone[0, len(prompt):].tolist(), i
+    assert len(set(batch[:, longest:].flatten().tolist())) > 5
+
+
+def test_autograd_takes_right_padding_and_refuses_left_padding(model):
+    ids = ids_of(2 * WINDOW + 3, rows=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    with torch.no_grad():
+        expected = model(ids[:1, :-4]).logits
+    logits = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[:1, :-4].detach(), expected, **TOL)
+    with pytest.raises(ValueError, match="right padding"):
+        model(ids, attention_mask=mask.flip(1))
+
+
+def test_longllama_rule_equals_the_definition(model):
+    model.config.window_rule, model.config.local_window_limit = "longllama", 2 * WINDOW
+    try:
+        prompt = 2 * WINDOW + 4  # a memory window of W + 4 tokens, then the last W tokens
+        ids = ids_of(prompt + 3 * WINDOW, seed=4)
+        cache = FoTCache(model.config)
+        with torch.no_grad():
+            logits = [model(ids[:, :prompt], past_key_values=cache).logits[0]]
+            for t in range(prompt, ids.shape[1]):  # generation: one token per call
+                logits.append(model(ids[:, t:t + 1], past_key_values=cache).logits[0])
+            # The final window starts at prompt - W and grows to local_window_limit tokens,
+            # then moves to memory whole.
+            starts = [0] * (prompt - WINDOW) + [prompt - WINDOW] * (2 * WINDOW)
+            starts += [prompt + WINDOW] * (ids.shape[1] - len(starts))
+            expected = reference_logits(model, ids[0].tolist(), starts)
+        torch.testing.assert_close(torch.cat(logits), expected, **TOL)
+        # the rule depends on the prompt's length: a shorter prompt cuts elsewhere
+        with torch.no_grad():
+            shorter = model(ids[:, :prompt - 2]).logits[0]
+        assert not torch.allclose(shorter[-4:], expected[prompt - 6:prompt - 2], atol=1e-3)
+    finally:
+        model.config.window_rule, model.config.local_window_limit = "aligned", None
