@@ -91,6 +91,9 @@ def test_sentencepiece_export_tokenizes_as_training(model, nfkc_model, tmp_path)
     ids = auto("Hello")["input_ids"]  # BOS first, as LLaMA tokenizers do
     assert ids == [reference.bos_token_id] + reference.encode("Hello")
     assert auto.decode(ids, skip_special_tokens=True) == "Hello"
+    # Control tokens decode to their strings (lm-eval compares text with decode(bos)).
+    assert auto.decode(ids) == "<s>Hello" and auto.decode([auto.bos_token_id]) == "<s>"
+    assert auto.decode(ids + [auto.eos_token_id] + ids[1:]) == "<s>Hello</s>Hello"
 
 
 @pytest.mark.parametrize("source", ["directory", "tokenizer.json"])

@@ -102,14 +102,16 @@ def test_batch_one_runs_every_task_end_to_end(run):
 
 def test_rolling_loglikelihood_is_the_models_own_at_batch_one(run, export_dir):
     """lm-eval's rolling log-likelihood of a document (one window: the config's
-    max_position_embeddings is unbounded) is the sum over its tokens (no BOS) of the model's
-    log-probabilities given BOS and the tokens before: the call path is the plain one."""
+    max_position_embeddings is unbounded) is the sum over its tokens, as the tokenizer encodes
+    it by default (BOS first, as LLaMA tokenizers do), of the model's log-probabilities given
+    the prefix token (BOS) and the tokens before: the call path is the plain one."""
     samples, _ = run("fot_tiny_ppl", 1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         export_dir, trust_remote_code=True, dtype=torch.float32).eval()
     for doc_id, record in samples.items():
-        ids = tokenizer(record["doc"]["text"], add_special_tokens=False).input_ids
+        ids = tokenizer(record["doc"]["text"]).input_ids
+        assert ids[0] == tokenizer.bos_token_id
         inputs = torch.tensor([[tokenizer.bos_token_id] + ids[:-1]])
         with torch.no_grad():
             logprobs = torch.log_softmax(model(inputs).logits[0].double(), -1)

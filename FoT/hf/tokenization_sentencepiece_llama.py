@@ -57,10 +57,22 @@ class SentencePieceLlamaTokenizer(PreTrainedTokenizer):
         return self.sp_model.decode_pieces(tokens)
 
     def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
+        """sentencepiece's decoding, with control tokens (``<s>``, ``</s>``) written as their
+        strings unless skipped, as Hugging Face tokenizers do (sentencepiece drops them:
+        tools that compare text with ``decode(bos_token_id)`` would see an empty string)."""
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         skipped = set(self.all_special_ids) if skip_special_tokens else set()
-        return self.sp_model.decode([int(i) for i in token_ids if int(i) not in skipped])
+        text, run = [], []
+        for token in (int(i) for i in token_ids):
+            if token in skipped:
+                continue
+            if self.sp_model.is_control(token):
+                text += [self.sp_model.decode(run), self.sp_model.id_to_piece(token)]
+                run = []
+            else:
+                run.append(token)
+        return "".join(text + [self.sp_model.decode(run)])
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token else []
