@@ -10,12 +10,13 @@ import pytest
 import torch
 import transformers
 
-from eval import loss_by_position, passkey
+from eval import loss_by_position, passkey, window_rules
 from eval.models import encode
 from EasyLM import checkpoint
 from EasyLM.models.llama import convert_easylm_to_hf
 from EasyLM.models.llama.windowed_lm import WindowedLM
 from EasyLM.tokenizer import load_tokenizer
+from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from test_hf_fot import TINY_SP, tiny_fot_checkpoint
 
 LENGTHS, DEPTHS = [200, 260], [0.0, 0.5, 1.0]
@@ -171,3 +172,31 @@ def test_windows_default_to_the_trained_row_length(tiny_model, run_checkpoint):
     spec, _ = tiny_model
     assert WindowedLM.from_checkpoint(run_checkpoint).last_context_length == 32
     assert WindowedLM.from_checkpoint(spec).last_context_length == 8  # max_sequence_length
+
+
+def test_window_rules_end_to_end(tiny_model, tmp_path):
+    _, hf_dir = tiny_model
+    data = tmp_path / "docs.jsonl"
+    with open(data, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"text": f"Document {i}. " + passkey.FILLER * 12}) + "\n")
+    window_rules.main(["--hf_model", hf_dir, "--data", str(data), "--prompt_windows", "2",
+                       "--offsets", "1,13", "--continuation", "40", "--max_docs", "2",
+                       "--output_dir", str(tmp_path / "rules")])
+    with open(tmp_path / "rules" / "window_rules.json") as f:
+        result = json.load(f)
+    assert set(result["mean_loss"]) == set(window_rules.RULES) and result["num_docs"] == 2
+    # The aligned rule is causal: the continuation read token by token has the losses of
+    # the documents scored whole.
+    model = FoTLlamaForCausalLM.from_pretrained(hf_dir).eval()
+    tok = load_tokenizer({"vocab_file": TINY_SP})
+    docs = loss_by_position.read_documents(str(data), tok, "text", 2 * 32 + 13 + 40, 0, 2)
+    ids = torch.tensor(np.stack([d[:2 * 32 + 13 + 40] for d in docs]))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[:, :-1], -1)
+    losses = -logp.gather(2, ids[:, 1:, None])[..., 0]
+    np.testing.assert_allclose(result["mean_loss"]["aligned"]["13"],
+                               losses[:, 2 * 32 + 12:].mean().item(), rtol=1e-5)
+    # The rules differ once the prompt does not end on a window boundary.
+    assert result["mean_loss"]["aligned"]["13"] != result["mean_loss"]["longllama (limit W)"]["13"]
+    assert os.path.getsize(tmp_path / "rules" / "window_rules.png") > 1000
