@@ -209,3 +209,22 @@ def test_longllama_rule_equals_the_definition(model):
         assert not torch.allclose(shorter[-4:], expected[prompt - 6:prompt - 2], atol=1e-3)
     finally:
         model.config.window_rule, model.config.local_window_limit = "aligned", None
+
+
+def test_export_records_the_window_rule(tmp_path):
+    from EasyLM.models.llama import convert_easylm_to_hf
+    from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
+    from test_hf_fot import tiny_fot_checkpoint
+
+    _, _, spec = tiny_fot_checkpoint(tmp_path / "ckpt")
+    convert_easylm_to_hf.main(["--load_checkpoint", spec, "--output_dir", str(tmp_path / "o"),
+                               "--window_rule", "longllama", "--local_window_limit", "16"])
+    model = FoTLlamaForCausalLM.from_pretrained(tmp_path / "o")
+    assert (model.config.window_rule, model.config.local_window_limit) == ("longllama", 16)
+    assert FoTCache(model.config).local_capacity == 16
+    with pytest.raises(SystemExit):  # argparse names the choices
+        convert_easylm_to_hf.main(["--load_checkpoint", spec, "--output_dir",
+                                   str(tmp_path / "p"), "--window_rule", "sliding"])
+    with pytest.raises(Exception, match="local_window_limit .4. must be >= "):
+        convert_easylm_to_hf.main(["--load_checkpoint", spec, "--output_dir",
+                                   str(tmp_path / "q"), "--local_window_limit", "4"])

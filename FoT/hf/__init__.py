@@ -22,7 +22,8 @@ AUTO_MAP = {
 
 
 def fot_config_dict(llama_config, mem_layers, last_context_length, mem_positionals=True,
-                    mem_dtype=None, mem_attention_grouping=None, torch_attention=True):
+                    mem_dtype=None, mem_attention_grouping=None, torch_attention=True,
+                    window_rule="aligned", local_window_limit=None):
     """``config.json`` of a FoT model from the one of the equivalent ``LlamaForCausalLM``."""
     from .configuration_fot_llama import FoTLlamaConfig
     grouping = None if mem_attention_grouping is None else [int(x) for x in
@@ -30,7 +31,9 @@ def fot_config_dict(llama_config, mem_layers, last_context_length, mem_positiona
     memory = dict(mem_layers=[int(i) for i in mem_layers],
                   last_context_length=int(last_context_length), mem_positionals=mem_positionals,
                   mem_dtype=mem_dtype, mem_attention_grouping=grouping,
-                  torch_attention=torch_attention)
+                  torch_attention=torch_attention, window_rule=window_rule,
+                  local_window_limit=None if local_window_limit is None
+                  else int(local_window_limit))
     fields = {k: v for k, v in llama_config.items() if k not in ("architectures", "model_type")}
     FoTLlamaConfig(**dict(fields, **memory)).validate_fot()
     return dict(llama_config, model_type=FoTLlamaConfig.model_type,

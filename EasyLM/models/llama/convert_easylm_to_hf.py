@@ -136,7 +136,8 @@ def _set_tokenizer_max_length(output_dir, length):
 def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
             max_shard_size=5 * 2 ** 30, no_memory=False, **memory_options):
     """Export a checkpoint; ``memory_options`` (``last_context_length``,
-    ``mem_attention_grouping``, ``mem_dtype``, ``mem_positionals``, ``torch_attention``) go to
+    ``mem_attention_grouping``, ``mem_dtype``, ``mem_positionals``, ``torch_attention``,
+    ``window_rule``, ``local_window_limit``) go to
     the config of a FoT model, whose ``last_context_length`` defaults to the row length the
     checkpoint's run trained on (else the model's ``max_sequence_length``)."""
     _, path = parse_checkpoint_spec(load_checkpoint)
@@ -188,6 +189,14 @@ def main(argv=None):
                         help="HEADS,QUERIES processed at a time in memory layers")
     memory.add_argument("--mem_dtype", default=None, choices=sorted(DTYPE_NAMES.values()),
                         help="dtype of stored memory (default: the activation dtype)")
+    memory.add_argument("--window_rule", default=None, choices=("aligned", "longllama"),
+                        help="how inputs are cut into windows: aligned (default; causal, as "
+                             "training sees windows) or longllama (the original LongLLaMA "
+                             "code's rule, for models published with it)")
+    memory.add_argument("--local_window_limit", type=int, default=None,
+                        help="longllama rule: the most tokens the local window holds (the "
+                             "original's max_position_embeddings; default "
+                             "last_context_length)")
     memory.add_argument("--torch_attention", default=True, type=_flag,
                         help="use torch scaled_dot_product_attention (true/false)")
     args = parser.parse_args(argv)
@@ -195,7 +204,8 @@ def main(argv=None):
             args.max_shard_size, no_memory=args.no_memory,
             last_context_length=args.last_context_length,
             mem_attention_grouping=args.mem_attention_grouping, mem_dtype=args.mem_dtype,
-            torch_attention=args.torch_attention)
+            torch_attention=args.torch_attention, window_rule=args.window_rule,
+            local_window_limit=args.local_window_limit)
     print(f"wrote {os.path.abspath(args.output_dir)}")
 
 
