@@ -1,13 +1,15 @@
 """FoT memory in windowed inference (FOT_SPEC 5): what every attention layer keeps between
 pieces of a long input and how a piece moves tokens through it, independent of the model.
 
-The input is consumed in pieces of at most ``W = last_context_length`` tokens
-(:func:`~FoT.hf.windows_fot_llama.plan_windows`, shared with the PyTorch model).  Every layer
-keeps a local window of ``W`` un-rotated keys and values (:class:`LayerCache`).  Before a piece
-enters, the window's oldest ``evict`` entries leave it; a memory layer moves them into its
-memory, keys rotated as if at the window's first position.  Queries and local keys take
-positions relative to the window's start.  A :class:`Piece` holds what every layer needs to
-know about the current piece.
+The input is consumed in pieces that :func:`~FoT.hf.windows_fot_llama.plan_windows` cuts
+(shared with the PyTorch model), under the window rule of :class:`MemoryOptions`.  Every layer
+keeps a local window of un-rotated keys and values, sized for the most tokens the rule keeps
+local (:class:`LayerCache`).  Before a piece enters, the plan may evict the whole window; a
+memory layer moves the evicted entries into its memory, keys rotated as if at the window's
+first position.  Queries and local keys take positions relative to the window's start, which
+a token keeps for as long as it stays local.  A :class:`Piece` holds what every layer needs to
+know about the current piece, per batch row: rows of a batch hold streams of their own
+lengths, each at its own place in its plan.
 
 The model's attention (``LLaMAAttention`` given a cache) applies these steps between its own
 projections; :mod:`EasyLM.models.llama.windowed_lm` drives the model piece by piece.
@@ -15,8 +17,9 @@ projections; :mod:`EasyLM.models.llama.windowed_lm` drives the model piece by pi
 import dataclasses
 from typing import Any, NamedTuple, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
+
+from FoT.hf.windows_fot_llama import check_rule, local_capacity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,10 @@ class MemoryOptions:
     mem_dtype: Optional[str] = None  # e.g. "bfloat16"; None: the activation dtype
     attention_grouping: Optional[Tuple[int, int]] = None  # (heads, queries) in memory layers
     dtype: str = "float32"  # activations
+    window_rule: str = "aligned"  # FoT.hf.windows_fot_llama: "aligned" or "longllama"
+    # "longllama": most tokens in the local window (the original's max_position_embeddings);
+    # None: last_context_length
+    local_limit: Optional[int] = None
 
     def __post_init__(self):
         if self.last_context_length < 1:
@@ -35,13 +42,19 @@ class MemoryOptions:
         grouping = self.attention_grouping
         if grouping is not None and (len(grouping) != 2 or min(grouping) < 1):
             raise ValueError(f"attention_grouping must be (heads, queries) >= 1, got {grouping}")
+        check_rule(self.window_rule)
+
+    @property
+    def local_capacity(self):
+        """Size of the local window buffers: the most tokens the rule keeps local."""
+        return local_capacity(self.last_context_length, self.window_rule, self.local_limit)
 
 
 class LayerCache(NamedTuple):
     """One attention layer's state: the local window's keys and values ``[B, W, KV, D]``
-    (un-rotated: their positions change as the window slides) and, in a memory layer, the
-    memory's ``[B, M, KV, D]`` in the memory dtype (``None`` elsewhere).  Entries past the
-    valid ones hold stale values that no query sees."""
+    (un-rotated, at positions from 0 at the window's first entry) and, in a memory layer,
+    the memory's ``[B, M, KV, D]`` in the memory dtype (``None`` elsewhere).  Entries past
+    each row's valid ones hold stale values that no query sees."""
     local_k: Any
     local_v: Any
     mem_k: Any = None
@@ -53,54 +66,62 @@ class LayerCache(NamedTuple):
 
 
 class Piece(NamedTuple):
-    """The current piece's place in the stream, the same for every layer: traced int32
-    scalars (how many entries of the windows and memories are valid, how many of the piece's
-    tokens are real, how many of the newest memory entries memory layers may read) and the
-    static options of memory layers."""
+    """The current piece's place in every row's stream, the same for every layer: traced
+    int32 vectors ``[B]`` (valid entries of the row's window and memory, real tokens at the
+    front of the row's piece, and the window entries that leave it before the piece enters:
+    all or none, as planned), a traced scalar (how many of the newest memory entries memory
+    layers may read), the window buffers' size and the static options of memory layers."""
     local_length: Any
     memory_length: Any
     num_valid: Any
+    evict: Any
     memory_limit: Any
     window: int
     mem_positionals: bool = True
     attention_grouping: Optional[Tuple[int, int]] = None
 
     @property
-    def evict(self):
-        """Oldest window entries that leave before this piece enters."""
-        return jnp.maximum(0, self.local_length + self.num_valid - self.window)
+    def kept(self):
+        """``[B]``: window entries that stay (all or none)."""
+        return self.local_length - self.evict
 
     def query_positions(self, batch, length):
         """``[B, n]``: the piece's positions, after the entries that stay in the window."""
-        kept = self.local_length - self.evict
-        return jnp.broadcast_to(kept + jnp.arange(length), (batch, length))
+        return jnp.broadcast_to(self.kept[:, None] + jnp.arange(length), (batch, length))
 
     def key_positions(self, batch):
-        """``[B, W]``: the window's positions, from 0 at its oldest entry."""
+        """``[B, W]``: the window's positions, from 0 at its first entry."""
         return jnp.broadcast_to(jnp.arange(self.window), (batch, self.window))
 
     def local_visible(self, length):
-        """``[n, W]``: causal visibility of the slid window to the piece's queries."""
-        kept = self.local_length - self.evict
-        return jnp.arange(self.window)[None, :] <= (kept + jnp.arange(length))[:, None]
+        """``[B, n, W]``: causal visibility of the window, after the piece entered, to the
+        piece's queries."""
+        queries = self.kept[:, None] + jnp.arange(length)
+        return jnp.arange(self.window)[None, None, :] <= queries[:, :, None]
 
-    def slide(self, window, new):
-        """``window [B, W, ...]`` after dropping its ``evict`` oldest entries and appending
-        ``new [B, n, ...]`` behind the ones that stay."""
-        padded = jnp.concatenate([window, jnp.zeros_like(new)], axis=1)
-        padded = jax.lax.dynamic_update_slice_in_dim(padded, new, self.local_length, axis=1)
-        return jax.lax.dynamic_slice_in_dim(padded, self.evict, self.window, axis=1)
+    def enter(self, window, new):
+        """``window [B, W, ...]`` with each row's real entries of ``new [B, n, ...]`` written
+        behind the entries that stay."""
+        return _write(window, new, self.kept, self.num_valid)
 
     def remember(self, memory, evicted):
-        """``memory [B, M, ...]`` with ``evicted [B, n, ...]`` stored behind its valid entries.
-        Only the first ``evict`` of them are real; storing all ``n`` keeps shapes static (the
-        rest lands past the valid entries)."""
-        return jax.lax.dynamic_update_slice_in_dim(memory, evicted.astype(memory.dtype),
-                                                   self.memory_length, axis=1)
+        """``memory [B, M, ...]`` with each row's first ``evict`` entries of ``evicted
+        [B, W, ...]`` (the window before the piece) stored behind its valid entries."""
+        return _write(memory, evicted.astype(memory.dtype), self.memory_length, self.evict)
 
     def memory_visible(self, capacity):
-        """``[M]``: the memory entries valid after this piece's eviction, at most the newest
+        """``[B, M]``: the memory entries valid after this piece's eviction, at most the newest
         ``memory_limit`` of them."""
-        stored = jnp.arange(capacity)
-        end = self.memory_length + self.evict
+        stored = jnp.arange(capacity)[None, :]
+        end = (self.memory_length + self.evict)[:, None]
         return (stored < end) & (stored >= end - self.memory_limit)
+
+
+def _write(buffer, values, start, count):
+    """``buffer [B, S, ...]`` with ``values[b, :count[b]]`` at ``start[b]`` onwards.  The
+    other values are aimed past the buffer and dropped, so no write moves or spills into
+    valid entries, whatever the buffer's size."""
+    offsets = jnp.arange(values.shape[1])[None, :]
+    slots = jnp.where(offsets < count[:, None], start[:, None] + offsets, buffer.shape[1])
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, slots].set(values, mode="drop")

@@ -56,7 +56,8 @@ def test_token_losses_and_step_by_step_state(tiny):
     np.testing.assert_allclose(model.token_losses(tokens), expected, atol=1e-5)
     state = model.new_state(1)
     np.testing.assert_allclose(np.asarray(model.step(state, tokens)), logits, atol=1e-6)
-    assert (state.local_length, state.memory_length) == (WINDOW, tokens.shape[1] - WINDOW)
+    # Aligned windows: the last 5 tokens are local, the two full windows before them memory.
+    assert state.local_length.tolist() == [5] and state.memory_length.tolist() == [2 * WINDOW]
     assert state.capacity >= state.memory_length  # grown on demand, in whole windows
 
 
@@ -114,3 +115,103 @@ def test_memory_limit_extremes(tiny):
                                model.logits(tokens), atol=1e-6)
     with pytest.raises(ValueError, match="memory limit"):
         model.with_memory_limit(-1)
+
+
+def test_logits_are_causal_however_the_input_is_split(tiny):
+    # The aligned rule: a token's logits depend only on the tokens before it, so the whole
+    # input, chunks that straddle windows, single tokens and a shorter prefix all agree.
+    _, _, model = tiny
+    tokens = np.random.default_rng(5).integers(0, 61, size=(2, 7 * WINDOW // 2))
+    whole = model.logits(tokens)
+    state, chunks, start = model.new_state(2), [], 0
+    for size in (5, 17, 1, 1, 40):
+        chunks.append(np.asarray(model.step(state, tokens[:, start:start + size])))
+        start += size
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), whole, atol=1e-5)
+    state = model.new_state(2)
+    single = [np.asarray(model.step(state, tokens[:, t:t + 1])) for t in range(tokens.shape[1])]
+    np.testing.assert_allclose(np.concatenate(single, axis=1), whole, atol=1e-5)
+    prefix = 23 * WINDOW // 10
+    np.testing.assert_allclose(model.logits(tokens[:, :prefix]), whole[:, :prefix], atol=1e-5)
+
+
+def test_masked_rows_of_different_lengths_equal_each_row_alone(tiny):
+    _, _, model = tiny
+    rng = np.random.default_rng(6)
+    lengths, width = [3 * WINDOW + 4, 13, 3, 2 * WINDOW], 3 * WINDOW + 4
+    rows = [rng.integers(0, 61, size=length) for length in lengths]
+    tokens = rng.integers(0, 61, size=(len(rows), width))  # padding: any tokens
+    left, right = tokens.copy(), tokens.copy()
+    left_mask, right_mask = np.zeros((2, len(rows), width), bool)
+    for i, row in enumerate(rows):
+        left[i, width - len(row):], left_mask[i, width - len(row):] = row, True
+        right[i, :len(row)], right_mask[i, :len(row)] = row, True
+    scattered_mask = np.zeros_like(right_mask)  # padding between real tokens too
+    scattered = tokens.copy()
+    for i, row in enumerate(rows):
+        at = np.sort(rng.choice(width, len(row), replace=False))
+        scattered[i, at], scattered_mask[i, at] = row, True
+    alone = [model.logits(row[None])[0] for row in rows]
+    alone_losses = [model.token_losses(row[None])[0] for row in rows]
+    for padded, mask in [(left, left_mask), (right, right_mask), (scattered, scattered_mask)]:
+        logits = model.logits(padded, mask)
+        losses, predictions = model.score(padded, mask)
+        for i, keep in enumerate(mask):
+            np.testing.assert_allclose(logits[i, keep], alone[i], atol=1e-5)
+            assert not logits[i, ~keep].any()
+            at = np.flatnonzero(keep)[1:] - 1  # the loss of each real token but the first
+            np.testing.assert_allclose(losses[i, at], alone_losses[i], atol=1e-5)
+            np.testing.assert_array_equal(predictions[i, at], alone[i][:-1].argmax(-1))
+            assert not np.delete(losses[i], at).any()
+
+
+def test_generation_from_padded_prompts_equals_each_prompt_alone(tiny):
+    _, _, model = tiny
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 61, size=length) for length in (5, 11, 2)]
+    new = 2 * WINDOW  # every row crosses at least one window boundary
+    alone = [model.generate(prompt[None], new)[0] for prompt in prompts]
+    width = max(map(len, prompts))
+    for side in ("left", "right"):
+        padded, mask = np.zeros((3, width), np.int32), np.zeros((3, width), bool)
+        for i, prompt in enumerate(prompts):
+            at = slice(width - len(prompt), None) if side == "left" else slice(len(prompt))
+            padded[i, at], mask[i, at] = prompt, True
+        np.testing.assert_array_equal(model.generate(padded, new, mask=mask), np.stack(alone),
+                                      err_msg=side)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(padded, 2, mask=np.zeros_like(mask))
+
+
+def test_longllama_rule_follows_the_original_windows(tiny):
+    # A prompt of 2.5 windows: the first 1.5 windows go to memory (a window, then half of
+    # one), the last W tokens form a fresh final window.
+    variables, config, model = tiny
+    tokens = np.random.default_rng(8).integers(0, 61, size=(2, 5 * WINDOW // 2))
+    cut = tokens.shape[1] - WINDOW
+    longllama = WindowedLM(variables, config, MemoryOptions(WINDOW, window_rule="longllama"))
+    logits = longllama.logits(tokens)
+    # Tokens before the final window are seen exactly as under the aligned rule ...
+    np.testing.assert_allclose(logits[:, :cut], model.logits(tokens[:, :cut]), atol=1e-5)
+    # ... and the same calls one window part at a time put the same tokens in memory.
+    state = longllama.new_state(2)
+    parts = [np.asarray(longllama.step(state, tokens[:, a:b]))
+             for a, b in [(0, WINDOW), (WINDOW, cut), (cut, None)]]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), logits, atol=1e-5)
+    assert np.abs(logits[:, cut:] - model.logits(tokens)[:, cut:]).max() > 1e-4
+    # Independently: with one memory layer (layer 0, whose memory entries depend only on the
+    # tokens), the final window with tokens 0..cut-1 in memory is the aligned rule's fresh
+    # window after two windows whose newest cut entries are those tokens.
+    one = config.replace(mem_layers=(0,))
+    ours = WindowedLM(variables, one, MemoryOptions(WINDOW, window_rule="longllama"))
+    aligned = WindowedLM(variables, one, MemoryOptions(WINDOW)).with_memory_limit(cut)
+    filler = np.random.default_rng(9).integers(0, 61, size=(2, 2 * WINDOW - cut))
+    expected = aligned.logits(np.concatenate([filler, tokens], axis=1))[:, 2 * WINDOW:]
+    np.testing.assert_allclose(ours.logits(tokens)[:, cut:], expected, atol=1e-5)
+    # A local limit above W: the tokens before the final window form one window of that
+    # size, as under the aligned rule with that window.
+    wide = WindowedLM(variables, config,
+                      MemoryOptions(WINDOW, window_rule="longllama", local_limit=cut))
+    np.testing.assert_allclose(wide.logits(tokens),
+                               WindowedLM(variables, config, MemoryOptions(cut)).logits(tokens),
+                               atol=1e-5)

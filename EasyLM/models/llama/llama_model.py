@@ -469,10 +469,11 @@ class LLaMAAttention(nn.Module):
 
 
 def _windowed_attention(q, k, v, query_positions, cache, piece, inv_freq):
-    """FOT_SPEC 5 for one layer: the piece's queries over the slid local window and, with a
-    memory, over the memory in the same softmax; returns the output and the updated cache."""
+    """FOT_SPEC 5 for one layer: the piece's queries over the local window (after the planned
+    eviction and the piece's entry) and, with a memory, over the memory in the same softmax;
+    returns the output and the updated cache."""
     batch, length = q.shape[:2]
-    local_k, local_v = piece.slide(cache.local_k, k), piece.slide(cache.local_v, v)
+    local_k, local_v = piece.enter(cache.local_k, k), piece.enter(cache.local_v, v)
     keys, values, visible = local_k, local_v, piece.local_visible(length)
     key_positions = piece.key_positions(batch)
     positional = not cache.has_memory or piece.mem_positionals
@@ -481,16 +482,18 @@ def _windowed_attention(q, k, v, query_positions, cache, piece, inv_freq):
         keys = apply_rope(keys, key_positions, inv_freq)
     if not cache.has_memory:
         return attend(q, keys, values, visible), cache._replace(local_k=local_k, local_v=local_v)
-    # The evicted entries are the oldest of the window before the slide.
-    evicted_k, evicted_v = cache.local_k[:, :length], cache.local_v[:, :length]
+    # An eviction takes the whole window as it was before the piece.
+    evicted_k = cache.local_k
     if positional:
-        evicted_k = apply_rope_as_first(evicted_k, key_positions[:, :length], inv_freq)
-    mem_k, mem_v = piece.remember(cache.mem_k, evicted_k), piece.remember(cache.mem_v, evicted_v)
+        evicted_k = apply_rope_as_first(evicted_k, key_positions, inv_freq)
+    mem_k = piece.remember(cache.mem_k, evicted_k)
+    mem_v = piece.remember(cache.mem_v, cache.local_v)
     capacity = mem_k.shape[1]
     keys = jnp.concatenate([mem_k.astype(keys.dtype), keys], axis=1)
     values = jnp.concatenate([mem_v.astype(values.dtype), values], axis=1)
-    visible = jnp.concatenate([jnp.broadcast_to(piece.memory_visible(capacity),
-                                                (length, capacity)), visible], axis=1)
+    memory_visible = jnp.broadcast_to(piece.memory_visible(capacity)[:, None],
+                                      (batch, length, capacity))
+    visible = jnp.concatenate([memory_visible, visible], axis=2)
     out = attend(q, keys, values, visible, chunks=piece.attention_grouping)
     return out, cache._replace(local_k=local_k, local_v=local_v, mem_k=mem_k, mem_v=mem_v)
 

@@ -1,15 +1,21 @@
 """Long-context inference with FoT memory in JAX, on a toolkit checkpoint's parameters.
 
 The same windowed inference as the exported PyTorch model (:mod:`FoT.hf`, FOT_SPEC section 5),
-run by the training model's own modules: each piece of at most ``W = last_context_length``
-tokens goes through :class:`~EasyLM.models.llama.llama_model.FlaxLLaMAForCausalLMModule` with
-every layer's :class:`~FoT.inference.LayerCache`, whose attention slides its local window and
-reads and extends its memory (:mod:`FoT.inference`).  For ``W``-aligned inputs this equals the
-training model with cross-batch attention over the windows of one document.
+run by the training model's own modules: the input is cut into pieces by
+:func:`~FoT.hf.windows_fot_llama.plan_windows` (the window rule of the
+:class:`~FoT.inference.MemoryOptions`), and each piece goes through
+:class:`~EasyLM.models.llama.llama_model.FlaxLLaMAForCausalLMModule` with every layer's
+:class:`~FoT.inference.LayerCache`, whose attention evicts its local window as planned and
+reads and extends its memory (:mod:`FoT.inference`).  Under the default ``"aligned"`` rule a
+token's logits equal the training model's with cross-batch attention over the windows of its
+document, however the input is split into calls.
 
-Each piece runs as one jitted call over the whole model; the local windows and the memory stay
-on device in fixed-size buffers (memory grows by doubling, which recompiles), so a long input
-compiles twice (a full piece and a one-token step) and then only streams.
+Rows of a batch are separate streams: a mask marks each row's real tokens (padding may sit
+anywhere), every row plans its own pieces, and the rows' pieces run in lockstep, piece ``j``
+of every row in one call.  Each call is one jitted pass over the whole model; the local
+windows and the memory stay on device in fixed-size buffers (memory grows by doubling, which
+recompiles), so a long input compiles twice (a full piece and a one-token step) and then only
+streams.
 """
 import copy
 import dataclasses
@@ -37,10 +43,10 @@ def _score(logits, targets):
 @dataclasses.dataclass
 class InferenceState:
     """Device buffers (one :class:`~FoT.inference.LayerCache` per layer) and how many of
-    their entries are valid."""
+    each row's entries are valid: int32 ``[B]`` on the host, where the pieces are planned."""
     caches: tuple
-    local_length: int = 0
-    memory_length: int = 0
+    local_length: np.ndarray
+    memory_length: np.ndarray
 
     @property
     def capacity(self):
@@ -61,12 +67,13 @@ class WindowedLM:
         self.memory_limit = None
 
     @staticmethod
-    def _piece_forward(model, options, params, caches, tokens, num_valid, local_length,
-                       memory_length, memory_limit):
-        """Logits ``[B, n, V]`` of one piece (its first ``num_valid`` tokens are real) and the
-        updated caches; memory layers see only the newest ``memory_limit`` memory entries."""
-        piece = Piece(local_length, memory_length, num_valid, memory_limit,
-                      options.last_context_length, options.mem_positionals,
+    def _piece_forward(model, options, params, caches, tokens, num_valid, evict,
+                       local_length, memory_length, memory_limit):
+        """Logits ``[B, n, V]`` of one piece (the first ``num_valid[b]`` tokens of row ``b``
+        are real, and ``evict[b]`` window entries leave before them) and the updated caches;
+        memory layers see only the newest ``memory_limit`` memory entries."""
+        piece = Piece(local_length, memory_length, num_valid, evict, memory_limit,
+                      options.local_capacity, options.mem_positionals,
                       options.attention_grouping)
         out = model.apply({"params": params}, tokens, caches=caches, piece=piece)
         return out.logits, out.caches
@@ -106,8 +113,8 @@ class WindowedLM:
 
     def new_state(self, batch_size, capacity=0):
         """Empty state; ``capacity`` memory tokens are allocated up front."""
-        cfg, window = self.config, self.options.last_context_length
-        local = (batch_size, window, cfg.num_key_value_heads, cfg.head_dim)
+        cfg = self.config
+        local = (batch_size, self.options.local_capacity, cfg.num_key_value_heads, cfg.head_dim)
         dtype = jnp.dtype(self.options.dtype)
         mem_dtype = jnp.dtype(self.options.mem_dtype or self.options.dtype)
         memory = (batch_size, self._round_capacity(capacity)) + local[2:]
@@ -117,7 +124,8 @@ class WindowedLM:
             if i in self.memory_layers:
                 kept += [jnp.zeros(memory, mem_dtype), jnp.zeros(memory, mem_dtype)]
             caches.append(LayerCache(*kept))
-        return InferenceState(tuple(caches))
+        empty = np.zeros(batch_size, np.int32)
+        return InferenceState(tuple(caches), empty, empty.copy())
 
     def _round_capacity(self, tokens):
         # Powers of two windows, so that growing memory recompiles only log-many times.
@@ -125,67 +133,128 @@ class WindowedLM:
         return self.options.last_context_length * 2 ** math.ceil(math.log2(windows))
 
     def _reserve(self, state, tokens):
-        needed = state.memory_length + tokens
-        if not self.memory_layers or needed <= state.capacity:
+        """Grow the memory to hold ``tokens`` entries of the fullest row."""
+        if not self.memory_layers or tokens <= state.capacity:
             return
-        extra = ((0, 0), (0, self._round_capacity(needed) - state.capacity), (0, 0), (0, 0))
+        extra = ((0, 0), (0, self._round_capacity(tokens) - state.capacity), (0, 0), (0, 0))
         state.caches = tuple(
             cache._replace(mem_k=jnp.pad(cache.mem_k, extra), mem_v=jnp.pad(cache.mem_v, extra))
             if cache.has_memory else cache for cache in state.caches)
 
-    def step(self, state, tokens):
-        """Feed ``tokens`` ``[B, n]``; return their logits ``[B, n, V]`` (on device)."""
-        tokens = np.asarray(tokens, np.int32)
-        length = tokens.shape[1]
-        self._reserve(state, state.local_length + length)
-        pieces = []
-        for start, end, evict in plan_windows(state.local_length, length,
-                                              self.options.last_context_length):
-            piece = tokens[:, start:end]
-            if 1 < end - start < self.options.last_context_length:
-                # Partial pieces are padded to a full window: one compilation for all of them.
-                piece = np.pad(piece, ((0, 0), (0, self.options.last_context_length - end + start)))
-            limit = np.iinfo(np.int32).max if self.memory_limit is None else self.memory_limit
-            logits, state.caches = self._forward(self.params, state.caches, piece, end - start,
-                                                 state.local_length, state.memory_length, limit)
-            pieces.append(logits[:, :end - start])
-            state.local_length += end - start - evict
-            state.memory_length += evict
-        return jnp.concatenate(pieces, axis=1)
-    def logits(self, tokens):
-        """Logits ``[B, N, V]`` of a whole input, as a numpy array."""
-        tokens = np.atleast_2d(tokens)
-        return np.asarray(self.step(self.new_state(len(tokens)), tokens))
+    def step(self, state, tokens, mask=None):
+        """Feed ``tokens`` ``[B, n]``; return their logits ``[B, n, V]`` (on device).
 
-    def token_losses(self, tokens):
-        """Negative log-likelihood of ``tokens[:, 1:]`` ``[B, N - 1]`` (float32 numpy)."""
-        return self.score(tokens)[0]
-
-    def score(self, tokens):
-        """``(losses, predictions)`` of ``tokens[:, 1:]``, both ``[B, N - 1]``: the
-        negative log-likelihood (float32) and the most likely token (int32) at each position."""
+        ``mask`` ``[B, n]`` (default: all ones) marks each row's real tokens; padding may sit
+        anywhere.  A row's real tokens, in order, continue that row's stream; padding
+        positions get zero logits.
+        """
         tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+        mask = _as_mask(tokens, mask)
+        options = self.options
+        streams = [row[keep] for row, keep in zip(tokens, mask)]
+        plans = [plan_windows(int(local), len(stream), options.last_context_length,
+                              options.window_rule, options.local_limit)
+                 for local, stream in zip(state.local_length, streams)]
+        self._reserve(state, int((state.memory_length + state.local_length
+                                  + mask.sum(axis=1)).max()))
+        limit = np.iinfo(np.int32).max if self.memory_limit is None else self.memory_limit
+        # source[b, c]: where row b's c-th real token's logits land in the pieces' outputs.
+        source = np.zeros(tokens.shape, np.int32)
+        outputs, offset = [], 0
+        for j in range(max(map(len, plans), default=0)):
+            planned = [plan[j] if j < len(plan) else (0, 0, 0) for plan in plans]
+            longest = max(end - start for start, end, _ in planned)
+            # Partial pieces are padded to a full window: one compilation for all of them.
+            width = 1 if longest == 1 else options.local_capacity
+            piece = np.zeros((len(tokens), width), np.int32)
+            num_valid, evict = np.zeros((2, len(tokens)), np.int32)
+            for row, (start, end, out) in enumerate(planned):
+                piece[row, :end - start] = streams[row][start:end]
+                num_valid[row], evict[row] = end - start, out
+                source[row, start:end] = offset + np.arange(end - start)
+            logits, state.caches = self._forward(self.params, state.caches, piece, num_valid,
+                                                 evict, state.local_length, state.memory_length,
+                                                 limit)
+            outputs.append(logits)
+            offset += width
+            state.local_length = state.local_length - evict + num_valid
+            state.memory_length = state.memory_length + evict
+        if not outputs:
+            return jnp.zeros(tokens.shape + (self.vocab_size,), jnp.dtype(options.dtype))
+        logits = jnp.concatenate(outputs, axis=1)
+        if mask.all() and offset == tokens.shape[1]:  # unpadded pieces, already in place
+            return logits
+        # Back to the input's positions: row b's c-th real token sits at its c-th mask entry.
+        index = np.zeros(tokens.shape, np.int32)
+        for row, keep in enumerate(mask):
+            index[row, keep] = source[row, :keep.sum()]
+        logits = jnp.take_along_axis(logits, jnp.asarray(index)[..., None], axis=1)
+        return jnp.where(jnp.asarray(mask)[..., None], logits, 0)
+
+    def logits(self, tokens, mask=None):
+        """Logits ``[B, N, V]`` of a whole input (``mask`` as in :meth:`step`), as a numpy
+        array."""
+        tokens = np.atleast_2d(tokens)
+        return np.asarray(self.step(self.new_state(len(tokens)), tokens, mask))
+
+    def token_losses(self, tokens, mask=None):
+        """Negative log-likelihood ``[B, N - 1]`` of each token but the first (float32 numpy),
+        as in :meth:`score`."""
+        return self.score(tokens, mask)[0]
+
+    def score(self, tokens, mask=None):
+        """``(losses, predictions)``, both ``[B, N - 1]``: at position ``t``, the negative
+        log-likelihood (float32) of token ``t + 1`` and the most likely token (int32) there,
+        given the row's real tokens before it.  With a ``mask`` (as in :meth:`step`) both are
+        zero where token ``t + 1`` is padding or its row's first real token.  Each row's stream
+        is fed in calls of ``last_context_length`` tokens."""
+        tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+        mask = _as_mask(tokens, mask)
+        counts = mask.sum(axis=1)
+        # Each row's real tokens first, then padding: chunk c of every row is its stream's.
+        order = np.argsort(~mask, axis=1, kind="stable")
+        packed = np.take_along_axis(tokens, order, axis=1)[:, :max(counts.max(), 1)]
+        real = np.arange(packed.shape[1])[None, :] < counts[:, None]
         window = self.options.last_context_length
-        state = self.new_state(len(tokens), tokens.shape[1])
+        state = self.new_state(len(tokens), packed.shape[1])
         losses, predictions = [], []
-        for start in range(0, tokens.shape[1] - 1, window):
-            chunk = tokens[:, start:start + window]
-            targets = tokens[:, start + 1:start + window + 1]
-            logits = self.step(state, chunk)[:, :targets.shape[1]]
-            loss, prediction = self._score(logits, jnp.asarray(targets))
+        for start in range(0, packed.shape[1] - 1, window):
+            chunk = packed[:, start:start + window]
+            targets = packed[:, start + 1:start + window + 1]
+            logits = self.step(state, chunk, real[:, start:start + window])
+            loss, prediction = self._score(logits[:, :targets.shape[1]], jnp.asarray(targets))
             losses.append(np.asarray(loss))
             predictions.append(np.asarray(prediction))
-        return np.concatenate(losses, axis=1), np.concatenate(predictions, axis=1)
+        if not losses:
+            empty = np.zeros((len(tokens), tokens.shape[1] - 1))
+            return empty.astype(np.float32), empty.astype(np.int32)
+        losses, predictions = np.concatenate(losses, axis=1), np.concatenate(predictions, axis=1)
+        if mask.all():
+            return losses, predictions
+        # Token c of a row's stream (c >= 1) is scored one position before its own.
+        out_losses = np.zeros((len(tokens), tokens.shape[1] - 1), np.float32)
+        out_predictions = np.zeros(out_losses.shape, np.int32)
+        for row, keep in enumerate(mask):
+            at = np.flatnonzero(keep)[1:] - 1
+            out_losses[row, at] = losses[row, :len(at)]
+            out_predictions[row, at] = predictions[row, :len(at)]
+        return out_losses, out_predictions
 
     def generate(self, prompt, max_new_tokens, temperature=0.0, top_k=0, seed=0,
-                 eos_token_id=None):
+                 eos_token_id=None, mask=None):
         """New tokens ``[B, <= max_new_tokens]`` after ``prompt`` ``[B, N]``: greedy with
         ``temperature=0``, else sampled (optionally from the ``top_k`` most likely).  Stops
-        early once every row has produced ``eos_token_id``."""
+        early once every row has produced ``eos_token_id``.  ``mask`` (as in :meth:`step`)
+        marks each row's prompt tokens, e.g. of left-padded prompts of different lengths;
+        each row continues its own stream."""
         prompt = np.atleast_2d(np.asarray(prompt, np.int32))
+        mask = _as_mask(prompt, mask)
+        if not mask.any(axis=1).all():
+            raise ValueError("every prompt row needs at least one token")
         rng = np.random.default_rng(seed)
-        state = self.new_state(len(prompt), prompt.shape[1] + max_new_tokens)
-        logits = self.step(state, prompt)[:, -1]
+        state = self.new_state(len(prompt), int(mask.sum(axis=1).max()) + max_new_tokens)
+        last = prompt.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+        logits = self.step(state, prompt, mask)[np.arange(len(prompt)), last]
         done = np.zeros(len(prompt), bool)
         out = []
         for _ in range(max_new_tokens):
@@ -198,6 +267,16 @@ class WindowedLM:
                 break
             logits = self.step(state, token[:, None])[:, -1]
         return np.stack(out, axis=1)
+
+
+def _as_mask(tokens, mask):
+    """``mask`` as booleans of ``tokens``' shape; None: every token is real."""
+    if mask is None:
+        return np.ones(tokens.shape, bool)
+    mask = np.atleast_2d(np.asarray(mask, bool))
+    if mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
+    return mask
 
 
 def _choose(logits, temperature, top_k, rng):
