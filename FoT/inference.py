@@ -34,7 +34,7 @@ class MemoryOptions:
     window_rule: str = "aligned"  # FoT.hf.windows_fot_llama: "aligned" or "longllama"
     # "longllama": most tokens in the local window (the original's max_position_embeddings);
     # None: last_context_length
-    local_limit: Optional[int] = None
+    local_window_limit: Optional[int] = None
 
     def __post_init__(self):
         if self.last_context_length < 1:
@@ -47,7 +47,7 @@ class MemoryOptions:
     @property
     def local_capacity(self):
         """Size of the local window buffers: the most tokens the rule keeps local."""
-        return local_capacity(self.last_context_length, self.window_rule, self.local_limit)
+        return local_capacity(self.last_context_length, self.window_rule, self.local_window_limit)
 
 
 class LayerCache(NamedTuple):

@@ -8,6 +8,7 @@ import torch
 
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf.cache_fot_llama import FoTCache
+from FoT.hf.decode_fot_llama import StaticDecoder
 from FoT.hf.windows_fot_llama import plan_windows
 from test_hf_training import VOCAB, WINDOW, tiny_models
 
@@ -228,3 +229,32 @@ def test_export_records_the_window_rule(tmp_path):
     with pytest.raises(Exception, match="local_window_limit .4. must be >= "):
         convert_easylm_to_hf.main(["--load_checkpoint", spec, "--output_dir",
                                    str(tmp_path / "q"), "--local_window_limit", "4"])
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["uniform", "left_padded"])
+def test_static_decode_steps_equal_the_piece_path(model, padded, monkeypatch):
+    # The static one-token step (replayed as a CUDA graph on GPUs) computes what the eager
+    # piece path does, across window moves, buffer growth and rows at different lengths.
+    ids = ids_of(3 * WINDOW + 2, rows=3, seed=5)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5], mask[1, :WINDOW + 1] = 0, 0
+    prompt = WINDOW + 3
+    steps = []
+    compute = StaticDecoder._compute
+    monkeypatch.setattr(StaticDecoder, "_compute",
+                        lambda self, hidden: steps.append(1) or compute(self, hidden))
+    results = []
+    with torch.no_grad():
+        for static in (False, True):
+            cache = FoTCache(model.config, static_decode=static)
+            logits = [model(ids[:, :prompt], attention_mask=mask[:, :prompt],
+                            past_key_values=cache).logits[:, -1]]
+            for t in range(prompt, ids.shape[1]):
+                logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                                    past_key_values=cache).logits[:, -1])
+            results.append(torch.stack(logits, 1))
+            assert (cache.decoder is not None) == static
+    torch.testing.assert_close(results[1], results[0], **TOL)
+    # most steps (not those where a row's window moves to memory or a buffer grows)
+    assert len(steps) >= (ids.shape[1] - prompt) // 2, len(steps)

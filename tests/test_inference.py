@@ -211,7 +211,7 @@ def test_longllama_rule_follows_the_original_windows(tiny):
     # A local limit above W: the tokens before the final window form one window of that
     # size, as under the aligned rule with that window.
     wide = WindowedLM(variables, config,
-                      MemoryOptions(WINDOW, window_rule="longllama", local_limit=cut))
+                      MemoryOptions(WINDOW, window_rule="longllama", local_window_limit=cut))
     np.testing.assert_allclose(wide.logits(tokens),
                                WindowedLM(variables, config, MemoryOptions(cut)).logits(tokens),
                                atol=1e-5)

@@ -34,7 +34,7 @@ def _grown(buffer, capacity):
     """``buffer`` ``[B, KV, *, D]`` with room for ``capacity`` tokens (its content kept)."""
     if buffer.shape[2] >= capacity:
         return buffer
-    grown = buffer.new_empty(buffer.shape[:2] + (capacity,) + buffer.shape[3:])
+    grown = buffer.new_zeros(buffer.shape[:2] + (capacity,) + buffer.shape[3:])
     grown[:, :, :buffer.shape[2]] = buffer
     return grown
 
@@ -59,10 +59,11 @@ class InferenceLayer:
         if self.keys is None:
             shape = like.shape[:2] + (capacity,) + like.shape[3:]
             dtype = self.dtype or like.dtype
-            self.keys = torch.empty(shape, dtype=dtype, device=like.device)
-            self.values = torch.empty(shape, dtype=dtype, device=like.device)
+            # Zeroed: static decoding reads (masked) entries past the valid ones.
+            self.keys = torch.zeros(shape, dtype=dtype, device=like.device)
+            self.values = torch.zeros(shape, dtype=dtype, device=like.device)
             if self.has_memory and self.rotated:
-                self.raw_keys = like.new_empty(like.shape[:2] + (local_capacity,) +
+                self.raw_keys = like.new_zeros(like.shape[:2] + (local_capacity,) +
                                                like.shape[3:])
             return
         if capacity > self.keys.shape[2]:
@@ -142,12 +143,15 @@ class FoTCache:
     autograd form on first use, from whether autograd is on; it keeps that form.
     ``local_lengths``/``memory_lengths`` are per row (python ints); ``seen_tokens`` counts
     the input columns consumed, padding included (what ``generate`` slices inputs by).
+    ``static_decode``: one-token steps through :class:`StaticDecoder` (``None``: on CUDA when
+    ``config.decode_graphs``, replayed as a CUDA graph; ``True`` also elsewhere, without a
+    graph; ``False``: never).
     """
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config, use_memory=True):
+    def __init__(self, config, use_memory=True, static_decode=None):
         self.mem_dtype = getattr(torch, config.mem_dtype) if config.mem_dtype else None
         self.window = config.last_context_length
         self.rule = getattr(config, "window_rule", "aligned")
@@ -157,6 +161,8 @@ class FoTCache:
         self.memory_layers = [use_memory and i in config.mem_layers
                               for i in range(config.num_hidden_layers)]
         self.rotated = [not memory or config.mem_positionals for memory in self.memory_layers]
+        self.static_decode = static_decode
+        self.decoder = None
         self.layers = None
         self.autograd = None
         self.local_lengths = self.memory_lengths = None
@@ -208,6 +214,7 @@ class FoTCache:
     def reorder_cache(self, beam_idx):
         if self.layers is None:
             return
+        self.decoder = None  # its graph reads the old buffers
         for layer in self.layers:
             layer.select_rows(beam_idx)
         index = beam_idx.tolist()

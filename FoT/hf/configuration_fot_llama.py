@@ -29,6 +29,8 @@ class FoTLlamaConfig(LlamaConfig):
     local_window_limit (`int`, *optional*): under ``"longllama"``, the most tokens the local
         window holds in generation and the size of a prompt's memory windows (the original's
         ``max_position_embeddings``); defaults to ``last_context_length``.
+    decode_graphs (`bool`): on CUDA, run one-token generation steps as a CUDA graph over
+        preallocated buffers (``decode_fot_llama.StaticDecoder``).
     torch_attention (`bool`): use ``torch.nn.functional.scaled_dot_product_attention``;
         ``False`` uses an explicit float32 softmax (slower, a reference).
     """
@@ -42,6 +44,7 @@ class FoTLlamaConfig(LlamaConfig):
     mem_attention_grouping: list[int] | tuple[int, ...] | None = None
     window_rule: str = "aligned"
     local_window_limit: int | None = None
+    decode_graphs: bool = True
     torch_attention: bool = True
 
     def __post_init__(self, **kwargs):

@@ -32,6 +32,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm,
 
 from .cache_fot_llama import FoTCache, join
 from .configuration_fot_llama import FoTLlamaConfig
+from .decode_fot_llama import StaticDecoder
 
 
 # Decoding keeps off cuDNN attention: it builds a plan per shape, and the key length changes
@@ -312,12 +313,25 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         if autograd:
             _check_trailing_padding(valid)
             hidden = self._autograd_pieces(hidden, cache, rope)
+        elif length == 1 and valid is None and self._static_step_ready(cache, rope):
+            hidden = cache.decoder.step(hidden)
         else:
             hidden = self._inference_pieces(hidden, valid, cache, rope)
         cache.seen_tokens += length
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return BaseModelOutputWithPast(last_hidden_state=hidden,
                                        past_key_values=cache if use_cache else None)
+
+    def _static_step_ready(self, cache, rope):
+        """Whether this one-token step runs through the cache's :class:`StaticDecoder`."""
+        use = cache.static_decode
+        if use is None:
+            use = self.config.decode_graphs and rope.cos.is_cuda
+        if not use or cache.layers is None:
+            return False
+        if cache.decoder is None:
+            cache.decoder = StaticDecoder(self, cache, rope, use_graph=rope.cos.is_cuda)
+        return cache.decoder.ready()
 
     def _autograd_pieces(self, hidden, cache, rope):
         """Every row consumes all ``n`` columns with the same plan (the training form)."""

@@ -153,7 +153,7 @@ class WindowedLM:
         options = self.options
         streams = [row[keep] for row, keep in zip(tokens, mask)]
         plans = [plan_windows(int(local), len(stream), options.last_context_length,
-                              options.window_rule, options.local_limit)
+                              options.window_rule, options.local_window_limit)
                  for local, stream in zip(state.local_length, streams)]
         self._reserve(state, int((state.memory_length + state.local_length
                                   + mask.sum(axis=1)).max()))

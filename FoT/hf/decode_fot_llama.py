@@ -1,0 +1,114 @@
+"""One-token decoding steps of the FoT model with static shapes, replayed as a CUDA graph.
+
+A generation step feeds one token per row.  Run eagerly, it costs a few hundred kernel launches
+and their Python around them (22 layers of a 1B model), far more than the GPU needs to read
+the weights and the memory.  :class:`StaticDecoder` runs the step as one fixed computation
+over the cache's preallocated buffers: per-row positions and lengths live in device tensors,
+the new keys/values are written at per-row offsets, and attention reads each layer's whole
+buffer with a mask of the valid entries, so nothing depends on host values and the step can
+be captured once in a CUDA graph and replayed for every token.  Steps where a row's local
+window moves to memory (one in ``W``) and steps that need a larger buffer run eagerly
+(:class:`FoTLlamaModel`'s piece path); the graph is captured again only when a buffer was
+reallocated.  The computation is the eager one's (tests compare them).
+
+This file is copied into exported model directories and must import nothing from the toolkit.
+"""
+import torch
+
+
+class StaticDecoder:
+    """Static one-token steps of ``model`` (a ``FoTLlamaModel``) over ``cache`` (a
+    :class:`FoTCache` in inference form, no eviction due); ``use_graph`` captures them in a
+    CUDA graph (CUDA only)."""
+
+    def __init__(self, model, cache, rope, use_graph):
+        self.model, self.cache, self.use_graph = model, cache, use_graph
+        # The graph reads the tables it was captured with: this decoder keeps its own.
+        self.rope = rope
+        batch = len(cache.local_lengths)
+        device = model.embed_tokens.weight.device
+        self.local = torch.zeros(batch, dtype=torch.long, device=device)
+        self.memory = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.graph = self.hidden = None
+        self.buffers = None
+
+    def ready(self):
+        """Whether the next token of every row can take a static step: no row's window is
+        full, and every buffer has room for one more token."""
+        cache = self.cache
+        if any(local >= cache.local_capacity for local in cache.local_lengths):
+            return False
+        needed = max(m + l for m, l in zip(cache.memory_lengths, cache.local_lengths)) + 1
+        return all(layer.keys is not None and
+                   (layer.keys.shape[2] >= needed if layer.has_memory else True)
+                   for layer in cache.layers)
+
+    def step(self, hidden_in):
+        """Final hidden states ``[B, 1, hidden]`` of one token per row (embedded
+        ``hidden_in``); updates the cache's lengths."""
+        cache = self.cache
+        self.local.copy_(torch.tensor(cache.local_lengths), non_blocking=True)
+        self.memory.copy_(torch.tensor(cache.memory_lengths), non_blocking=True)
+        if not self.use_graph:
+            out = self._compute(hidden_in)
+        else:
+            buffers = [(layer.keys.data_ptr(), layer.keys.shape) for layer in cache.layers]
+            if self.graph is None or buffers != self.buffers:
+                self._capture(hidden_in)
+                self.buffers = buffers
+            self.input.copy_(hidden_in)
+            self.graph.replay()
+            out = self.hidden.clone()
+        for row in range(len(cache.local_lengths)):
+            cache.local_lengths[row] += 1
+        return out
+
+    def _capture(self, hidden_in):
+        self.input = hidden_in.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        # Warm-up outside the graph (kernel selection, workspace allocation); it writes the
+        # same entries the replay will write again.
+        with torch.cuda.stream(stream):
+            self._compute(self.input)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.hidden = self._compute(self.input)
+
+    def _compute(self, hidden):
+        model = self.model
+        for layer, layer_cache in zip(model.layers, self.cache.layers):
+            attended = self._attention(layer.self_attn, layer.input_layernorm(hidden),
+                                       layer_cache)
+            hidden = hidden + attended
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return model.norm(hidden)
+
+    def _attention(self, attn, x, layer):
+        batch = x.shape[0]
+        q, k, v = attn._project(x)  # [B, H, 1, D], [B, KV, 1, D]
+        raw_k = k
+        if layer.rotated:
+            cos = self.rope.cos[0, 0][self.local][:, None, None]  # [B, 1, 1, D]
+            sin = self.rope.sin[0, 0][self.local][:, None, None]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        position = self.local + (self.memory if layer.has_memory else 0)  # [B]
+        layer.keys[self.rows, :, position] = k[:, :, 0].to(layer.keys.dtype)
+        layer.values[self.rows, :, position] = v[:, :, 0].to(layer.values.dtype)
+        if layer.raw_keys is not None:
+            layer.raw_keys[self.rows, :, self.local] = raw_k[:, :, 0]
+        # Entries past a row's position are stale or zero (buffers start zeroed: masked
+        # entries must be finite, as 0 * NaN would reach the output).
+        keys, values = layer.keys.to(q.dtype), layer.values.to(q.dtype)
+        visible = (torch.arange(keys.shape[2], device=q.device)[None] <= position[:, None])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible[:, None, None],
+            enable_gqa=q.shape[1] != keys.shape[1])
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
