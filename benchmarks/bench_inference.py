@@ -51,12 +51,19 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES))
     p.add_argument("--device", default=None)
     p.add_argument("--torch_attention", default="true", choices=("true", "false"))
+    p.add_argument("--framework", default="torch", choices=("torch", "jax"),
+                   help="the exported PyTorch model or the JAX WindowedLM (run separately: "
+                        "JAX preallocates most of the GPU memory)")
+    p.add_argument("--batch_sizes", default=None, help="rows decoded together (1,8)")
+    p.add_argument("--decode_modes", default="eager,graph",
+                   help="PyTorch one-token path: eager pieces and/or the CUDA graph (graph "
+                        "rows are checked to generate the eager rows' greedy tokens)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
-    defaults = (dict(lengths="256,1024", groupings="none,2x32", window=64, decode_tokens=4,
-                     dtype="fp32", device="cpu") if args.tiny else
-                dict(lengths="32768,131072", groupings="none,4x1024", window=2048,
-                     decode_tokens=32, dtype="bf16", device="cuda"))
+    defaults = (dict(lengths="256,1024", groupings="none", window=64, decode_tokens=4,
+                     dtype="fp32", device="cpu", batch_sizes="1,2") if args.tiny else
+                dict(lengths="32768,131072", groupings="none", window=2048,
+                     decode_tokens=32, dtype="bf16", device="cuda", batch_sizes="1,8"))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -112,31 +119,99 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def run_case(model, length, grouping, decode_tokens, device):
+def run_case(model, length, batch, grouping, decode_tokens, device, static_decode):
+    """Prefill ``batch`` random rows of ``length`` tokens, then ``decode_tokens`` greedy
+    steps; ``static_decode`` picks the one-token path (CUDA graph or eager pieces)."""
+    from FoT.hf.cache_fot_llama import FoTCache
     model.config.mem_attention_grouping = grouping
-    tokens = torch.randint(3, model.config.vocab_size, (1, length), device=device)
+    generator = torch.Generator(device=device).manual_seed(length + batch)
+    tokens = torch.randint(3, model.config.vocab_size, (batch, length), device=device,
+                           generator=generator)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    cache = FoTCache(model.config, static_decode=static_decode)
     with torch.no_grad():
         synchronize(device)
         start = time.perf_counter()
-        out = model(tokens, use_cache=True, logits_to_keep=1)
+        out = model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
         synchronize(device)
         prefill = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        # Untimed: the first step grows the memory buffer sized for the prefill (a copy).
+        token = out.logits[:, -1:].argmax(-1)
+        generated = [token]
+        # Untimed: the first step grows the buffers sized for the prefill (a copy) and, for
+        # the CUDA graph, captures it.
         token = model(token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+        generated.append(token)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(decode_tokens):
             token = model(token, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+            generated.append(token)
         synchronize(device)
         decode = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
-    return dict(length=length, grouping="x".join(map(str, grouping)) if grouping else "none",
-                prefill_s=prefill, prefill_tok_s=length / prefill,
-                decode_tok_s=decode_tokens / decode if decode_tokens else None, peak_gib=peak,
-                memory_tokens=cache.memory_length)
+    return dict(framework="torch", mode="graph" if static_decode else "eager", length=length,
+                batch=batch, grouping="x".join(map(str, grouping)) if grouping else "none",
+                prefill_s=prefill, prefill_tok_s=batch * length / prefill,
+                decode_ms=1e3 * decode / decode_tokens if decode_tokens else None,
+                peak_gib=peak, memory_tokens=cache.memory_length,
+                tokens=torch.cat(generated, 1).tolist())
+
+
+def run_jax_case(model, length, batch, decode_tokens):
+    """As :func:`run_case` for :class:`WindowedLM` (JAX): prefill, then one-token steps."""
+    import jax
+    import numpy as np
+    tokens = np.random.default_rng(length + batch).integers(
+        3, model.vocab_size, (batch, length)).astype(np.int32)
+    capacity = length + decode_tokens + 2
+    # Compile for this batch and memory capacity (shapes) outside the timings.
+    warm = model.new_state(batch, capacity)
+    model.step(warm, tokens[:, :model.last_context_length])
+    jax.block_until_ready(model.step(warm, tokens[:, :1]))
+    state = model.new_state(batch, capacity)
+    start = time.perf_counter()
+    logits = jax.block_until_ready(model.step(state, tokens)[:, -1])
+    prefill = time.perf_counter() - start
+    token = np.asarray(logits.argmax(-1))[:, None]
+    generated = [token]
+    token = np.asarray(model.step(state, token)[:, -1].argmax(-1))[:, None]  # as torch's
+    generated.append(token)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = np.asarray(model.step(state, token)[:, -1].argmax(-1))[:, None]
+        generated.append(token)
+    decode = time.perf_counter() - start
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return dict(framework="jax", mode="jit", length=length, batch=batch, grouping="none",
+                prefill_s=prefill, prefill_tok_s=batch * length / prefill,
+                decode_ms=1e3 * decode / decode_tokens if decode_tokens else None,
+                peak_gib=peak / 2 ** 30 if peak else None,
+                memory_tokens=int(state.memory_length.max()),
+                tokens=np.concatenate(generated, 1).tolist())
+
+
+def build_jax_model(args):
+    """A random JAX model of the benchmark's sizes, as :class:`WindowedLM`."""
+    import jax
+    import jax.numpy as jnp
+
+    from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+    from EasyLM.models.llama.windowed_lm import WindowedLM
+    from FoT.inference import MemoryOptions
+    sizes = dict(TINY if args.tiny else FULL)
+    config = LLaMAConfig(vocab_size=sizes["vocab_size"], hidden_size=sizes["hidden_size"],
+                         intermediate_size=sizes["intermediate_size"],
+                         num_hidden_layers=sizes["num_hidden_layers"],
+                         num_attention_heads=sizes["num_attention_heads"],
+                         num_key_value_heads=args.kv_heads or sizes["num_attention_heads"],
+                         max_sequence_length=args.window, mem_layers=tuple(sizes["mem_layers"]))
+    dtype = jnp.dtype(dtype_name(args.dtype))
+    module = FlaxLLaMAForCausalLMModule(config)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    return WindowedLM(params, config, MemoryOptions(args.window, dtype=str(dtype)))
 
 
 def free(device):
@@ -146,50 +221,88 @@ def free(device):
 
 
 def format_table(rows, weights_gib):
-    header = (f"{'length':>8} {'grouping':>9} {'prefill s':>10} {'prefill tok/s':>14} "
-              f"{'decode tok/s':>13} {'peak GiB':>9}")
+    header = (f"{'framework':>9} {'mode':>5} {'length':>8} {'batch':>5} {'grouping':>9} "
+              f"{'prefill s':>10} {'prefill tok/s':>14} {'decode ms':>10} {'peak GiB':>9} "
+              f"{'greedy':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        key = (f"{r['framework']:>9} {r['mode']:>5} {r['length']:>8} {r['batch']:>5} "
+               f"{r['grouping']:>9}")
         if "error" in r:
-            lines.append(f"{r['length']:>8} {r['grouping']:>9} {r['error']:>10}")
+            lines.append(f"{key} {r['error']:>10}")
             continue
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
-        decode = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "n/a"
-        lines.append(f"{r['length']:>8} {r['grouping']:>9} {r['prefill_s']:>10.2f} "
-                     f"{r['prefill_tok_s']:>14.0f} {decode:>13} {peak:>9}")
-    lines.append(f"(weights {weights_gib:.2f} GiB; peak includes them)")
+        decode = f"{r['decode_ms']:.2f}" if r["decode_ms"] else "n/a"
+        lines.append(f"{key} {r['prefill_s']:>10.2f} {r['prefill_tok_s']:>14.0f} "
+                     f"{decode:>10} {peak:>9} {r.get('greedy', ''):>7}")
+    lines.append(f"(weights {weights_gib:.2f} GiB; peak includes them; decode ms per step of "
+                 f"all rows; greedy: tokens of this path = the eager piece path's)")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.framework == "jax":
+        return main_jax(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available; use --tiny (CPU) or --device cpu")
     model = build_model(args)
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
+    print(f"{name}: torch {torch.__version__}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
           f"{args.dtype}, window {args.window}, memory layers {model.config.mem_layers}")
     errors, passed = check_attention(args, model.config.num_attention_heads,
                                      model.config.head_dim)
     print(f"attention check {'PASS' if passed else 'FAIL'}: "
           + ", ".join(f"{name}: {err:.1e}" for name, err in errors.items()))
-    run_case(model, 2 * args.window, None, 2, args.device)  # warm-up: kernels, allocator
+    for static in (False, True):  # warm-up: kernels, allocator
+        run_case(model, 2 * args.window, 1, None, 2, args.device, static)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
-        for grouping in (parse_grouping(g) for g in args.groupings.split(",")):
-            free(args.device)
-            try:
-                rows.append(run_case(model, length, grouping, args.decode_tokens, args.device))
-            except torch.cuda.OutOfMemoryError:
-                rows.append(dict(length=length, error="OOM",
-                                 grouping="x".join(map(str, grouping)) if grouping else "none"))
-            print(json.dumps(rows[-1]), flush=True)
+        for batch in (int(x) for x in args.batch_sizes.split(",")):
+            for grouping in (parse_grouping(g) for g in args.groupings.split(",")):
+                eager = None
+                for mode in args.decode_modes.split(","):
+                    free(args.device)
+                    try:
+                        row = run_case(model, length, batch, grouping, args.decode_tokens,
+                                       args.device, mode == "graph")
+                    except torch.cuda.OutOfMemoryError:
+                        row = dict(framework="torch", mode=mode, length=length, batch=batch,
+                                   error="OOM", grouping="x".join(map(str, grouping))
+                                   if grouping else "none")
+                    if mode == "eager":
+                        eager = row.get("tokens")
+                    elif eager is not None and "tokens" in row:
+                        row["greedy"] = "same" if row["tokens"] == eager else "DIFF"
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "tokens"}),
+                          flush=True)
+    finish(args, name, weights_gib, rows, dict(attention_check=errors))
+
+
+def main_jax(args):
+    import jax
+    model = build_jax_model(args)
+    weights_gib = sum(x.size * x.dtype.itemsize
+                      for x in jax.tree_util.tree_leaves(model.params)) / 2 ** 30
+    name = jax.devices()[0].device_kind
+    print(f"{name}: jax {jax.__version__}, {args.dtype}, window {args.window}")
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for batch in (int(x) for x in args.batch_sizes.split(",")):
+            rows.append(run_jax_case(model, length, batch, args.decode_tokens))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}),
+                  flush=True)
+    finish(args, name, weights_gib, rows, {})
+
+
+def finish(args, name, weights_gib, rows, extra):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, dtype=args.dtype, window=args.window,
-                           weights_gib=weights_gib, attention_check=errors, rows=rows), f,
-                      indent=2)
+                           weights_gib=weights_gib, rows=rows, **extra), f, indent=2)
     print(format_table(rows, weights_gib))
 
 

@@ -21,6 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # the runner or scripts, Pallas kernels in interpret mode, sharded and multi-device models.
 SLOW = {
     "test_experiments.py": "*",
+    "test_lm_eval.py": "*",
     "test_kernels.py": ("test_triton_interpret_float32", "test_triton_interpret_unequal_blocks",
                         "test_triton_interpret_bfloat16", "test_mosaic_interpret",
                         "test_default_backend_on_cpu_interprets_the_triton_plan"),
@@ -64,6 +65,7 @@ SLOW = {
 GPU = {
     "test_kernels.py": ("test_gpu_kernel",),
     "test_model.py": ("test_cudnn_attention_matches_xla_on_gpu",),
+    "test_hf_windows.py": ("test_cuda_graph_decode_equals_eager_on_gpu",),
 }
 
 

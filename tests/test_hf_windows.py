@@ -258,3 +258,27 @@ def test_static_decode_steps_equal_the_piece_path(model, padded, monkeypatch):
     torch.testing.assert_close(results[1], results[0], **TOL)
     # most steps (not those where a row's window moves to memory or a buffer grows)
     assert len(steps) >= (ids.shape[1] - prompt) // 2, len(steps)
+
+
+def test_cuda_graph_decode_equals_eager_on_gpu(model):
+    # GPU only (tests/conftest.py): the one-token step captured and replayed as a CUDA graph,
+    # across window moves and buffer growth (re-capture), for a left-padded batch.
+    gpu = type(model)(model.config).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    ids = ids_of(4 * WINDOW, rows=2, seed=6).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    prompt = WINDOW + 3
+    results, decoders = [], []
+    with torch.no_grad():
+        for static in (False, None):  # None: the default, a CUDA graph on CUDA
+            cache = FoTCache(gpu.config, static_decode=static)
+            logits = [gpu(ids[:, :prompt], attention_mask=mask[:, :prompt],
+                          past_key_values=cache).logits[:, -1]]
+            for t in range(prompt, ids.shape[1]):
+                logits.append(gpu(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                                  past_key_values=cache).logits[:, -1])
+            results.append(torch.stack(logits, 1))
+            decoders.append(cache.decoder)
+    assert decoders[0] is None and decoders[1].graph is not None
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)

@@ -1,0 +1,23 @@
+"""benchmarks/bench_inference.py on a tiny model (CPU): both frameworks run, every PyTorch
+decode path generates the eager path's greedy tokens, the JSON has every row."""
+import json
+
+from benchmarks import bench_inference
+
+
+def test_bench_inference_tiny(tmp_path, capsys):
+    out = tmp_path / "torch.json"
+    bench_inference.main(["--tiny", "--lengths", "160", "--batch_sizes", "1,2",
+                          "--decode_tokens", "70", "--json", str(out)])
+    rows = json.load(open(out))["rows"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [
+        ("eager", 1), ("graph", 1), ("eager", 2), ("graph", 2)]
+    # 70 steps cross a window boundary (window 64): a window moves to memory meanwhile
+    assert all(r["greedy"] == "same" for r in rows if r["mode"] == "graph")
+    assert all(r["memory_tokens"] == 128 + 64 for r in rows)
+    bench_inference.main(["--tiny", "--framework", "jax", "--lengths", "160",
+                          "--batch_sizes", "2", "--decode_tokens", "3", "--json",
+                          str(tmp_path / "jax.json")])
+    (row,) = json.load(open(tmp_path / "jax.json"))["rows"]
+    assert row["framework"] == "jax" and row["memory_tokens"] == 128 and row["decode_ms"] > 0
+    assert "prefill tok/s" in capsys.readouterr().out
