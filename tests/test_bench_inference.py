@@ -9,11 +9,14 @@ def test_bench_inference_tiny(tmp_path, capsys):
     out = tmp_path / "torch.json"
     bench_inference.main(["--tiny", "--lengths", "160", "--batch_sizes", "1,2",
                           "--decode_tokens", "70", "--json", str(out)])
-    rows = json.load(open(out))["rows"]
+    result = json.load(open(out))
+    rows = result["rows"]
+    assert result["greedy_check"] == {"batch 1": True, "batch 2": True}
     assert [(r["mode"], r["batch"]) for r in rows] == [
         ("eager", 1), ("graph", 1), ("eager", 2), ("graph", 2)]
     # 70 steps cross a window boundary (window 64): a window moves to memory meanwhile
-    assert all(r["greedy"] == "same" for r in rows if r["mode"] == "graph")
+    assert all(r["greedy"] == f"{72 * r['batch']}/{72 * r['batch']}"
+               for r in rows if r["mode"] == "graph")
     assert all(r["memory_tokens"] == 128 + 64 for r in rows)
     bench_inference.main(["--tiny", "--framework", "jax", "--lengths", "160",
                           "--batch_sizes", "2", "--decode_tokens", "3", "--json",

@@ -162,7 +162,7 @@ class FoTCache:
                               for i in range(config.num_hidden_layers)]
         self.rotated = [not memory or config.mem_positionals for memory in self.memory_layers]
         self.static_decode = static_decode
-        self.decoder = None
+        self.decoder = self.rope = None
         self.layers = None
         self.autograd = None
         self.local_lengths = self.memory_lengths = None

@@ -99,13 +99,20 @@ class StaticDecoder:
         layer.values[self.rows, :, position] = v[:, :, 0].to(layer.values.dtype)
         if layer.raw_keys is not None:
             layer.raw_keys[self.rows, :, self.local] = raw_k[:, :, 0]
-        # Entries past a row's position are stale or zero (buffers start zeroed: masked
-        # entries must be finite, as 0 * NaN would reach the output).
+        # One query per row: two batched matrix-vector products over the whole buffer read
+        # each key and value once (attention kernels parallelise over queries and would
+        # leave most of the GPU idle), with the scores' softmax in float32 as the eager
+        # attention of Hugging Face models.  Entries past a row's position are masked; they
+        # are stale or zero (buffers start zeroed: 0 * NaN would reach the output).
         keys, values = layer.keys.to(q.dtype), layer.values.to(q.dtype)
-        visible = (torch.arange(keys.shape[2], device=q.device)[None] <= position[:, None])
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=visible[:, None, None],
-            enable_gqa=q.shape[1] != keys.shape[1])
+        kv_heads, head_dim = keys.shape[1], keys.shape[3]
+        group = q.shape[1] // kv_heads
+        queries = q.view(batch, kv_heads, group, head_dim)  # query heads of one KV head
+        scores = torch.matmul(queries, keys.transpose(2, 3)) * head_dim ** -0.5
+        visible = torch.arange(keys.shape[2], device=q.device)[None] <= position[:, None]
+        scores = scores.float().masked_fill(~visible[:, None, None], float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, KV, G, D]
+        out = out.reshape(batch, -1, 1, head_dim)
         return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
 
 

@@ -309,7 +309,10 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         cache = self._cache(past_key_values)
         autograd = torch.is_grad_enabled()
         cache.start(batch, autograd)
-        rope = LocalRope(self.rotary_emb, hidden, cache.local_capacity)
+        rope = cache.rope
+        if rope is None or rope.cos.device != hidden.device or rope.cos.dtype != hidden.dtype:
+            # Built once per cache: its tables are the same for every call.
+            rope = cache.rope = LocalRope(self.rotary_emb, hidden, cache.local_capacity)
         if autograd:
             _check_trailing_padding(valid)
             hidden = self._autograd_pieces(hidden, cache, rope)
