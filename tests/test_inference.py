@@ -215,3 +215,14 @@ def test_longllama_rule_follows_the_original_windows(tiny):
     np.testing.assert_allclose(wide.logits(tokens),
                                WindowedLM(variables, config, MemoryOptions(cut)).logits(tokens),
                                atol=1e-5)
+
+
+def test_last_only_logits_are_each_rows_last_real_token(tiny):
+    model = tiny[2]
+    tokens = np.random.default_rng(9).integers(0, model.vocab_size, (3, 2 * WINDOW + 5))
+    mask = np.ones_like(tokens, bool)
+    mask[0, :4], mask[1, -3:] = False, False  # left- and right-padded rows
+    full = np.asarray(model.step(model.new_state(3), tokens, mask))
+    last = np.asarray(model.step(model.new_state(3), tokens, mask, last_only=True))
+    ends = [tokens.shape[1] - 1, tokens.shape[1] - 4, tokens.shape[1] - 1]
+    np.testing.assert_allclose(last[:, 0], full[np.arange(3), ends], atol=1e-6)

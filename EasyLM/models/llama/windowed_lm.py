@@ -62,7 +62,10 @@ class WindowedLM:
         self.config, self.options = config, options
         self.memory_layers = tuple(sorted(config.mem_layers)) if options.use_memory else ()
         model = FlaxLLaMAForCausalLMModule(config, jnp.dtype(options.dtype))
-        self._forward = jax.jit(functools.partial(self._piece_forward, model, options))
+        # The caches are donated: each piece updates them in place instead of holding the old
+        # and the new memory at once.
+        self._forward = jax.jit(functools.partial(self._piece_forward, model, options),
+                                donate_argnums=(1,))
         self._score = jax.jit(_score)
         self.memory_limit = None
 
@@ -141,8 +144,10 @@ class WindowedLM:
             cache._replace(mem_k=jnp.pad(cache.mem_k, extra), mem_v=jnp.pad(cache.mem_v, extra))
             if cache.has_memory else cache for cache in state.caches)
 
-    def step(self, state, tokens, mask=None):
-        """Feed ``tokens`` ``[B, n]``; return their logits ``[B, n, V]`` (on device).
+    def step(self, state, tokens, mask=None, last_only=False):
+        """Feed ``tokens`` ``[B, n]``; return their logits ``[B, n, V]`` (on device), or with
+        ``last_only`` the logits ``[B, 1, V]`` of each row's last real token (what generation
+        needs: a long prompt's full logits would not fit in memory).
 
         ``mask`` ``[B, n]`` (default: all ones) marks each row's real tokens; padding may sit
         anywhere.  A row's real tokens, in order, continue that row's stream; padding
@@ -175,10 +180,20 @@ class WindowedLM:
             logits, state.caches = self._forward(self.params, state.caches, piece, num_valid,
                                                  evict, state.local_length, state.memory_length,
                                                  limit)
-            outputs.append(logits)
+            if last_only:  # each row's last real token, not [B, N, V] logits
+                last = jnp.take_along_axis(
+                    logits, jnp.asarray(np.maximum(num_valid - 1, 0))[:, None, None], axis=1)
+                final = jnp.asarray([j == len(plan) - 1 for plan in plans])[:, None, None]
+                outputs = [jnp.where(final, last, outputs[0] if outputs else 0)]
+            else:
+                outputs.append(logits)
             offset += width
             state.local_length = state.local_length - evict + num_valid
             state.memory_length = state.memory_length + evict
+        if last_only:
+            if not outputs:
+                return jnp.zeros((len(tokens), 1, self.vocab_size), jnp.dtype(options.dtype))
+            return outputs[0]
         if not outputs:
             return jnp.zeros(tokens.shape + (self.vocab_size,), jnp.dtype(options.dtype))
         logits = jnp.concatenate(outputs, axis=1)
@@ -253,8 +268,7 @@ class WindowedLM:
             raise ValueError("every prompt row needs at least one token")
         rng = np.random.default_rng(seed)
         state = self.new_state(len(prompt), int(mask.sum(axis=1).max()) + max_new_tokens)
-        last = prompt.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
-        logits = self.step(state, prompt, mask)[np.arange(len(prompt)), last]
+        logits = self.step(state, prompt, mask, last_only=True)[:, 0]
         done = np.zeros(len(prompt), bool)
         out = []
         for _ in range(max_new_tokens):
@@ -265,7 +279,7 @@ class WindowedLM:
             out.append(token)
             if done.all() or len(out) == max_new_tokens:
                 break
-            logits = self.step(state, token[:, None])[:, -1]
+            logits = self.step(state, token[:, None], last_only=True)[:, 0]
         return np.stack(out, axis=1)
 
 
