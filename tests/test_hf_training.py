@@ -86,7 +86,7 @@ def test_training_keeps_the_inference_logits_and_inference_memory_in_place():
     ids = tokens(2, 4)
     with torch.no_grad():
         expected = model(ids)
-    assert expected.past_key_values.layers[0].keys.shape[2] == 4 * WINDOW  # preallocated
+    assert expected.past_key_values.layers[0].keys.shape[2] == 5 * WINDOW  # preallocated
     trained = model(ids)  # autograd on: the memory is concatenated, not written in place
     layer = trained.past_key_values.layers[0]
     assert layer.memory_keys.shape[2] == 3 * WINDOW and layer.memory_keys.requires_grad

@@ -53,9 +53,14 @@ class InferenceLayer:
 
     def reserve(self, like, capacity, local_capacity):
         """Room for ``capacity`` tokens per row (``local_capacity`` without memory), buffers
-        shaped like ``like`` ``[B, KV, *, D]``."""
+        shaped like ``like`` ``[B, KV, *, D]``.  A memory buffer gets a local window of spare
+        room each time it is (re)allocated: generation then grows it once per window of new
+        tokens, by a copy of the memory, and never holds much unused room (decoding reads
+        the whole buffer)."""
         if not self.has_memory:
             capacity = local_capacity
+        elif self.keys is None or capacity > self.keys.shape[2]:
+            capacity += local_capacity
         if self.keys is None:
             shape = like.shape[:2] + (capacity,) + like.shape[3:]
             dtype = self.dtype or like.dtype
@@ -67,9 +72,8 @@ class InferenceLayer:
                                                like.shape[3:])
             return
         if capacity > self.keys.shape[2]:
-            # Growing by half amortises token-by-token growth during generation.
-            capacity = max(capacity, self.keys.shape[2] * 3 // 2)
-            self.keys, self.values = _grown(self.keys, capacity), _grown(self.values, capacity)
+            self.keys = _grown(self.keys, capacity)
+            self.values = _grown(self.values, capacity)
 
     def to_memory(self, row, memory_length, local_length):
         """Row ``row``'s local window (``local_length`` tokens after ``memory_length``) becomes

@@ -79,6 +79,18 @@ class StaticDecoder:
 
     def _compute(self, hidden):
         model = self.model
+        # What every layer shares: rotation at each row's local position, each row's write
+        # position and visible entries in local-only and in memory layers.
+        cos = self.rope.cos[0, 0][self.local][:, None, None]  # [B, 1, 1, D]
+        sin = self.rope.sin[0, 0][self.local][:, None, None]
+        self.shared = {}
+        for has_memory in {layer.has_memory for layer in self.cache.layers}:
+            position = self.local + self.memory if has_memory else self.local  # [B]
+            size = max(layer.keys.shape[2] for layer in self.cache.layers
+                       if layer.has_memory == has_memory)
+            visible = torch.arange(size, device=position.device)[None] <= position[:, None]
+            self.shared[has_memory] = position, visible[:, None, None]
+        self.cos, self.sin = cos, sin
         for layer, layer_cache in zip(model.layers, self.cache.layers):
             attended = self._attention(layer.self_attn, layer.input_layernorm(hidden),
                                        layer_cache)
@@ -91,10 +103,8 @@ class StaticDecoder:
         q, k, v = attn._project(x)  # [B, H, 1, D], [B, KV, 1, D]
         raw_k = k
         if layer.rotated:
-            cos = self.rope.cos[0, 0][self.local][:, None, None]  # [B, 1, 1, D]
-            sin = self.rope.sin[0, 0][self.local][:, None, None]
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        position = self.local + (self.memory if layer.has_memory else 0)  # [B]
+            q, k = _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+        position, visible = self.shared[layer.has_memory]
         layer.keys[self.rows, :, position] = k[:, :, 0].to(layer.keys.dtype)
         layer.values[self.rows, :, position] = v[:, :, 0].to(layer.values.dtype)
         if layer.raw_keys is not None:
@@ -109,8 +119,7 @@ class StaticDecoder:
         group = q.shape[1] // kv_heads
         queries = q.view(batch, kv_heads, group, head_dim)  # query heads of one KV head
         scores = torch.matmul(queries, keys.transpose(2, 3)) * head_dim ** -0.5
-        visible = torch.arange(keys.shape[2], device=q.device)[None] <= position[:, None]
-        scores = scores.float().masked_fill(~visible[:, None, None], float("-inf"))
+        scores = scores.float().masked_fill(~visible[..., :keys.shape[2]], float("-inf"))
         out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, KV, G, D]
         out = out.reshape(batch, -1, 1, head_dim)
         return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
