@@ -222,7 +222,7 @@ def run_jax_case(model, length, batch, decode_tokens):
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return dict(framework="jax", mode="jit", length=length, batch=batch,
-                grouping="x".join(map(str, model.options.attention_grouping)),
+                grouping="none",
                 prefill_s=prefill, prefill_tok_s=batch * length / prefill,
                 decode_ms=1e3 * decode / decode_tokens if decode_tokens else None,
                 peak_gib=peak / 2 ** 30 if peak else None,
@@ -249,10 +249,7 @@ def build_jax_model(args):
     module = FlaxLLaMAForCausalLMModule(config)
     params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-    # Memory layers attend 4 heads and 1024 queries at a time: the JAX attention materialises
-    # its scores, which over a 128k memory would not fit for all heads and queries at once.
-    return WindowedLM(params, config, MemoryOptions(args.window, dtype=str(dtype),
-                                                    attention_grouping=(4, 1024)))
+    return WindowedLM(params, config, MemoryOptions(args.window, dtype=str(dtype)))
 
 
 def free(device):

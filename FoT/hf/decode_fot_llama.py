@@ -31,7 +31,7 @@ class StaticDecoder:
         self.memory = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = torch.arange(batch, device=device)
         self.graph = self.hidden = None
-        self.buffers = None
+        self.buffers = self.synced = None
 
     def ready(self):
         """Whether the next token of every row can take a static step: no row's window is
@@ -48,8 +48,12 @@ class StaticDecoder:
         """Final hidden states ``[B, 1, hidden]`` of one token per row (embedded
         ``hidden_in``); updates the cache's lengths."""
         cache = self.cache
-        self.local.copy_(torch.tensor(cache.local_lengths), non_blocking=True)
-        self.memory.copy_(torch.tensor(cache.memory_lengths), non_blocking=True)
+        lengths = (list(cache.local_lengths), list(cache.memory_lengths))
+        if lengths != self.synced:
+            # Only after eager steps: a copy from host memory waits for the GPU to catch up,
+            # which would otherwise serialise every step with the host's work.
+            self.local.copy_(torch.tensor(lengths[0]))
+            self.memory.copy_(torch.tensor(lengths[1]))
         if not self.use_graph:
             out = self._compute(hidden_in)
         else:
@@ -62,6 +66,7 @@ class StaticDecoder:
             out = self.hidden.clone()
         for row in range(len(cache.local_lengths)):
             cache.local_lengths[row] += 1
+        self.synced = (list(cache.local_lengths), list(cache.memory_lengths))
         return out
 
     def _capture(self, hidden_in):
@@ -70,9 +75,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         # Warm-up outside the graph (kernel selection, workspace allocation); it writes the
         # same entries the replay will write again.
+        local = self.local.clone()
         with torch.cuda.stream(stream):
             self._compute(self.input)
         torch.cuda.current_stream().wait_stream(stream)
+        self.local.copy_(local)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.hidden = self._compute(self.input)
@@ -96,6 +103,7 @@ class StaticDecoder:
                                        layer_cache)
             hidden = hidden + attended
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        self.local += 1  # on device: the next step needs no copy from the host
         return model.norm(hidden)
 
     def _attention(self, attn, x, layer):
