@@ -85,34 +85,39 @@ class StaticDecoder:
             self.hidden = self._compute(self.input)
 
     def _compute(self, hidden):
+        # Every kernel of a replayed step costs a few microseconds however small its work, so
+        # the step keeps them few: what all layers share is computed once (rotation at each
+        # row's local position, the masks of local-only and memory layers), norms are one
+        # fused kernel each, queries and keys rotate together.
         model = self.model
-        # What every layer shares: rotation at each row's local position, each row's write
-        # position and visible entries in local-only and in memory layers.
         cos = self.rope.cos[0, 0][self.local][:, None, None]  # [B, 1, 1, D]
         sin = self.rope.sin[0, 0][self.local][:, None, None]
+        self.cos, self.sin = cos, sin
         self.shared = {}
         for has_memory in {layer.has_memory for layer in self.cache.layers}:
             position = self.local + self.memory if has_memory else self.local  # [B]
             size = max(layer.keys.shape[2] for layer in self.cache.layers
                        if layer.has_memory == has_memory)
-            visible = torch.arange(size, device=position.device)[None] <= position[:, None]
-            self.shared[has_memory] = position, visible[:, None, None]
-        self.cos, self.sin = cos, sin
+            hidden_entries = torch.arange(size, device=position.device)[None] > position[:, None]
+            bias = torch.zeros(hidden_entries.shape, device=position.device).masked_fill(
+                hidden_entries, float("-inf"))
+            self.shared[has_memory] = position, bias[:, None, None]  # [B, 1, 1, size]
         for layer, layer_cache in zip(model.layers, self.cache.layers):
-            attended = self._attention(layer.self_attn, layer.input_layernorm(hidden),
-                                       layer_cache)
-            hidden = hidden + attended
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._attention(layer.self_attn,
+                                              _norm(layer.input_layernorm, hidden), layer_cache)
+            hidden = hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
         self.local += 1  # on device: the next step needs no copy from the host
-        return model.norm(hidden)
+        return _norm(model.norm, hidden)
 
     def _attention(self, attn, x, layer):
         batch = x.shape[0]
         q, k, v = attn._project(x)  # [B, H, 1, D], [B, KV, 1, D]
         raw_k = k
+        heads = q.shape[1]
         if layer.rotated:
-            q, k = _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
-        position, visible = self.shared[layer.has_memory]
+            rotated = _rotate(torch.cat([q, k], 1), self.cos, self.sin)
+            q, k = rotated[:, :heads], rotated[:, heads:]
+        position, bias = self.shared[layer.has_memory]
         layer.keys[self.rows, :, position] = k[:, :, 0].to(layer.keys.dtype)
         layer.values[self.rows, :, position] = v[:, :, 0].to(layer.values.dtype)
         if layer.raw_keys is not None:
@@ -120,17 +125,21 @@ class StaticDecoder:
         # One query per row: two batched matrix-vector products over the whole buffer read
         # each key and value once (attention kernels parallelise over queries and would
         # leave most of the GPU idle), with the scores' softmax in float32 as the eager
-        # attention of Hugging Face models.  Entries past a row's position are masked; they
-        # are stale or zero (buffers start zeroed: 0 * NaN would reach the output).
+        # attention of Hugging Face models.  Entries past a row's position are masked (the
+        # -inf bias); they are stale or zero (buffers start zeroed: 0 * NaN would reach the
+        # output).
         keys, values = layer.keys.to(q.dtype), layer.values.to(q.dtype)
         kv_heads, head_dim = keys.shape[1], keys.shape[3]
-        group = q.shape[1] // kv_heads
-        queries = q.view(batch, kv_heads, group, head_dim)  # query heads of one KV head
-        scores = torch.matmul(queries, keys.transpose(2, 3)) * head_dim ** -0.5
-        scores = scores.float().masked_fill(~visible[..., :keys.shape[2]], float("-inf"))
+        queries = (q * head_dim ** -0.5).view(batch, kv_heads, heads // kv_heads, head_dim)
+        scores = torch.matmul(queries, keys.transpose(2, 3)) + bias[..., :keys.shape[2]]
         out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, KV, G, D]
-        out = out.reshape(batch, -1, 1, head_dim)
-        return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+        return attn.o_proj(out.reshape(batch, 1, -1))
+
+
+def _norm(module, x):
+    """``module`` (Hugging Face's ``LlamaRMSNorm``) as one fused kernel."""
+    return torch.nn.functional.rms_norm(x, module.weight.shape, module.weight,
+                                        module.variance_epsilon)
 
 
 def _rotate(x, cos, sin):
