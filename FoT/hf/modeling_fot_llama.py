@@ -297,22 +297,34 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, keep_last=0, **kwargs):
         """``attention_mask`` ``[B, n]`` or ``[B, past + n]`` (as ``generate`` passes it): 1 for
-        tokens, 0 for padding.  ``position_ids`` and other Hugging Face arguments are accepted
-        and ignored: positions are always relative to the local window."""
+        tokens, 0 for padding.  ``keep_last > 0`` may return only the last hidden states (at
+        least that many): a long prefill then holds neither the whole input's embeddings nor
+        its outputs.  ``position_ids`` and other Hugging Face arguments are accepted and
+        ignored: positions are always relative to the local window."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, length = hidden.shape[:2]
+        embedding = self.embed_tokens.weight
+        like = embedding if inputs_embeds is None else inputs_embeds
+        batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         valid = _new_columns(attention_mask, length)
         cache = self._cache(past_key_values)
         autograd = torch.is_grad_enabled()
         cache.start(batch, autograd)
         rope = cache.rope
-        if rope is None or rope.cos.device != hidden.device or rope.cos.dtype != hidden.dtype:
+        if rope is None or rope.cos.device != like.device or rope.cos.dtype != like.dtype:
             # Built once per cache: its tables are the same for every call.
-            rope = cache.rope = LocalRope(self.rotary_emb, hidden, cache.local_capacity)
+            rope = cache.rope = LocalRope(self.rotary_emb, like, cache.local_capacity)
+        uniform = (not autograd and valid is None and len(set(cache.local_lengths)) == 1 and
+                   len(set(cache.memory_lengths)) == 1)
+        if uniform and length > 1:
+            hidden = self._uniform_pieces(input_ids, inputs_embeds, cache, rope, keep_last)
+            cache.seen_tokens += length
+            use_cache = self.config.use_cache if use_cache is None else use_cache
+            return BaseModelOutputWithPast(last_hidden_state=hidden,
+                                           past_key_values=cache if use_cache else None)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if autograd:
             _check_trailing_padding(valid)
             hidden = self._autograd_pieces(hidden, cache, rope)
@@ -355,15 +367,44 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
                 cache.local_lengths[row] += end - start - evict
         return torch.cat(outputs, dim=1)
 
-    def _inference_pieces(self, hidden, valid, cache, rope):
-        """Each row consumes its own tokens (the columns ``valid`` marks) with its own plan;
-        the rows' ``j``-th pieces run together."""
+    def _uniform_pieces(self, input_ids, inputs_embeds, cache, rope, keep_last):
+        """Inference on rows that all hold the same tokens and consume all columns: the
+        pieces are column slices, embedded as they come; with ``keep_last`` only the outputs
+        of the last pieces are kept."""
+        batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        self._reserve(cache, batch, cache.memory_lengths[0] + cache.local_lengths[0] + length,
+                      rope.cos)
+        outputs, kept = [], 0
+        for start, end, evict in cache.plan(0, length):
+            if inputs_embeds is None:
+                piece = self.embed_tokens(input_ids[:, start:end])
+            else:
+                piece = inputs_embeds[:, start:end]
+            outputs.append(self._inference_pieces(piece, None, cache, rope,
+                                                  [[(0, end - start, evict)]] * batch))
+            kept += end - start
+            while keep_last and kept - outputs[0].shape[1] >= keep_last:
+                kept -= outputs.pop(0).shape[1]
+        return torch.cat(outputs, dim=1)
+
+    def _reserve(self, cache, batch, tokens, like):
+        """Buffers with room for ``tokens`` tokens per row (memory and local window)."""
+        config = self.config
+        head_dim = (getattr(config, "head_dim", None) or
+                    config.hidden_size // config.num_attention_heads)
+        like = like.new_empty(batch, config.num_key_value_heads, 0, head_dim)
+        for layer_cache in cache.layers:
+            layer_cache.reserve(like, tokens, cache.local_capacity)
+
+    def _inference_pieces(self, hidden, valid, cache, rope, plans=None):
+        """Each row consumes its own tokens (the columns ``valid`` marks) with its own plan
+        (or ``plans``, one per row); the rows' ``j``-th pieces run together."""
         batch, length = hidden.shape[:2]
         uniform = (valid is None and len(set(cache.local_lengths)) == 1 and
                    len(set(cache.memory_lengths)) == 1)
         if uniform:
             columns = None
-            plans = [cache.plan(0, length)] * batch
+            plans = plans or [cache.plan(0, length)] * batch
         else:
             if valid is None:
                 valid = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
@@ -372,12 +413,7 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         needed = max(m + l + n for m, l, n in zip(cache.memory_lengths, cache.local_lengths,
                                                   [len(c) for c in columns] if columns
                                                   else [length] * batch))
-        config = self.config
-        like = hidden.new_empty(batch, config.num_key_value_heads, 0,
-                                getattr(config, "head_dim", None) or
-                                config.hidden_size // config.num_attention_heads)
-        for layer_cache in cache.layers:
-            layer_cache.reserve(like, needed, cache.local_capacity)
+        self._reserve(cache, batch, needed, hidden)
         out = hidden.new_zeros(hidden.shape) if columns is not None else None
         outputs = []
         for j in range(max(len(plan) for plan in plans)):
@@ -448,7 +484,7 @@ class FoTLlamaForCausalLM(FoTLlamaPreTrainedModel, GenerationMixin):
         (what ``generate`` asks for, and what keeps 100k-token prefills small)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache)
+                         use_cache=use_cache, keep_last=logits_to_keep)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
