@@ -29,6 +29,7 @@ import time
 import torch
 
 from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
+from FoT.hf.cache_fot_llama import FoTCache
 from FoT.hf.configuration_fot_llama import FoTLlamaConfig
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM, windowed_attention
 
@@ -123,7 +124,6 @@ def synchronize(device):
 def run_case(model, length, batch, grouping, decode_tokens, device, static_decode):
     """Prefill ``batch`` random rows of ``length`` tokens, then ``decode_tokens`` greedy
     steps; ``static_decode`` picks the one-token path (CUDA graph or eager pieces)."""
-    from FoT.hf.cache_fot_llama import FoTCache
     model.config.mem_attention_grouping = grouping
     generator = torch.Generator(device=device).manual_seed(length + batch)
     tokens = torch.randint(3, model.config.vocab_size, (batch, length), device=device,
@@ -163,7 +163,6 @@ def check_greedy(model, args, steps=64):
     """Whether every decode path generates the eager piece path's greedy tokens, in float32
     (in bfloat16 a random model's near-ties flip on rounding): rows of different lengths,
     left-padded, whose local windows move to memory during the steps."""
-    from FoT.hf.cache_fot_llama import FoTCache
     exact = copy.deepcopy(model).float()
     window = args.window
     generator = torch.Generator(device=args.device).manual_seed(1)

@@ -18,11 +18,13 @@ import json
 import os
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from eval.loss_by_position import read_documents
 from eval.models import add_model_arguments, model_from_args
 from eval.plots import loss_curves
+from FoT.hf.cache_fot_llama import FoTCache
 
 RULES = {"aligned": ("aligned", None), "longllama (limit W)": ("longllama", 1),
          "longllama (limit 2W)": ("longllama", 2)}
@@ -30,9 +32,6 @@ RULES = {"aligned": ("aligned", None), "longllama (limit W)": ("longllama", 1),
 
 def continuation_losses(model, docs, prompt, continuation, rule, limit):
     """``[docs, continuation]`` losses of tokens ``prompt .. prompt + continuation - 1``."""
-    import torch
-
-    from FoT.hf.cache_fot_llama import FoTCache
     config = model.model.config
     config.window_rule = rule
     config.local_window_limit = limit and limit * config.last_context_length

@@ -106,8 +106,10 @@ def write_split(path, packages, names, max_chars, seed):
     return count, chars
 
 
-def train_tokenizer(train_path, model_prefix, vocab_size, sample_chars, threads):
-    """SentencePiece BPE on the first ``sample_chars`` characters of the training split."""
+def train_tokenizer(train_path, model_prefix, vocab_size, sample_chars, threads,
+                    character_coverage=1.0):
+    """SentencePiece BPE on the first ``sample_chars`` characters of the training split
+    (characters outside ``character_coverage`` are spelled in bytes)."""
     def lines():
         used = 0
         with open(train_path) as f:
@@ -124,7 +126,7 @@ def train_tokenizer(train_path, model_prefix, vocab_size, sample_chars, threads)
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
         split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, user_defined_symbols=WHITESPACE_SYMBOLS,
-        character_coverage=1.0, num_threads=threads, max_sentence_length=8192,
+        character_coverage=character_coverage, num_threads=threads, max_sentence_length=8192,
         train_extremely_large_corpus=False, minloglevel=2)
     os.remove(model_prefix + ".vocab")
 
@@ -142,6 +144,10 @@ def main(argv=None):
     parser.add_argument("--max_file_chars", type=int, default=1_000_000,
                         help="skip larger files (generated tables, vendored bundles)")
     parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--character_coverage", type=float, default=1.0,
+                        help="share of characters that get their own piece (the rest are "
+                             "spelled in bytes); below 1 when the vocabulary is too small for "
+                             "every character of the sample")
     parser.add_argument("--tokenizer_sample_chars", type=int, default=30_000_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
@@ -159,7 +165,7 @@ def main(argv=None):
                                                packages, heldout_names, args.max_heldout_chars,
                                                args.seed)
     train_tokenizer(train_path, os.path.join(args.output_dir, "code_sp"), args.vocab_size,
-                    args.tokenizer_sample_chars, args.threads)
+                    args.tokenizer_sample_chars, args.threads, args.character_coverage)
     summary = dict(roots=roots, train_packages=train_names, heldout_packages=heldout_names,
                    train_files=train_files, train_chars=train_chars,
                    heldout_files=heldout_files, heldout_chars=heldout_chars,

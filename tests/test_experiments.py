@@ -432,7 +432,10 @@ def code_run(tmp_path_factory, compilation_cache):
                                   "--eval_dataset.json_dataset.tokenizer_processes=1"],
                compilation_cache, CODE_OUT=str(out), CODE_WINDOW=str(WINDOW),
                CODE_DATA_ARGS="--max_train_chars 400000 --max_heldout_chars 200000 "
-                              "--tokenizer_sample_chars 300000 --vocab_size 512 --threads 1",
+                              "--tokenizer_sample_chars 300000 --vocab_size 512 --threads 1 "
+                              # 512 pieces cannot hold every character of whatever packages
+                              # are installed: rare ones are spelled in bytes.
+                              "--character_coverage 0.995",
                CODE_EVAL_ARGS="--min_length 129 --max_length 512 --max_docs 4 "
                               "--bucket_size 32 --context_windows 1,4,16")
     return out

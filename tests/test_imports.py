@@ -40,6 +40,10 @@ for _module in ("EasyLM.jax_utils", "EasyLM.models.llama.llama_model",
     DEFERRED[("benchmarks.bench_train", _module)] = "JAX, in the worker subprocess only"
 for _module in ("EasyLM.flops", "FoT.cross_batch", "FoT.slots"):
     DEFERRED[("benchmarks.bench_attention", _module)] = "JAX, in the worker subprocess only"
+for _jax_module in ("EasyLM.models.llama.llama_model", "EasyLM.models.llama.windowed_lm",
+                    "FoT.inference"):
+    DEFERRED[("benchmarks.bench_inference", _jax_module)] = \
+        "JAX, only with --framework jax: JAX preallocates the GPU the PyTorch run measures"
 DEFERRED[("benchmarks.collectives", "EasyLM.trainer")] = "JAX, in the worker subprocess only"
 DEFERRED[("benchmarks.bench_train", "benchmarks.collectives")] = \
     "the collectives part's driver, beside the JAX imports of the worker that runs it"
