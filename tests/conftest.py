@@ -47,7 +47,9 @@ SLOW = {
                         "test_non_finite_updates_are_skipped_and_counted",
                         "test_console_shows_a_bar_on_a_terminal_with_the_lines_above_it"),
     "test_hf_training.py": ("test_gradients_equal_jax_cross_batch_training_model",
-                            "test_trainer_gradient_accumulation_reports_the_same_loss"),
+                            "test_trainer_gradient_accumulation_reports_the_same_loss",
+                            "test_peft_lora_trains_five_windows_with_trainer_accumulation_"
+                            "and_checkpointing"),
     "test_eval.py": ("test_passkey_end_to_end_jax_and_hf", "test_loss_by_position_end_to_end",
                      "test_readme_commands_read_a_runs_checkpoint",
                      "test_windows_default_to_the_trained_row_length"),

@@ -190,3 +190,42 @@ def test_trainer_gradient_accumulation_reports_the_same_loss(tmp_path):
     assert len(whole) == len(accumulated) == 2
     np.testing.assert_allclose(accumulated, whole, rtol=1e-4)
     np.testing.assert_allclose(train(1, 2, checkpointing=True), whole, rtol=1e-4)
+
+
+def test_peft_lora_trains_five_windows_with_trainer_accumulation_and_checkpointing(tmp_path):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    _, _, model = tiny_models()
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "v_proj"]))
+    ids = tokens(4, 5, seed=6)  # 5 windows per row: memory carried through 4 window moves
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "lora"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=2, max_steps=5, learning_rate=3e-2, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        activation_checkpointing=True, disable_tqdm=True)
+    trainer = Trainer(model=lora, args=args, train_dataset=Rows())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 5 and np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    trained = dict(lora.named_parameters())
+    adapters = [name for name in trained if "lora_" in name]
+    assert adapters and all(trained[name].requires_grad for name in adapters)
+    assert any(not torch.equal(trained[name], torch.zeros_like(trained[name]))
+               for name in adapters if "lora_B" in name)  # B starts at zero
+    for name, value in base.items():  # the base model is frozen
+        peft_name = next(n for n in trained if n.endswith(name.replace(".weight", ".base_layer"
+                                                                       ".weight")) or
+                         n.endswith(name))
+        torch.testing.assert_close(trained[peft_name].detach(), value, atol=0, rtol=0)
