@@ -103,11 +103,11 @@ class StaticDecoder:
                 hidden_entries, float("-inf"))
             self.shared[has_memory] = position, bias[:, None, None]  # [B, 1, 1, size]
         for layer, layer_cache in zip(model.layers, self.cache.layers):
-            hidden = hidden + self._attention(layer.self_attn,
-                                              _norm(layer.input_layernorm, hidden), layer_cache)
-            hidden = hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
+            normed = fused_rms_norm(layer.input_layernorm, hidden)
+            hidden = hidden + self._attention(layer.self_attn, normed, layer_cache)
+            hidden = hidden + layer.mlp(fused_rms_norm(layer.post_attention_layernorm, hidden))
         self.local += 1  # on device: the next step needs no copy from the host
-        return _norm(model.norm, hidden)
+        return fused_rms_norm(model.norm, hidden)
 
     def _attention(self, attn, x, layer):
         batch = x.shape[0]
@@ -136,7 +136,7 @@ class StaticDecoder:
         return attn.o_proj(out.reshape(batch, 1, -1))
 
 
-def _norm(module, x):
+def fused_rms_norm(module, x):
     """``module`` (Hugging Face's ``LlamaRMSNorm``) as one fused kernel."""
     return torch.nn.functional.rms_norm(x, module.weight.shape, module.weight,
                                         module.variance_epsilon)

@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm,
 
 from .cache_fot_llama import FoTCache, join
 from .configuration_fot_llama import FoTLlamaConfig
-from .decode_fot_llama import StaticDecoder
+from .decode_fot_llama import StaticDecoder, fused_rms_norm
 
 
 # Decoding keeps off cuDNN attention: it builds a plan per shape, and the key length changes
@@ -231,9 +231,11 @@ class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), keys, values
 
     def infer(self, hidden, layer, step, rope):
-        """Inference form (:meth:`FoTLlamaAttention.infer`)."""
-        hidden = hidden + self.self_attn.infer(self.input_layernorm(hidden), layer, step, rope)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """Inference form (:meth:`FoTLlamaAttention.infer`), with one-kernel norms (the same
+        values in float32; in half precision they round once, not after normalising)."""
+        hidden = hidden + self.self_attn.infer(fused_rms_norm(self.input_layernorm, hidden),
+                                               layer, step, rope)
+        return hidden + self.mlp(fused_rms_norm(self.post_attention_layernorm, hidden))
 
 
 class _Step:
@@ -437,7 +439,7 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
                 piece = hidden[torch.arange(batch, device=hidden.device)[:, None], index]
             for layer, layer_cache in zip(self.layers, cache.layers):
                 piece = layer.infer(piece, layer_cache, step, rope)
-            piece = self.norm(piece)
+            piece = fused_rms_norm(self.norm, piece)
             if uniform:
                 outputs.append(piece)
             else:
