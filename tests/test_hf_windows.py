@@ -231,6 +231,19 @@ def test_export_records_the_window_rule(tmp_path):
                                    str(tmp_path / "q"), "--local_window_limit", "4"])
 
 
+def prompt_then_steps(model, ids, mask, prompt, **cache_options):
+    """Last logits ``[B, steps + 1, V]`` of ``ids[:, :prompt]`` fed at once, then of each later
+    column fed alone (as generation feeds tokens), and the cache."""
+    cache = FoTCache(model.config, **cache_options)
+    with torch.no_grad():
+        logits = [model(ids[:, :prompt], attention_mask=mask[:, :prompt],
+                        past_key_values=cache).logits[:, -1]]
+        for t in range(prompt, ids.shape[1]):
+            logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                                past_key_values=cache).logits[:, -1])
+    return torch.stack(logits, 1), cache
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["uniform", "left_padded"])
 def test_static_decode_steps_equal_the_piece_path(model, padded, monkeypatch):
     # The static one-token step (replayed as a CUDA graph on GPUs) computes what the eager
@@ -244,18 +257,10 @@ def test_static_decode_steps_equal_the_piece_path(model, padded, monkeypatch):
     compute = StaticDecoder._compute
     monkeypatch.setattr(StaticDecoder, "_compute",
                         lambda self, hidden: steps.append(1) or compute(self, hidden))
-    results = []
-    with torch.no_grad():
-        for static in (False, True):
-            cache = FoTCache(model.config, static_decode=static)
-            logits = [model(ids[:, :prompt], attention_mask=mask[:, :prompt],
-                            past_key_values=cache).logits[:, -1]]
-            for t in range(prompt, ids.shape[1]):
-                logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
-                                    past_key_values=cache).logits[:, -1])
-            results.append(torch.stack(logits, 1))
-            assert (cache.decoder is not None) == static
-    torch.testing.assert_close(results[1], results[0], **TOL)
+    eager, eager_cache = prompt_then_steps(model, ids, mask, prompt, static_decode=False)
+    static, static_cache = prompt_then_steps(model, ids, mask, prompt, static_decode=True)
+    assert eager_cache.decoder is None and static_cache.decoder is not None
+    torch.testing.assert_close(static, eager, **TOL)
     # most steps (not those where a row's window moves to memory or a buffer grows)
     assert len(steps) >= (ids.shape[1] - prompt) // 2, len(steps)
 
@@ -269,16 +274,8 @@ def test_cuda_graph_decode_equals_eager_on_gpu(model):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     prompt = WINDOW + 3
-    results, decoders = [], []
-    with torch.no_grad():
-        for static in (False, None):  # None: the default, a CUDA graph on CUDA
-            cache = FoTCache(gpu.config, static_decode=static)
-            logits = [gpu(ids[:, :prompt], attention_mask=mask[:, :prompt],
-                          past_key_values=cache).logits[:, -1]]
-            for t in range(prompt, ids.shape[1]):
-                logits.append(gpu(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
-                                  past_key_values=cache).logits[:, -1])
-            results.append(torch.stack(logits, 1))
-            decoders.append(cache.decoder)
-    assert decoders[0] is None and decoders[1].graph is not None
-    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+    eager, eager_cache = prompt_then_steps(gpu, ids, mask, prompt, static_decode=False)
+    # static_decode=None: the default, a CUDA graph on CUDA
+    graph, graph_cache = prompt_then_steps(gpu, ids, mask, prompt, static_decode=None)
+    assert eager_cache.decoder is None and graph_cache.decoder.graph is not None
+    torch.testing.assert_close(graph, eager, atol=1e-4, rtol=0)
