@@ -171,29 +171,43 @@ def attend(q, keys, values, visible, *, bias=None, chunks=None, mask_value=MASK_
         else:
             shared, kv = 1, np.arange(h0, h1) // group
         k_h, v_h = keys[:, :, kv], values[:, :, kv]
-        per_query = []
-        for i0 in range(0, length, query_chunk):
-            i1 = min(i0 + query_chunk, length)
-            q_c = q[:, i0:i1, h0:h1].reshape(batch, i1 - i0, (h1 - h0) // shared, shared,
-                                             head_dim)
+        q_h = q[:, :, h0:h1].reshape(batch, length, (h1 - h0) // shared, shared, head_dim)
+
+        def query_block(i0, size, q_h=q_h, k_h=k_h, v_h=v_h):
+            q_c = lax.dynamic_slice_in_dim(q_h, i0, size, axis=1)
             scores = jnp.einsum("bqkgd,bskd->bkgqs", q_c, k_h, precision=precision,
                                 preferred_element_type=jnp.float32) / math.sqrt(head_dim)
             if bias is not None:
-                scores = scores + _query_rows(bias, i0, i1)[:, None, None]
-            scores = jnp.where(_query_rows(visible, i0, i1)[:, None, None], scores, mask_value)
+                scores = scores + _query_rows(bias, i0, size)[:, None, None]
+            scores = jnp.where(_query_rows(visible, i0, size)[:, None, None], scores,
+                               mask_value)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_h, precision=precision,
                              preferred_element_type=jnp.float32)
-            per_query.append(out.reshape(batch, i1 - i0, h1 - h0, head_dim))
-        per_head.append(jnp.concatenate(per_query, axis=1))
+            return out.reshape(batch, size, h1 - h0, head_dim)
+
+        whole = length // query_chunk * query_chunk
+        parts = []
+        if whole == query_chunk:
+            parts.append(query_block(0, query_chunk))
+        elif whole:
+            # One block after another (lax.map): independent blocks written as a Python
+            # loop may all be scheduled at once, and the scores' memory is then not bounded.
+            blocks = lax.map(lambda i0: query_block(i0, query_chunk),
+                             jnp.arange(0, whole, query_chunk))
+            parts.append(jnp.moveaxis(blocks, 0, 1).reshape(batch, whole, h1 - h0, head_dim))
+        if whole < length:
+            parts.append(query_block(whole, length - whole))
+        per_head.append(jnp.concatenate(parts, axis=1))
     return jnp.concatenate(per_head, axis=2).astype(q.dtype)
 
 
-def _query_rows(table, start, stop):
-    """Rows ``start:stop`` of a ``[..., n or 1, S]`` table, as ``[B or 1, rows or 1, S]``."""
+def _query_rows(table, start, size):
+    """``size`` rows from ``start`` (traced or not) of a ``[..., n or 1, S]`` table, as
+    ``[B or 1, rows or 1, S]``."""
     table = jnp.asarray(table)
     table = table.reshape((1,) * (3 - table.ndim) + table.shape)
-    return table if table.shape[1] == 1 else table[:, start:stop]
+    return table if table.shape[1] == 1 else lax.dynamic_slice_in_dim(table, start, size, 1)
 
 
 def _blockwise(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_value,

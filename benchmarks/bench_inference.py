@@ -220,8 +220,9 @@ def run_jax_case(model, length, batch, decode_tokens):
     decode = time.perf_counter() - start
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
+    grouping = model.options.attention_grouping
     return dict(framework="jax", mode="jit", length=length, batch=batch,
-                grouping="none",
+                grouping="x".join(map(str, grouping)) if grouping else "none",
                 prefill_s=prefill, prefill_tok_s=batch * length / prefill,
                 decode_ms=1e3 * decode / decode_tokens if decode_tokens else None,
                 peak_gib=peak / 2 ** 30 if peak else None,
@@ -248,7 +249,11 @@ def build_jax_model(args):
     module = FlaxLLaMAForCausalLMModule(config)
     params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-    return WindowedLM(params, config, MemoryOptions(args.window, dtype=str(dtype)))
+    # The first of --groupings: the JAX attention materialises its scores, which over a long
+    # memory fit only a few heads and queries at a time.
+    grouping = parse_grouping(args.groupings.split(",")[0])
+    return WindowedLM(params, config, MemoryOptions(
+        args.window, dtype=str(dtype), attention_grouping=tuple(grouping) if grouping else None))
 
 
 def free(device):
