@@ -107,14 +107,6 @@ class AutogradLayer:
         self.memory_keys = self.memory_values = None
         self.has_memory, self.dtype = has_memory, dtype
 
-    @property
-    def local_length(self):
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    @property
-    def memory_length(self):
-        return 0 if self.memory_keys is None else self.memory_keys.shape[2]
-
     def advance(self, evict, to_memory):
         """Before a piece: the ``evict`` oldest local tokens (all or none) leave the window,
         into the memory (keys mapped by ``to_memory``) in a memory layer.  Returns the local
@@ -189,6 +181,17 @@ class FoTCache:
         if batch != len(self.local_lengths):
             raise ValueError(f"the cache holds {len(self.local_lengths)} rows, got a batch of "
                              f"{batch}")
+
+    def rows_alike(self):
+        """Whether every row holds as many local and memory tokens (one slice serves all)."""
+        return len(set(self.local_lengths)) == 1 and len(set(self.memory_lengths)) == 1
+
+    def move_to_memory(self, row, count):
+        """Count row ``row``'s ``count`` oldest local tokens as memory (none is kept where no
+        layer has memory)."""
+        self.local_lengths[row] -= count
+        if any(self.memory_layers):
+            self.memory_lengths[row] += count
 
     @property
     def local_length(self):

@@ -115,7 +115,7 @@ class StaticDecoder:
         raw_k = k
         heads = q.shape[1]
         if layer.rotated:
-            rotated = _rotate(torch.cat([q, k], 1), self.cos, self.sin)
+            rotated = rotate(torch.cat([q, k], 1), self.cos, self.sin)
             q, k = rotated[:, :heads], rotated[:, heads:]
         position, bias = self.shared[layer.has_memory]
         layer.keys[self.rows, :, position] = k[:, :, 0].to(layer.keys.dtype)
@@ -142,6 +142,7 @@ def fused_rms_norm(module, x):
                                         module.variance_epsilon)
 
 
-def _rotate(x, cos, sin):
+def rotate(x, cos, sin):
+    """RoPE in Hugging Face's rotate-half layout, ``cos``/``sin`` broadcast to ``x``."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin

@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm,
 
 from .cache_fot_llama import FoTCache, join
 from .configuration_fot_llama import FoTLlamaConfig
-from .decode_fot_llama import StaticDecoder, fused_rms_norm
+from .decode_fot_llama import StaticDecoder, fused_rms_norm, rotate
 
 
 # Decoding keeps off cuDNN attention: it builds a plan per shape, and the key length changes
@@ -43,11 +43,6 @@ DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
 
 def _identity(x):
     return x
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 class LocalRope:
@@ -61,7 +56,7 @@ class LocalRope:
     def rotate(self, x, start):
         """Rotate ``x`` ``[B, heads, L, D]`` at positions ``start .. start + L - 1``."""
         end = start + x.shape[2]
-        return x * self.cos[:, :, start:end] + rotate_half(x) * self.sin[:, :, start:end]
+        return rotate(x, self.cos[:, :, start:end], self.sin[:, :, start:end])
 
     def rotate_rows(self, x, starts):
         """Rotate ``x`` ``[B, heads, P, D]``, row ``b`` at positions ``starts[b] ..``."""
@@ -73,10 +68,10 @@ class LocalRope:
         # those outputs are discarded.
         positions = positions.clamp(max=self.cos.shape[2] - 1)
         cos, sin = self.cos[0, 0][positions][:, None], self.sin[0, 0][positions][:, None]
-        return x * cos + rotate_half(x) * sin
+        return rotate(x, cos, sin)
 
     def rotate_as_first(self, x):
-        return x * self.cos[:, :, :1] + rotate_half(x) * self.sin[:, :, :1]
+        return rotate(x, self.cos[:, :, :1], self.sin[:, :, :1])
 
 
 def _heads(x, start, end, num_heads):
@@ -307,8 +302,7 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         ignored: positions are always relative to the local window."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        embedding = self.embed_tokens.weight
-        like = embedding if inputs_embeds is None else inputs_embeds
+        like = self.embed_tokens.weight if inputs_embeds is None else inputs_embeds
         batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         valid = _new_columns(attention_mask, length)
         cache = self._cache(past_key_values)
@@ -318,22 +312,17 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         if rope is None or rope.cos.device != like.device or rope.cos.dtype != like.dtype:
             # Built once per cache: its tables are the same for every call.
             rope = cache.rope = LocalRope(self.rotary_emb, like, cache.local_capacity)
-        uniform = (not autograd and valid is None and len(set(cache.local_lengths)) == 1 and
-                   len(set(cache.memory_lengths)) == 1)
-        if uniform and length > 1:
+        if not autograd and valid is None and cache.rows_alike() and length > 1:
             hidden = self._uniform_pieces(input_ids, inputs_embeds, cache, rope, keep_last)
-            cache.seen_tokens += length
-            use_cache = self.config.use_cache if use_cache is None else use_cache
-            return BaseModelOutputWithPast(last_hidden_state=hidden,
-                                           past_key_values=cache if use_cache else None)
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if autograd:
-            _check_trailing_padding(valid)
-            hidden = self._autograd_pieces(hidden, cache, rope)
-        elif length == 1 and valid is None and self._static_step_ready(cache, rope):
-            hidden = cache.decoder.step(hidden)
         else:
-            hidden = self._inference_pieces(hidden, valid, cache, rope)
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            if autograd:
+                _check_trailing_padding(valid)
+                hidden = self._autograd_pieces(hidden, cache, rope)
+            elif length == 1 and valid is None and self._static_step_ready(cache, rope):
+                hidden = cache.decoder.step(hidden)
+            else:
+                hidden = self._inference_pieces(hidden, valid, cache, rope)
         cache.seen_tokens += length
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return BaseModelOutputWithPast(last_hidden_state=hidden,
@@ -365,8 +354,8 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
                 layer_cache.push(keys, values)
             outputs.append(self.norm(piece))
             for row in range(len(cache.local_lengths)):
-                cache.memory_lengths[row] += evict if any(cache.memory_layers) else 0
-                cache.local_lengths[row] += end - start - evict
+                cache.move_to_memory(row, evict)
+                cache.local_lengths[row] += end - start
         return torch.cat(outputs, dim=1)
 
     def _uniform_pieces(self, input_ids, inputs_embeds, cache, rope, keep_last):
@@ -402,8 +391,7 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         """Each row consumes its own tokens (the columns ``valid`` marks) with its own plan
         (or ``plans``, one per row); the rows' ``j``-th pieces run together."""
         batch, length = hidden.shape[:2]
-        uniform = (valid is None and len(set(cache.local_lengths)) == 1 and
-                   len(set(cache.memory_lengths)) == 1)
+        uniform = valid is None and cache.rows_alike()
         if uniform:
             columns = None
             plans = plans or [cache.plan(0, length)] * batch
@@ -424,8 +412,7 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
                 if evict:
                     for layer_cache in cache.layers:
                         layer_cache.to_memory(row, cache.memory_lengths[row], evict)
-                    cache.memory_lengths[row] += evict if any(cache.memory_layers) else 0
-                    cache.local_lengths[row] -= evict
+                    cache.move_to_memory(row, evict)
             lengths = [end - start for start, end, _ in pieces]
             step = _Step(list(cache.local_lengths), list(cache.memory_lengths), lengths,
                          uniform)
