@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
+from FoT.hf import modeling_fot_llama as modeling
+from FoT.hf import prefill_fot_llama as prefill
 from FoT.hf.cache_fot_llama import FoTCache
 from FoT.hf.decode_fot_llama import StaticDecoder
 from FoT.hf.windows_fot_llama import plan_windows
@@ -279,3 +281,82 @@ def test_cuda_graph_decode_equals_eager_on_gpu(model):
     graph, graph_cache = prompt_then_steps(gpu, ids, mask, prompt, static_decode=None)
     assert eager_cache.decoder is None and graph_cache.decoder.graph is not None
     torch.testing.assert_close(graph, eager, atol=1e-4, rtol=0)
+
+
+def window_by_window(monkeypatch):
+    """Make the model prefill one window at a time (no chunk of whole windows)."""
+    monkeypatch.setattr(modeling.FoTLlamaModel, "_chunks", staticmethod(
+        lambda cache, plan, batch: [(False, [piece]) for piece in plan]))
+
+
+def prefill_then_steps(model, ids, splits, steps=3):
+    """Logits of ``ids`` fed in calls of ``splits`` columns, then ``steps`` one-token steps
+    (eager), and the cache's final buffers."""
+    cache = FoTCache(model.config, static_decode=False)
+    with torch.no_grad():
+        logits, start = [], 0
+        for size in splits:
+            logits.append(model(ids[:, start:start + size], past_key_values=cache).logits)
+            start += size
+        for t in range(start, start + steps):
+            logits.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+    memory_layer = cache.layers[model.config.mem_layers[0]]
+    used = cache.memory_lengths[0] + cache.local_lengths[0]
+    return torch.cat(logits, 1), memory_layer.keys[:, :, :used], cache
+
+
+@pytest.mark.parametrize("variant", ["sdpa", "exact", "no_positionals"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypatch):
+    # Whole windows go through each layer together (FoT/hf/prefill_fot_llama.py): memory in
+    # blocks (one not whole), the chunk's earlier windows and the own window merged by their
+    # log-sum-exps.  Same logits, same cache, same next tokens as one window at a time; also
+    # after a call that left a window half full.
+    monkeypatch.setattr(prefill, "CHUNK_TOKENS", 3 * WINDOW)
+    monkeypatch.setattr(prefill, "MEMORY_BLOCK", 2 * WINDOW)
+    if variant == "exact":
+        monkeypatch.setattr(model.config, "torch_attention", False)
+    if variant == "no_positionals":
+        monkeypatch.setattr(model.config, "mem_positionals", False)
+    chunks = []
+    attention = modeling.chunk_attention
+    monkeypatch.setattr(modeling, "chunk_attention",
+                        lambda attn, *args: chunks.append(args[-1].windows) or
+                        attention(attn, *args))
+    ids = ids_of(9 * WINDOW + 5, rows=rows, seed=7)
+    splits = [7 * WINDOW + 3, WINDOW + 2, 2 * WINDOW - 3]
+    chunked = prefill_then_steps(model, ids, splits[:1])[:2], prefill_then_steps(
+        model, ids, splits[1:] + [WINDOW * 6])[:2]
+    layers = model.config.num_hidden_layers
+    # batch 1: chunks of 3, 3 and 1 windows; batch 2: 1 window each
+    expected = [3, 3, 1] if rows == 1 else [1] * 7
+    assert chunks[:len(expected) * layers:layers] == expected, chunks
+    window_by_window(monkeypatch)
+    chunks.clear()
+    reference = prefill_then_steps(model, ids, splits[:1])[:2], prefill_then_steps(
+        model, ids, splits[1:] + [WINDOW * 6])[:2]
+    assert not chunks
+    for got, want in zip(chunked, reference):
+        torch.testing.assert_close(got[0], want[0], **TOL)  # logits
+        torch.testing.assert_close(got[1], want[1], **TOL)  # memory layer's keys
+
+
+def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
+    # GPU only: cuDNN (memory blocks, own windows) and FlashAttention (earlier windows of the
+    # chunk) in bfloat16, the efficient kernel in float32, against one window at a time.
+    monkeypatch.setattr(prefill, "CHUNK_TOKENS", 4 * WINDOW)
+    monkeypatch.setattr(prefill, "MEMORY_BLOCK", 2 * WINDOW)
+    ids = ids_of(11 * WINDOW + 5, seed=8).cuda()
+    splits = [11 * WINDOW + 2]
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        gpu = type(model)(model.config).to("cuda", dtype).eval()
+        gpu.load_state_dict(model.state_dict())
+        results[dtype] = prefill_then_steps(gpu, ids, splits)[:2]
+    window_by_window(monkeypatch)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        gpu = type(model)(model.config).to("cuda", dtype).eval()
+        gpu.load_state_dict(model.state_dict())
+        want = prefill_then_steps(gpu, ids, splits)[:2]
+        for got, expected in zip(results[dtype], want):
+            torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=0)

@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm,
 from .cache_fot_llama import FoTCache, join
 from .configuration_fot_llama import FoTLlamaConfig
 from .decode_fot_llama import StaticDecoder, fused_rms_norm, rotate
+from .prefill_fot_llama import Chunk, chunk_attention, chunk_windows
 
 
 # Decoding keeps off cuDNN attention: it builds a plan per shape, and the key length changes
@@ -232,6 +233,12 @@ class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
                                                layer, step, rope)
         return hidden + self.mlp(fused_rms_norm(self.post_attention_layernorm, hidden))
 
+    def infer_chunk(self, hidden, layer, chunk):
+        """Inference form over whole windows (:func:`prefill_fot_llama.chunk_attention`)."""
+        hidden = hidden + chunk_attention(
+            self.self_attn, fused_rms_norm(self.input_layernorm, hidden), layer, chunk)
+        return hidden + self.mlp(fused_rms_norm(self.post_attention_layernorm, hidden))
+
 
 class _Step:
     """Where each row's lockstep piece goes: local tokens kept (``local``, after eviction),
@@ -366,17 +373,57 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         self._reserve(cache, batch, cache.memory_lengths[0] + cache.local_lengths[0] + length,
                       rope.cos)
         outputs, kept = [], 0
-        for start, end, evict in cache.plan(0, length):
+        for whole, pieces in self._chunks(cache, cache.plan(0, length), batch):
+            start, end = pieces[0][0], pieces[-1][1]
             if inputs_embeds is None:
                 piece = self.embed_tokens(input_ids[:, start:end])
             else:
                 piece = inputs_embeds[:, start:end]
-            outputs.append(self._inference_pieces(piece, None, cache, rope,
-                                                  [[(0, end - start, evict)]] * batch))
+            if whole:
+                outputs.append(self._chunk_pieces(piece, cache, rope, pieces))
+            else:
+                outputs.append(self._inference_pieces(piece, None, cache, rope,
+                                                      [[(0, end - start, pieces[0][2])]] * batch))
             kept += end - start
             while keep_last and kept - outputs[0].shape[1] >= keep_last:
                 kept -= outputs.pop(0).shape[1]
         return torch.cat(outputs, dim=1)
+
+    @staticmethod
+    def _chunks(cache, plan, batch):
+        """``plan``'s pieces in groups ``(whole, pieces)``: runs of whole windows that start
+        with an empty local window (``whole``: one chunk for :meth:`_chunk_pieces`, at most
+        :func:`prefill_fot_llama.chunk_windows` long), or single other pieces."""
+        window, most = cache.window, chunk_windows(batch, cache.window)
+        fits = cache.rule == "aligned" and cache.local_capacity == window
+        local, groups = cache.local_lengths[0], []
+        for piece in plan:
+            start, end, evict = piece
+            local -= evict
+            whole = fits and local == 0 and end - start == window
+            if whole and groups and groups[-1][0] and len(groups[-1][1]) < most:
+                groups[-1][1].append(piece)
+            else:
+                groups.append((whole, [piece]))
+            local += end - start
+        return groups
+
+    def _chunk_pieces(self, hidden, cache, rope, pieces):
+        """Whole windows ``pieces`` (``hidden`` ``[B, K*W, hidden]``, rows alike) through
+        every layer at once; leaves the cache as the window-by-window path does."""
+        batch, window, evict = hidden.shape[0], cache.window, pieces[0][2]
+        for row in range(batch):
+            if evict:
+                for layer_cache in cache.layers:
+                    layer_cache.to_memory(row, cache.memory_lengths[row], evict)
+                cache.move_to_memory(row, evict)
+        chunk = Chunk(batch, len(pieces), window, cache.memory_lengths[0], rope)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            hidden = layer.infer_chunk(hidden, layer_cache, chunk)
+        for row in range(batch):
+            cache.local_lengths[row] += len(pieces) * window
+            cache.move_to_memory(row, (len(pieces) - 1) * window)
+        return fused_rms_norm(self.norm, hidden)
 
     def _reserve(self, cache, batch, tokens, like):
         """Buffers with room for ``tokens`` tokens per row (memory and local window)."""

@@ -1,0 +1,202 @@
+"""Prefill of several whole windows at once (inference, rows alike, the ``aligned`` rule).
+
+Run window by window, a long prompt costs every layer's kernels once per window (hundreds of
+small launches and their Python for each 2048 tokens) and makes memory layers attend through
+one bottom-right-causal kernel per window.  Here a *chunk* of ``K`` consecutive windows, each
+starting with an empty local window, goes through each layer at once:
+
+* token-wise work (norms, projections, MLP) runs on ``K * W`` tokens per row;
+* local attention sees the chunk as ``B * K`` rows of ``W`` tokens (one causal call);
+* a memory layer's softmax for a query of window ``j`` runs over three sets of keys, each
+  attended to separately and merged exactly through their log-sum-exps:
+  the memory before the chunk (all queries together, in blocks of fixed size), the chunk's
+  earlier windows (un-rotated: they are memory by then) and its own window (rotated, causal).
+
+Fixed shapes matter on CUDA: cuDNN's attention, the fastest on Hopper, builds a plan per new
+shape (tens of milliseconds), so it gets the repeating shapes (memory blocks, local windows)
+and FlashAttention (no plans) the others.  Every backend returns the log-sum-exp the merge
+needs (``torch.ops.aten`` forms of what ``scaled_dot_product_attention`` calls).  The result
+is the window-by-window computation's (tests compare them); the cache ends in the same state.
+
+This file is copied into exported model directories and must import nothing from the toolkit.
+"""
+import torch
+
+from .decode_fot_llama import rotate
+
+# Tokens (all rows) of one chunk: bounds the chunk's activations (about 0.5 GB of bfloat16
+# for a 2048-wide model at 8k tokens) while making matrix products large.
+CHUNK_TOKENS = 8192
+# Memory keys attended to per call (rounded down to whole windows; the last block of a
+# memory of whole windows is whole windows too: at most MEMORY_BLOCK / W shapes).
+MEMORY_BLOCK = 32768
+# Queries per score tensor of the explicit float32 path (``torch_attention=False``).
+EXACT_QUERIES = 512
+
+_CUDNN_FAILED = set()
+
+
+def chunk_windows(batch, window):
+    """Windows per chunk for ``batch`` rows (at least one)."""
+    return max(1, CHUNK_TOKENS // (batch * window))
+
+
+def _exact(q, k, v, causal):
+    """Float32 softmax attention and its log-sum-exp, a few queries at a time."""
+    outs, lses = [], []
+    keys, values = k.float(), v.float()
+    for start in range(0, q.shape[2], EXACT_QUERIES):
+        end = min(start + EXACT_QUERIES, q.shape[2])
+        scores = torch.matmul(q[:, :, start:end].float(), keys.transpose(2, 3))
+        scores = scores * q.shape[-1] ** -0.5
+        if causal:
+            later = torch.ones(end - start, k.shape[2], dtype=torch.bool, device=q.device)
+            scores = scores.masked_fill(later.triu(start + 1), float("-inf"))
+        lse = scores.logsumexp(-1)
+        outs.append(torch.matmul((scores - lse[..., None]).exp(), values))
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _cudnn(q, k, v, causal):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False)[:2]
+    return out, lse.reshape(q.shape[:3])
+
+
+def partial_attention(q, k, v, causal, steady=False, exact=False):
+    """Attention of ``q`` ``[B, H, n, D]`` over ``k``/``v`` ``[B, H, S, D]`` (``causal``:
+    top-left aligned, ``n == S``) and its log-sum-exp ``[B, H, n]`` in float32.
+
+    ``steady``: the shape repeats from call to call (cuDNN on CUDA in half precision);
+    ``exact``: an explicit float32 softmax (the reference path).
+    """
+    if exact:
+        return _exact(q, k, v, causal)
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal)
+        return out, lse
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal)[:2]
+        return out, lse[..., :q.shape[2]]
+    if steady and q.device not in _CUDNN_FAILED:
+        try:
+            return _cudnn(q, k, v, causal)
+        except RuntimeError:  # no cuDNN attention for this GPU or shape: FlashAttention
+            _CUDNN_FAILED.add(q.device)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+    return out, lse
+
+
+def grouped_partial(q, k, v, **kwargs):
+    """:func:`partial_attention` without a mask where ``k``/``v`` have fewer heads than ``q``
+    (GQA): the query heads sharing a key head are read as more queries of it."""
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == heads:
+        return partial_attention(q, k, v, False, **kwargs)
+    folded = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    out, lse = partial_attention(folded, k, v, False, **kwargs)
+    return out.reshape(q.shape), lse.reshape(batch, heads, length)
+
+
+def _repeat_heads(k, v, heads):
+    """``k``/``v`` with as many heads as the queries (GQA: each key head repeated)."""
+    group = heads // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def fold(acc, lse, out, part_lse):
+    """Merge a partial attention (``out``, ``part_lse``) into the float32 running result
+    ``acc`` ``[..., n, D]`` / ``lse`` ``[..., n]`` (views, updated in place)."""
+    total = torch.logaddexp(lse, part_lse)
+    acc.mul_((lse - total).exp_().unsqueeze(-1))
+    acc.addcmul_(out, (part_lse - total).exp_().unsqueeze(-1))
+    lse.copy_(total)
+
+
+class Chunk:
+    """``windows`` whole windows of ``window`` tokens per row (``batch`` rows), after
+    ``memory`` memory tokens, with the rotation tables of their tokens ``[K*W, 1, D]``."""
+
+    def __init__(self, batch, windows, window, memory, rope):
+        self.batch, self.windows, self.window, self.memory = batch, windows, window, memory
+        cos, sin = rope.cos[0, 0, :window], rope.sin[0, 0, :window]
+        self.cos = cos.repeat(windows, 1)[:, None]
+        self.sin = sin.repeat(windows, 1)[:, None]
+
+    def rows(self, x):
+        """``[B, K*W, heads, D]`` as ``[B*K, heads, W, D]`` (a view: one row per window)."""
+        return x.view(self.batch * self.windows, self.window, *x.shape[2:]).transpose(1, 2)
+
+
+def chunk_attention(attn, hidden, layer, chunk):
+    """Output of ``attn`` (a ``FoTLlamaAttention``) for ``hidden`` ``[B, K*W, hidden]`` of
+    ``chunk``; stores the chunk's keys and values in ``layer`` (an ``InferenceLayer``): all
+    but the last window as memory (memory layers), the last as the local window."""
+    config = attn.config
+    batch, length, _ = hidden.shape
+    heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    window, memory = chunk.window, chunk.memory
+    q = attn.q_proj(hidden).view(batch, length, heads, dim)
+    k = attn.k_proj(hidden).view(batch, length, kv_heads, dim)
+    v = attn.v_proj(hidden).view(batch, length, kv_heads, dim)
+    raw_k = k
+    if layer.rotated:
+        q, k = rotate(q, chunk.cos, chunk.sin), rotate(k, chunk.cos, chunk.sin)
+    last = slice(length - window, length)
+    exact = not config.torch_attention
+    local_k, local_v = chunk.rows(k), chunk.rows(v)
+    if not layer.has_memory:
+        if exact:
+            out = _exact(chunk.rows(q), *_repeat_heads(local_k, local_v, heads), True)[0]
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                chunk.rows(q), local_k, local_v, is_causal=True, enable_gqa=kv_heads < heads)
+        layer.write(None, 0, 0, k[:, last].transpose(1, 2), None, v[:, last].transpose(1, 2))
+        out = out.transpose(1, 2).reshape(batch, length, heads * dim)
+        return attn.o_proj(out)
+    # The chunk's windows as memory (un-rotated keys), where later windows read them.
+    end = memory + length
+    layer.keys[:, :, memory:end] = raw_k.transpose(1, 2)
+    layer.values[:, :, memory:end] = v.transpose(1, 2)
+    # Own window: causal over the rotated keys; the running result (token-major, float32)
+    # starts from it.
+    windows, rows = chunk.windows, chunk.batch * chunk.windows
+    out, part_lse = partial_attention(chunk.rows(q), *_repeat_heads(local_k, local_v, heads),
+                                      True, steady=True, exact=exact)
+    acc = torch.empty(batch, windows, window, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, windows, window, heads, dtype=torch.float32, device=q.device)
+    acc.view(rows, window, heads, dim).copy_(out.transpose(1, 2))
+    lse.view(rows, window, heads).copy_(part_lse.transpose(1, 2))
+    del out, part_lse
+    # The memory before the chunk, all queries together, in key blocks of a fixed size.
+    block = max(window, MEMORY_BLOCK // window * window)
+    for start in range(0, memory, block):
+        stop = min(start + block, memory)
+        part = grouped_partial(q.transpose(1, 2), layer.keys[:, :, start:stop].to(q.dtype),
+                               layer.values[:, :, start:stop].to(q.dtype),
+                               steady=(stop - start) % window == 0, exact=exact)
+        fold(acc.view(batch, length, heads, dim).transpose(1, 2),
+             lse.view(batch, length, heads).transpose(1, 2), *part)
+    # The chunk's earlier windows, by distance: windows d.. read windows ..K-1-d, one row each.
+    by_window = (lambda x: x.view(batch, windows, window, *x.shape[2:]))
+    for distance in range(1, windows):
+        count = batch * (windows - distance)
+        queries, keys, values = (
+            by_window(x)[:, lo:hi].reshape(count, window, *x.shape[2:]).transpose(1, 2)
+            for x, lo, hi in ((q, distance, windows), (raw_k, 0, windows - distance),
+                              (v, 0, windows - distance)))
+        out, part_lse = grouped_partial(queries, keys, values, steady=True, exact=exact)
+        fold(acc[:, distance:], lse[:, distance:],
+             out.view(batch, windows - distance, heads, window, dim).transpose(2, 3),
+             part_lse.view(batch, windows - distance, heads, window).transpose(2, 3))
+    # The last window stays local: rotated keys in the buffer, un-rotated ones aside.
+    if layer.raw_keys is not None:
+        layer.keys[:, :, end - window:end] = k[:, last].transpose(1, 2)
+        layer.raw_keys[:, :, :window] = raw_k[:, last].transpose(1, 2)
+    return attn.o_proj(acc.to(hidden.dtype).view(batch, length, heads * dim))
