@@ -360,3 +360,23 @@ def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
         want = prefill_then_steps(gpu, ids, splits)[:2]
         for got, expected in zip(results[dtype], want):
             torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=0)
+
+
+def test_a_dropped_cache_is_freed_at_once(model):
+    # The static decoder (held by its cache) refers back to it weakly: no reference cycle,
+    # so generation's buffers (GPU memory) go when the cache goes, not at a later collection.
+    import gc
+    import weakref
+    ids = ids_of(WINDOW + 3, seed=9)
+    cache = FoTCache(model.config, static_decode=True)
+    with torch.no_grad():
+        model(ids[:, :-2], past_key_values=cache)
+        model(ids[:, -2:-1], past_key_values=cache)
+    assert cache.decoder is not None
+    gc.disable()
+    try:
+        buffers = weakref.ref(cache.layers[0].keys)
+        del cache
+        assert buffers() is None
+    finally:
+        gc.enable()

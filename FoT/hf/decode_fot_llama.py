@@ -13,6 +13,8 @@ reallocated.  The computation is the eager one's (tests compare them).
 
 This file is copied into exported model directories and must import nothing from the toolkit.
 """
+import weakref
+
 import torch
 
 
@@ -22,7 +24,10 @@ class StaticDecoder:
     CUDA graph (CUDA only)."""
 
     def __init__(self, model, cache, rope, use_graph):
-        self.model, self.cache, self.use_graph = model, cache, use_graph
+        # The cache holds this decoder: a weak reference back keeps them out of a cycle, so
+        # that a dropped cache frees its buffers (and the graph's) at once, not at the next
+        # garbage collection.
+        self.model, self._cache, self.use_graph = model, weakref.ref(cache), use_graph
         # The graph reads the tables it was captured with: this decoder keeps its own.
         self.rope = rope
         batch = len(cache.local_lengths)
@@ -32,6 +37,10 @@ class StaticDecoder:
         self.rows = torch.arange(batch, device=device)
         self.graph = self.hidden = None
         self.buffers = self.synced = None
+
+    @property
+    def cache(self):
+        return self._cache()
 
     def ready(self):
         """Whether the next token of every row can take a static step: no row's window is

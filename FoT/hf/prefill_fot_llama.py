@@ -145,7 +145,7 @@ def chunk_attention(attn, hidden, layer, chunk):
     q = attn.q_proj(hidden).view(batch, length, heads, dim)
     k = attn.k_proj(hidden).view(batch, length, kv_heads, dim)
     v = attn.v_proj(hidden).view(batch, length, kv_heads, dim)
-    raw_k = k
+    raw_k = k if layer.has_memory else None
     if layer.rotated:
         q, k = rotate(q, chunk.cos, chunk.sin), rotate(k, chunk.cos, chunk.sin)
     last = slice(length - window, length)
@@ -160,10 +160,14 @@ def chunk_attention(attn, hidden, layer, chunk):
         layer.write(None, 0, 0, k[:, last].transpose(1, 2), None, v[:, last].transpose(1, 2))
         out = out.transpose(1, 2).reshape(batch, length, heads * dim)
         return attn.o_proj(out)
-    # The chunk's windows as memory (un-rotated keys), where later windows read them.
+    # The chunk's windows as memory (un-rotated keys); the last one stays local: rotated keys
+    # in the buffer, un-rotated ones aside.
     end = memory + length
     layer.keys[:, :, memory:end] = raw_k.transpose(1, 2)
     layer.values[:, :, memory:end] = v.transpose(1, 2)
+    if layer.raw_keys is not None:
+        layer.keys[:, :, end - window:end] = k[:, last].transpose(1, 2)
+        layer.raw_keys[:, :, :window] = raw_k[:, last].transpose(1, 2)
     # Own window: causal over the rotated keys; the running result (token-major, float32)
     # starts from it.
     windows, rows = chunk.windows, chunk.batch * chunk.windows
@@ -173,8 +177,38 @@ def chunk_attention(attn, hidden, layer, chunk):
     lse = torch.empty(batch, windows, window, heads, dtype=torch.float32, device=q.device)
     acc.view(rows, window, heads, dim).copy_(out.transpose(1, 2))
     lse.view(rows, window, heads).copy_(part_lse.transpose(1, 2))
-    del out, part_lse
-    # The memory before the chunk, all queries together, in key blocks of a fixed size.
+    del out, part_lse, k, local_k, local_v
+    _earlier_windows(q, raw_k, v, acc, lse, exact)
+    del raw_k, v
+    _memory_blocks(q, layer, memory, acc, lse, exact)
+    return attn.o_proj(acc.to(hidden.dtype).view(batch, length, heads * dim))
+
+
+def _earlier_windows(q, raw_k, v, acc, lse, exact):
+    """Fold into ``acc`` ``[B, K, W, H, D]`` / ``lse`` ``[B, K, W, H]`` what each window's
+    queries (``q`` ``[B, K*W, H, D]``) see of the chunk's earlier windows (un-rotated keys
+    ``raw_k``, values ``v`` ``[B, K*W, KV, D]``), by distance: windows ``d..`` read windows
+    ``..K-1-d``, one row per pair."""
+    batch, windows, window, heads, dim = acc.shape
+
+    def pairs(x, lo, hi):
+        x = x.view(batch, windows, window, *x.shape[2:])[:, lo:hi]
+        return x.reshape(batch * (hi - lo), window, *x.shape[3:]).transpose(1, 2)
+
+    for distance in range(1, windows):
+        count = windows - distance
+        out, part_lse = grouped_partial(pairs(q, distance, windows), pairs(raw_k, 0, count),
+                                        pairs(v, 0, count), steady=True, exact=exact)
+        fold(acc[:, distance:], lse[:, distance:],
+             out.view(batch, count, heads, window, dim).transpose(2, 3),
+             part_lse.view(batch, count, heads, window).transpose(2, 3))
+
+
+def _memory_blocks(q, layer, memory, acc, lse, exact):
+    """Fold into ``acc``/``lse`` what all queries see of the ``memory`` tokens before the
+    chunk, in key blocks of a fixed size (:data:`MEMORY_BLOCK`)."""
+    batch, windows, window, heads, dim = acc.shape
+    length = windows * window
     block = max(window, MEMORY_BLOCK // window * window)
     for start in range(0, memory, block):
         stop = min(start + block, memory)
@@ -183,20 +217,3 @@ def chunk_attention(attn, hidden, layer, chunk):
                                steady=(stop - start) % window == 0, exact=exact)
         fold(acc.view(batch, length, heads, dim).transpose(1, 2),
              lse.view(batch, length, heads).transpose(1, 2), *part)
-    # The chunk's earlier windows, by distance: windows d.. read windows ..K-1-d, one row each.
-    by_window = (lambda x: x.view(batch, windows, window, *x.shape[2:]))
-    for distance in range(1, windows):
-        count = batch * (windows - distance)
-        queries, keys, values = (
-            by_window(x)[:, lo:hi].reshape(count, window, *x.shape[2:]).transpose(1, 2)
-            for x, lo, hi in ((q, distance, windows), (raw_k, 0, windows - distance),
-                              (v, 0, windows - distance)))
-        out, part_lse = grouped_partial(queries, keys, values, steady=True, exact=exact)
-        fold(acc[:, distance:], lse[:, distance:],
-             out.view(batch, windows - distance, heads, window, dim).transpose(2, 3),
-             part_lse.view(batch, windows - distance, heads, window).transpose(2, 3))
-    # The last window stays local: rotated keys in the buffer, un-rotated ones aside.
-    if layer.raw_keys is not None:
-        layer.keys[:, :, end - window:end] = k[:, last].transpose(1, 2)
-        layer.raw_keys[:, :, :window] = raw_k[:, last].transpose(1, 2)
-    return attn.o_proj(acc.to(hidden.dtype).view(batch, length, heads * dim))
