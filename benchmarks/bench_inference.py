@@ -162,21 +162,27 @@ def run_case(model, length, batch, grouping, decode_tokens, device, static_decod
 def check_greedy(model, args, steps=64):
     """Whether every decode path generates the eager piece path's greedy tokens, in float32
     (in bfloat16 a random model's near-ties flip on rounding): rows of different lengths,
-    left-padded, whose local windows move to memory during the steps."""
+    left-padded, whose local windows move to memory during the steps; for one row, also
+    with its whole windows prefilled one at a time (not in chunks)."""
     exact = copy.deepcopy(model).float()
+    chunk = exact.config.prefill_chunk_tokens
     window = args.window
     generator = torch.Generator(device=args.device).manual_seed(1)
     results = {}
     for batch in (int(x) for x in args.batch_sizes.split(",")):
-        longest = 4 * window + window - steps // 2
+        longest = 9 * window + window - steps // 2  # two chunks of 4 windows, then more
         tokens = torch.randint(3, model.config.vocab_size, (batch, longest),
                                device=args.device, generator=generator)
         mask = torch.ones_like(tokens)
         for row in range(batch):
             mask[row, :3 * row] = 0
+        if batch == 1:  # a row alone: its prompt is a run of whole windows, prefilled
+            mask[:] = 1  # in chunks; compared below with one window at a time
         generated = {}
+        modes = args.decode_modes.split(",") + (["window prefill"] if batch == 1 else [])
         with torch.no_grad():
-            for mode in args.decode_modes.split(","):
+            for mode in modes:
+                exact.config.prefill_chunk_tokens = 0 if mode == "window prefill" else chunk
                 cache = FoTCache(exact.config, static_decode=mode == "graph")
                 out = exact(tokens, attention_mask=mask, past_key_values=cache,
                             logits_to_keep=1)
@@ -188,6 +194,7 @@ def check_greedy(model, args, steps=64):
                                   ).logits.argmax(-1)
                 generated[mode] = torch.cat(seq, 1).tolist()
         results[f"batch {batch}"] = len({str(v) for v in generated.values()}) == 1
+    exact.config.prefill_chunk_tokens = chunk
     del exact
     free(args.device)
     return results
@@ -301,8 +308,17 @@ def main(argv=None):
     greedy = check_greedy(model, args)
     print(f"greedy check (float32, left-padded rows, a window moving to memory) "
           f"{'PASS' if all(greedy.values()) else 'FAIL'}: {greedy}")
-    for static in (False, True):  # warm-up: kernels, allocator
-        run_case(model, 2 * args.window, 1, None, 2, args.device, static)
+    # Warm-up at the first length: libraries, kernels, the allocator and cuDNN's plans (one
+    # per attention shape, built once per process: the first prefill pays for them).
+    first = int(args.lengths.split(",")[0])
+    for batch in (int(x) for x in args.batch_sizes.split(",")):
+        times = []
+        for static in (False, True):
+            free(args.device)
+            times.append(run_case(model, first, batch, None, 2, args.device, static)
+                         ["prefill_s"])
+        print(f"warm-up, {batch} x {first} tokens: first prefill {times[0]:.2f} s, "
+              f"then {times[1]:.2f} s")
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for batch in (int(x) for x in args.batch_sizes.split(",")):

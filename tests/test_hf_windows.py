@@ -10,6 +10,7 @@ from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf import modeling_fot_llama as modeling
 from FoT.hf import prefill_fot_llama as prefill
 from FoT.hf.cache_fot_llama import FoTCache
+from FoT.hf.configuration_fot_llama import FoTLlamaConfig
 from FoT.hf.decode_fot_llama import StaticDecoder
 from FoT.hf.windows_fot_llama import plan_windows
 from test_hf_training import VOCAB, WINDOW, tiny_models
@@ -283,12 +284,6 @@ def test_cuda_graph_decode_equals_eager_on_gpu(model):
     torch.testing.assert_close(graph, eager, atol=1e-4, rtol=0)
 
 
-def window_by_window(monkeypatch):
-    """Make the model prefill one window at a time (no chunk of whole windows)."""
-    monkeypatch.setattr(modeling.FoTLlamaModel, "_chunks", staticmethod(
-        lambda cache, plan, batch: [(False, [piece]) for piece in plan]))
-
-
 def prefill_then_steps(model, ids, splits, steps=3):
     """Logits of ``ids`` fed in calls of ``splits`` columns, then ``steps`` one-token steps
     (eager), and the cache's final buffers."""
@@ -312,7 +307,7 @@ def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypat
     # blocks (one not whole), the chunk's earlier windows and the own window merged by their
     # log-sum-exps.  Same logits, same cache, same next tokens as one window at a time; also
     # after a call that left a window half full.
-    monkeypatch.setattr(prefill, "CHUNK_TOKENS", 3 * WINDOW)
+    monkeypatch.setattr(model.config, "prefill_chunk_tokens", 3 * WINDOW)
     monkeypatch.setattr(prefill, "MEMORY_BLOCK", 2 * WINDOW)
     if variant == "exact":
         monkeypatch.setattr(model.config, "torch_attention", False)
@@ -331,7 +326,7 @@ def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypat
     # batch 1: chunks of 3, 3 and 1 windows; batch 2: 1 window each
     expected = [3, 3, 1] if rows == 1 else [1] * 7
     assert chunks[:len(expected) * layers:layers] == expected, chunks
-    window_by_window(monkeypatch)
+    monkeypatch.setattr(model.config, "prefill_chunk_tokens", 0)  # one window at a time
     chunks.clear()
     reference = prefill_then_steps(model, ids, splits[:1])[:2], prefill_then_steps(
         model, ids, splits[1:] + [WINDOW * 6])[:2]
@@ -342,10 +337,14 @@ def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypat
 
 
 def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
-    # GPU only: cuDNN (memory blocks, own windows) and FlashAttention (earlier windows of the
-    # chunk) in bfloat16, the efficient kernel in float32, against one window at a time.
-    monkeypatch.setattr(prefill, "CHUNK_TOKENS", 4 * WINDOW)
+    # GPU only: cuDNN in bfloat16 (FlashAttention for a memory block that is not whole
+    # windows), the efficient kernel in float32, against one window at a time.
+    monkeypatch.setattr(model.config, "prefill_chunk_tokens", 4 * WINDOW)
     monkeypatch.setattr(prefill, "MEMORY_BLOCK", 2 * WINDOW)
+    calls = []
+    partial = prefill.partial_attention
+    monkeypatch.setattr(prefill, "partial_attention", lambda q, *args, **kwargs: calls.append(
+        (q.dtype, kwargs.get("steady"))) or partial(q, *args, **kwargs))
     ids = ids_of(11 * WINDOW + 5, seed=8).cuda()
     splits = [11 * WINDOW + 2]
     results = {}
@@ -353,13 +352,20 @@ def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
         gpu = type(model)(model.config).to("cuda", dtype).eval()
         gpu.load_state_dict(model.state_dict())
         results[dtype] = prefill_then_steps(gpu, ids, splits)[:2]
-    window_by_window(monkeypatch)
+    assert {(torch.float32, True), (torch.bfloat16, True)} <= set(calls), set(calls)
+    monkeypatch.setattr(model.config, "prefill_chunk_tokens", 0)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         gpu = type(model)(model.config).to("cuda", dtype).eval()
         gpu.load_state_dict(model.state_dict())
         want = prefill_then_steps(gpu, ids, splits)[:2]
         for got, expected in zip(results[dtype], want):
             torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=0)
+
+
+def test_prefill_chunk_tokens_must_not_be_negative():
+    # (Hugging Face's strict config runs validate_fot when built and wraps its error.)
+    with pytest.raises(Exception, match="prefill_chunk_tokens must be >= 0"):
+        FoTLlamaConfig(mem_layers=[1], num_hidden_layers=2, prefill_chunk_tokens=-1)
 
 
 def test_a_dropped_cache_is_freed_at_once(model):

@@ -31,6 +31,10 @@ class FoTLlamaConfig(LlamaConfig):
         ``max_position_embeddings``); defaults to ``last_context_length``.
     decode_graphs (`bool`): on CUDA, run one-token generation steps as a CUDA graph over
         preallocated buffers (``decode_fot_llama.StaticDecoder``).
+    prefill_chunk_tokens (`int`): without autograd, whole windows of rows alike go through
+        each layer together, up to this many tokens (all rows) at a time
+        (``prefill_fot_llama``); more is faster and holds larger activations; ``0`` runs
+        one window at a time.
     torch_attention (`bool`): use ``torch.nn.functional.scaled_dot_product_attention``;
         ``False`` uses an explicit float32 softmax (slower, a reference).
     """
@@ -45,6 +49,7 @@ class FoTLlamaConfig(LlamaConfig):
     window_rule: str = "aligned"
     local_window_limit: int | None = None
     decode_graphs: bool = True
+    prefill_chunk_tokens: int = 8192
     torch_attention: bool = True
 
     def __post_init__(self, **kwargs):
@@ -70,6 +75,9 @@ class FoTLlamaConfig(LlamaConfig):
         if limit is not None and limit < self.last_context_length:
             raise ValueError(f"local_window_limit ({limit}) must be >= last_context_length "
                              f"({self.last_context_length})")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0 (0: one window at a time), "
+                             f"got {self.prefill_chunk_tokens}")
         grouping = self.mem_attention_grouping
         if grouping is not None and (len(grouping) != 2 or min(grouping) < 1):
             raise ValueError(f"mem_attention_grouping must be two positive integers "

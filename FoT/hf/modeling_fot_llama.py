@@ -373,7 +373,8 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         self._reserve(cache, batch, cache.memory_lengths[0] + cache.local_lengths[0] + length,
                       rope.cos)
         outputs, kept = [], 0
-        for whole, pieces in self._chunks(cache, cache.plan(0, length), batch):
+        most = chunk_windows(self.config.prefill_chunk_tokens, batch, cache.window)
+        for whole, pieces in self._chunks(cache, cache.plan(0, length), most):
             start, end = pieces[0][0], pieces[-1][1]
             if inputs_embeds is None:
                 piece = self.embed_tokens(input_ids[:, start:end])
@@ -390,12 +391,12 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         return torch.cat(outputs, dim=1)
 
     @staticmethod
-    def _chunks(cache, plan, batch):
+    def _chunks(cache, plan, most):
         """``plan``'s pieces in groups ``(whole, pieces)``: runs of whole windows that start
         with an empty local window (``whole``: one chunk for :meth:`_chunk_pieces`, at most
-        :func:`prefill_fot_llama.chunk_windows` long), or single other pieces."""
-        window, most = cache.window, chunk_windows(batch, cache.window)
-        fits = cache.rule == "aligned" and cache.local_capacity == window
+        ``most`` windows long; none when ``most`` is 0), or single other pieces."""
+        window = cache.window
+        fits = most and cache.rule == "aligned" and cache.local_capacity == window
         local, groups = cache.local_lengths[0], []
         for piece in plan:
             start, end, evict = piece
