@@ -80,7 +80,7 @@ class StaticDecoder:
 
     def _capture(self, hidden_in):
         self.input = hidden_in.clone()
-        stream = torch.cuda.Stream()
+        stream = _side_stream(hidden_in.device)
         stream.wait_stream(torch.cuda.current_stream())
         # Warm-up outside the graph (kernel selection, workspace allocation); it writes the
         # same entries the replay will write again.
@@ -143,6 +143,18 @@ class StaticDecoder:
         scores = torch.matmul(queries, keys.transpose(2, 3)) + bias[..., :keys.shape[2]]
         out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, KV, G, D]
         return attn.o_proj(out.reshape(batch, 1, -1))
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """One side stream per device for every capture: cuBLAS keeps a workspace (32 MiB on
+    Hopper) for each stream it has run on until the process ends, so a new stream per
+    capture leaked that much GPU memory per generation."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def fused_rms_norm(module, x):

@@ -234,10 +234,18 @@ class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
         return hidden + self.mlp(fused_rms_norm(self.post_attention_layernorm, hidden))
 
     def infer_chunk(self, hidden, layer, chunk):
-        """Inference form over whole windows (:func:`prefill_fot_llama.chunk_attention`)."""
+        """Inference form over whole windows (:func:`prefill_fot_llama.chunk_attention`);
+        the MLP's activation and product are computed in place (the chunk's largest
+        tensors: a third less memory at its peak)."""
         hidden = hidden + chunk_attention(
             self.self_attn, fused_rms_norm(self.input_layernorm, hidden), layer, chunk)
-        return hidden + self.mlp(fused_rms_norm(self.post_attention_layernorm, hidden))
+        mlp, normed = self.mlp, fused_rms_norm(self.post_attention_layernorm, hidden)
+        gate = mlp.gate_proj(normed)
+        if mlp.config.hidden_act == "silu":
+            F.silu(gate, inplace=True)
+        else:
+            gate = mlp.act_fn(gate)
+        return hidden + mlp.down_proj(gate.mul_(mlp.up_proj(normed)))
 
 
 class _Step:

@@ -146,10 +146,17 @@ def chunk_attention(attn, hidden, layer, chunk):
     q = attn.q_proj(hidden).view(batch, length, heads, dim)
     k = attn.k_proj(hidden).view(batch, length, kv_heads, dim)
     v = attn.v_proj(hidden).view(batch, length, kv_heads, dim)
-    raw_k = k if layer.has_memory else None
+    end = memory + length
+    last = slice(length - window, length)
+    if layer.has_memory:
+        # The chunk's windows as memory (un-rotated keys), where later windows read them;
+        # the last one stays local: its un-rotated keys aside, rotated ones below.
+        layer.keys[:, :, memory:end] = k.transpose(1, 2)
+        layer.values[:, :, memory:end] = v.transpose(1, 2)
+        if layer.raw_keys is not None:
+            layer.raw_keys[:, :, :window] = k[:, last].transpose(1, 2)
     if layer.rotated:
         q, k = rotate(q, chunk.cos, chunk.sin), rotate(k, chunk.cos, chunk.sin)
-    last = slice(length - window, length)
     exact = not config.torch_attention
     local_k, local_v = chunk.rows(k), chunk.rows(v)
     if not layer.has_memory:
@@ -161,16 +168,10 @@ def chunk_attention(attn, hidden, layer, chunk):
         layer.write(None, 0, 0, k[:, last].transpose(1, 2), None, v[:, last].transpose(1, 2))
         out = out.transpose(1, 2).reshape(batch, length, heads * dim)
         return attn.o_proj(out)
-    # The chunk's windows as memory (un-rotated keys); the last one stays local: rotated keys
-    # in the buffer, un-rotated ones aside.
-    end = memory + length
-    layer.keys[:, :, memory:end] = raw_k.transpose(1, 2)
-    layer.values[:, :, memory:end] = v.transpose(1, 2)
     if layer.raw_keys is not None:
         layer.keys[:, :, end - window:end] = k[:, last].transpose(1, 2)
-        layer.raw_keys[:, :, :window] = raw_k[:, last].transpose(1, 2)
     # Own window: causal over the rotated keys; the running result (token-major, float32)
-    # starts from it.
+    # starts from it.  The rest reads keys and values from the buffer.
     windows, rows = chunk.windows, chunk.batch * chunk.windows
     out, part_lse = partial_attention(chunk.rows(q), *_repeat_heads(local_k, local_v, heads),
                                       True, steady=True, exact=exact)
@@ -178,28 +179,30 @@ def chunk_attention(attn, hidden, layer, chunk):
     lse = torch.empty(batch, windows, window, heads, dtype=torch.float32, device=q.device)
     acc.view(rows, window, heads, dim).copy_(out.transpose(1, 2))
     lse.view(rows, window, heads).copy_(part_lse.transpose(1, 2))
-    del out, part_lse, k, local_k, local_v
-    _earlier_windows(q, raw_k, v, acc, lse, exact)
-    del raw_k, v
+    del out, part_lse, k, v, local_k, local_v
+    _earlier_windows(q, layer, memory, acc, lse, exact)
     _memory_blocks(q, layer, memory, acc, lse, exact)
     return attn.o_proj(acc.to(hidden.dtype).view(batch, length, heads * dim))
 
 
-def _earlier_windows(q, raw_k, v, acc, lse, exact):
+def _earlier_windows(q, layer, memory, acc, lse, exact):
     """Fold into ``acc`` ``[B, K, W, H, D]`` / ``lse`` ``[B, K, W, H]`` what each window's
-    queries (``q`` ``[B, K*W, H, D]``) see of the chunk's earlier windows (un-rotated keys
-    ``raw_k``, values ``v`` ``[B, K*W, KV, D]``), by distance: windows ``d..`` read windows
+    queries (``q`` ``[B, K*W, H, D]``) see of the chunk's earlier windows (un-rotated, in
+    ``layer``'s buffer after ``memory`` tokens), by distance: windows ``d..`` read windows
     ``..K-1-d``, one row per pair."""
     batch, windows, window, heads, dim = acc.shape
 
-    def pairs(x, lo, hi):
-        x = x.view(batch, windows, window, *x.shape[2:])[:, lo:hi]
-        return x.reshape(batch * (hi - lo), window, *x.shape[3:]).transpose(1, 2)
+    def stored(buffer, count):  # [B, KV, cap, D] -> windows 0 .. count-1, a row each
+        x = buffer[:, :, memory:memory + count * window].to(q.dtype)
+        x = x.view(batch, x.shape[1], count, window, dim).transpose(1, 2)
+        return x.reshape(batch * count, x.shape[2], window, dim)
 
     for distance in range(1, windows):
         count = windows - distance
-        out, part_lse = grouped_partial(pairs(q, distance, windows), pairs(raw_k, 0, count),
-                                        pairs(v, 0, count), steady=True, exact=exact)
+        queries = q.view(batch, windows, window, heads, dim)[:, distance:]
+        queries = queries.reshape(batch * count, window, heads, dim).transpose(1, 2)
+        out, part_lse = grouped_partial(queries, stored(layer.keys, count),
+                                        stored(layer.values, count), steady=True, exact=exact)
         fold(acc[:, distance:], lse[:, distance:],
              out.view(batch, count, heads, window, dim).transpose(2, 3),
              part_lse.view(batch, count, heads, window).transpose(2, 3))
