@@ -216,15 +216,18 @@ def run_jax_case(model, length, batch, decode_tokens):
     start = time.perf_counter()
     logits = jax.block_until_ready(model.step(state, tokens, last_only=True)[:, -1])
     prefill = time.perf_counter() - start
-    token = np.asarray(logits.argmax(-1))[:, None]
+    # Greedy steps as WindowedLM.generate takes them: tokens chosen and fed back on device.
+    token = logits.argmax(-1)[:, None]
     generated = [token]
-    token = np.asarray(model.step(state, token, last_only=True)[:, -1].argmax(-1))[:, None]
-    generated.append(token)  # untimed, as torch's
+    token = model.step(state, token, last_only=True)[:, -1].argmax(-1)[:, None]
+    generated.append(jax.block_until_ready(token))  # untimed, as torch's
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        token = np.asarray(model.step(state, token, last_only=True)[:, -1].argmax(-1))[:, None]
+        token = model.step(state, token, last_only=True)[:, -1].argmax(-1)[:, None]
         generated.append(token)
+    jax.block_until_ready(token)
     decode = time.perf_counter() - start
+    generated = [np.asarray(t) for t in generated]
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     grouping = model.options.attention_grouping

@@ -74,6 +74,29 @@ def test_generation_modes(tiny):
     np.testing.assert_array_equal(stopped, [[first]])
 
 
+def test_greedy_generation_on_device_equals_the_host_loop(tiny):
+    # Greedy tokens are chosen and fed back on the device (the host checks for the end of
+    # every row only now and then); the result is the host loop's (top_k=1 sampling), also
+    # where rows end at different steps and where all end before max_new_tokens.
+    _, _, model = tiny
+    prompt = np.random.default_rng(4).integers(0, 61, size=(2, WINDOW + 3))
+    host = model.generate(prompt, 40, temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(model.generate(prompt, 40), host)
+    for eos in {int(host[0, 3]), int(host[1, 20]), int(host[0, 35])}:
+        expected = model.generate(prompt, 40, temperature=1.0, top_k=1, eos_token_id=eos)
+        got = model.generate(prompt, 40, eos_token_id=eos)
+        np.testing.assert_array_equal(got, expected, err_msg=f"eos {eos}")
+    # a device token steps as its host copy does
+    states = [model.new_state(2), model.new_state(2)]
+    for state in states:
+        model.step(state, prompt)
+    token = jnp.asarray(host[:, :1])
+    on_device = model.step(states[0], token, last_only=True)
+    np.testing.assert_array_equal(np.asarray(on_device),
+                                  np.asarray(model.step(states[1], host[:, :1], last_only=True)))
+    assert states[0].local_length.tolist() == states[1].local_length.tolist()
+
+
 def test_bad_options_fail_clearly():
     with pytest.raises(ValueError, match="last_context_length must be >= 1"):
         MemoryOptions(0)

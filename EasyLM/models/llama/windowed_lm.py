@@ -15,7 +15,7 @@ anywhere), every row plans its own pieces, and the rows' pieces run in lockstep,
 of every row in one call.  Each call is one jitted pass over the whole model; the local
 windows and the memory stay on device in fixed-size buffers (memory grows by doubling, which
 recompiles), so a long input compiles twice (a full piece and a one-token step) and then only
-streams.
+streams.  Greedy generation chooses and feeds back its tokens on the device.
 """
 import copy
 import dataclasses
@@ -153,6 +153,8 @@ class WindowedLM:
         anywhere.  A row's real tokens, in order, continue that row's stream; padding
         positions get zero logits.
         """
+        if isinstance(tokens, jax.Array) and mask is None and tokens.shape[-1:] == (1,):
+            return self._token_step(state, tokens.reshape(-1, 1))
         tokens = np.atleast_2d(np.asarray(tokens, np.int32))
         mask = _as_mask(tokens, mask)
         options = self.options
@@ -162,7 +164,6 @@ class WindowedLM:
                  for local, stream in zip(state.local_length, streams)]
         self._reserve(state, int((state.memory_length + state.local_length
                                   + mask.sum(axis=1)).max()))
-        limit = np.iinfo(np.int32).max if self.memory_limit is None else self.memory_limit
         # source[b, c]: where row b's c-th real token's logits land in the pieces' outputs.
         source = np.zeros(tokens.shape, np.int32)
         outputs, offset = [], 0
@@ -177,9 +178,7 @@ class WindowedLM:
                 piece[row, :end - start] = streams[row][start:end]
                 num_valid[row], evict[row] = end - start, out
                 source[row, start:end] = offset + np.arange(end - start)
-            logits, state.caches = self._forward(self.params, state.caches, piece, num_valid,
-                                                 evict, state.local_length, state.memory_length,
-                                                 limit)
+            logits = self._advance(state, piece, num_valid, evict)
             if last_only:  # each row's last real token, not [B, N, V] logits
                 last = jnp.take_along_axis(
                     logits, jnp.asarray(np.maximum(num_valid - 1, 0))[:, None, None], axis=1)
@@ -188,8 +187,6 @@ class WindowedLM:
             else:
                 outputs.append(logits)
             offset += width
-            state.local_length = state.local_length - evict + num_valid
-            state.memory_length = state.memory_length + evict
         if last_only:
             if not outputs:
                 return jnp.zeros((len(tokens), 1, self.vocab_size), jnp.dtype(options.dtype))
@@ -205,6 +202,27 @@ class WindowedLM:
             index[row, keep] = source[row, :keep.sum()]
         logits = jnp.take_along_axis(logits, jnp.asarray(index)[..., None], axis=1)
         return jnp.where(jnp.asarray(mask)[..., None], logits, 0)
+
+    def _advance(self, state, piece, num_valid, evict):
+        """Run one lockstep piece ``[B, width]`` (row ``b``: ``num_valid[b]`` tokens after
+        evicting ``evict[b]`` window entries); its logits, the state updated."""
+        limit = np.iinfo(np.int32).max if self.memory_limit is None else self.memory_limit
+        logits, state.caches = self._forward(self.params, state.caches, piece, num_valid, evict,
+                                             state.local_length, state.memory_length, limit)
+        state.local_length = state.local_length - evict + num_valid
+        state.memory_length = state.memory_length + evict
+        return logits
+
+    def _token_step(self, state, tokens):
+        """One token per row, ``tokens`` ``[B, 1]`` left on the device (generation's own
+        choices): only the rows' lengths are planned on the host, so the host never waits
+        for the device between steps."""
+        options = self.options
+        evict = np.array([plan_windows(int(local), 1, options.last_context_length,
+                                       options.window_rule, options.local_window_limit)[0][2]
+                          for local in state.local_length], np.int32)
+        self._reserve(state, int((state.memory_length + state.local_length).max()) + 1)
+        return self._advance(state, tokens.astype(jnp.int32), np.ones_like(evict), evict)
 
     def logits(self, tokens, mask=None):
         """Logits ``[B, N, V]`` of a whole input (``mask`` as in :meth:`step`), as a numpy
@@ -269,6 +287,8 @@ class WindowedLM:
         rng = np.random.default_rng(seed)
         state = self.new_state(len(prompt), int(mask.sum(axis=1).max()) + max_new_tokens)
         logits = self.step(state, prompt, mask, last_only=True)[:, 0]
+        if temperature <= 0:
+            return self._greedy(state, logits, max_new_tokens, eos_token_id)
         done = np.zeros(len(prompt), bool)
         out = []
         for _ in range(max_new_tokens):
@@ -281,6 +301,32 @@ class WindowedLM:
                 break
             logits = self.step(state, token[:, None], last_only=True)[:, 0]
         return np.stack(out, axis=1)
+
+    def _greedy(self, state, logits, max_new_tokens, eos_token_id, check_every=16):
+        """Greedy generation with the tokens chosen and fed back on the device; the host
+        looks at them (whether every row has ended) only every ``check_every`` steps, and
+        the output is cut where :meth:`generate`'s host loop would have stopped."""
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        done = jnp.zeros(token.shape, bool)
+        out = []
+        while True:
+            if eos_token_id is not None:
+                token = jnp.where(done, eos_token_id, token)
+                done = done | (token == eos_token_id)
+            out.append(token)
+            if len(out) == max_new_tokens:
+                break
+            if (eos_token_id is not None and len(out) % check_every == 0
+                    and bool(done.all())):
+                break
+            logits = self._token_step(state, token[:, None])[:, 0]
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = np.asarray(jnp.stack(out, axis=1))
+        if eos_token_id is not None:  # after each row's end only eos follows
+            ended = np.logical_or.accumulate(tokens == eos_token_id, axis=1).all(axis=0)
+            if ended.any():
+                tokens = tokens[:, :int(ended.argmax()) + 1]
+        return tokens
 
 
 def _as_mask(tokens, mask):
