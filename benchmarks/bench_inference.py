@@ -358,7 +358,14 @@ def main_jax(args):
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for batch in (int(x) for x in args.batch_sizes.split(",")):
-            rows.append(run_jax_case(model, length, batch, args.decode_tokens))
+            try:
+                rows.append(run_jax_case(model, length, batch, args.decode_tokens))
+            except jax.errors.JaxRuntimeError as error:  # out of memory (or no kernel fits)
+                grouping = model.options.attention_grouping
+                rows.append(dict(framework="jax", mode="jit", length=length, batch=batch,
+                                 error=str(error).split("\n")[0][:80],
+                                 grouping="x".join(map(str, grouping)) if grouping
+                                 else "none"))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}),
                   flush=True)
     finish(args, name, weights_gib, rows, {})
