@@ -39,7 +39,13 @@ Parts:
   to choose ``mesh_dim``; on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
   gives fake devices.
 
-Every part runs on ``--mesh`` (default ``1,-1,1``: the batch over all devices).
+Every part runs on ``--mesh`` (default ``1,-1,1``: the batch over all devices).  With
+``--processes N`` each case runs as ``N`` processes of this host joined by ``jax.distributed``
+(one GPU each, NCCL between them: the path of a multi-host run; on CPU, each process's own
+host devices); every process feeds its block of the same global batch, process 0 reports and
+the peak memory is the largest of any process's.  The case key ``flip=true`` sets
+``flip_sharding_in_cross_batch`` (sharded memory layers exchange heads all-to-all instead of
+the halo of neighbouring rows).
 
 Device memory: each case's JAX takes what a training run gets from the runner, its default
 ``gpu_memory_fraction`` (``XLA_PYTHON_CLIENT_MEM_FRACTION``; JAX's own 75% would stop the
@@ -68,7 +74,7 @@ REMAT = {"slow": ("none", "nothing_saveable"),
          "fast": ("none", "dots_and_attention_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable")}
 CASE_KEYS = ("C", "batch", "length", "remat", "scan", "chunk", "attention", "cross_batch",
-             "packing", "stepping", "steps", "warmup", "lr")
+             "packing", "stepping", "steps", "warmup", "lr", "flip")
 DEFAULT_PARTS = ("throughput", "max_length", "check")
 PARTS = DEFAULT_PARTS + ("collectives",)
 
@@ -108,6 +114,10 @@ def parse_args(argv=None):
                    "a run cut short keeps the cases it finished)")
     p.add_argument("--profile", help="trace the timed steps of each case into DIR/<n>/ and "
                    "print the device time per kernel (Perfetto trace)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run every case as this many processes of this host joined by "
+                        "jax.distributed (the multi-host path: one process per GPU, NCCL "
+                        "between them); 1: one process drives all local devices")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -117,20 +127,24 @@ def parse_args(argv=None):
 
 
 class RandomTokens:
-    """Endless ``(batch, metrics)`` of Zipf-distributed tokens, the interface ``fit`` reads."""
+    """Endless ``(batch, metrics)`` of Zipf-distributed tokens, the interface ``fit`` reads:
+    ``batch_size`` rows in all (the same for any number of processes), of which this process
+    feeds block ``index`` of ``count``."""
 
-    def __init__(self, batch_size, seq_length, vocab_size, seed):
+    def __init__(self, batch_size, seq_length, vocab_size, seed, index=0, count=1):
         import numpy as np
         self.batch_size, self.seq_length, self.vocab_size = batch_size, seq_length, vocab_size
+        self.rows = batch_size // count
+        self.block = slice(index * self.rows, (index + 1) * self.rows)
         self._rng = np.random.default_rng(seed)
 
     def __iter__(self):
         import numpy as np
         while True:
-            draw = self._rng.zipf(1.3, (self.batch_size, self.seq_length + 1))
+            draw = self._rng.zipf(1.3, (self.batch_size, self.seq_length + 1))[self.block]
             tokens = ((draw - 1) % self.vocab_size).astype(np.int32)
             yield ({"input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
-                    "loss_masks": np.ones((self.batch_size, self.seq_length), np.float32)}, {})
+                    "loss_masks": np.ones((self.rows, self.seq_length), np.float32)}, {})
 
     def get_state_dict(self):
         return {}
@@ -154,6 +168,7 @@ def model_config(case):
         cross_batch_stepping=case["stepping"], dataset_packing=case["packing"],
         attention_implementation=case["attention"],
         cross_batch_implementation=case["cross_batch"], scan_layers=case["scan"],
+        flip_sharding_in_cross_batch=bool(case.get("flip")),
         remat_block="" if case["remat"] == "none" else case["remat"],
         max_sequence_length=max(case["length"], 2048))
     if case.get("vocab_size"):
@@ -169,7 +184,7 @@ def run_case(case):
     from EasyLM.jax_utils import get_jax_mesh
     from EasyLM.models.llama.llama_model import (resolve_attention_implementation,
                                                  resolve_cross_batch_implementation)
-    from EasyLM.trainer import LoopSettings, Trainer, fit
+    from EasyLM.trainer import LoopSettings, Trainer, data_split, fit
 
     config = model_config(case)
     optimizer = optimizers.get_default_config()
@@ -187,7 +202,9 @@ def run_case(case):
                   attention_resolved=resolve_attention_implementation(config, "bfloat16"),
                   cross_batch_resolved=(resolve_cross_batch_implementation(
                       config, case["length"], "bfloat16") if case["C"] > 0 else "-"))
-    data = RandomTokens(case["batch"], case["length"], config.vocab_size, case["seed"])
+    result["processes"] = jax.process_count()
+    data = RandomTokens(case["batch"], case["length"], config.vocab_size, case["seed"],
+                        *data_split(mesh))
     logger = Records()
     warmup, steps = case["warmup"], case["steps"]
     with jax.set_mesh(mesh):
@@ -283,9 +300,22 @@ def classify(error_text):
     return (lines[-1] if lines else "failed")[:160]
 
 
+def join_processes(process):
+    """``jax.distributed.initialize`` for a worker of a ``--processes`` case: one process
+    per GPU (``local_device_ids``), or on CPU each process's own host devices."""
+    import jax
+    kwargs = dict(coordinator_address=process["coordinator"],
+                  num_processes=process["count"], process_id=process["id"])
+    if "cpu" not in os.environ.get("JAX_PLATFORMS", ""):
+        kwargs["local_device_ids"] = [process["id"]]
+    jax.distributed.initialize(**kwargs)
+
+
 def worker_main(payload):
     case = json.loads(payload)
     try:
+        if case.get("process"):
+            join_processes(case["process"])
         result = run_case(case)
     except Exception as error:  # noqa: BLE001 - reported as the case's outcome
         result = {"error": classify(f"{type(error).__name__}: {error}")}
@@ -305,18 +335,20 @@ def in_subprocess(case, args):
         case = dict(case, profile=os.path.abspath(os.path.join(args.profile,
                                                                str(_CASE_COUNTER[0]))))
     start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--worker",
-                               json.dumps(case)], capture_output=True, text=True,
-                              env=args.case_environment, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
+    outputs = run_workers(case, args)
+    if outputs is None:
         return dict(case, error=f"timeout after {args.timeout:.0f} s")
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-    if result is None:
-        result = {"error": classify(proc.stderr or f"exit status {proc.returncode}")}
+    results = []
+    for returncode, stdout, stderr in outputs:
+        found = [json.loads(line[len("RESULT "):]) for line in stdout.splitlines()
+                 if line.startswith("RESULT ")]
+        results.append(found[-1] if found else
+                       {"error": classify(stderr or f"exit status {returncode}")})
+    # Process 0 reports; the peak memory is the largest of any process's GPU.
+    result = next((r for r in results if "error" in r), results[0])
+    peaks = [r["peak_gib"] for r in results if r.get("peak_gib")]
+    if len(results) > 1 and peaks:
+        result["peak_gib"] = max(peaks)
     result["wall_s"] = time.perf_counter() - start
     out = dict(case, **result)
     print(describe(out), flush=True)
@@ -326,6 +358,37 @@ def in_subprocess(case, args):
     if isinstance(out.get("profile_result"), dict):
         print_profile(out["profile_result"])
     return out
+
+
+def run_workers(case, args):
+    """``(returncode, stdout, stderr)`` of the case's worker process, or of each of its
+    ``--processes`` workers (same host, joined through ``jax.distributed``); None on
+    timeout."""
+    import socket
+    count = args.processes
+    cases = [case]
+    if count > 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cases = [dict(case, process=dict(coordinator=f"127.0.0.1:{port}", count=count, id=i))
+                 for i in range(count)]
+    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train", "--worker",
+                                 json.dumps(c)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=args.case_environment,
+                                cwd=REPO) for c in cases]
+    deadline = time.monotonic() + args.timeout
+    outputs = []
+    try:
+        for worker in workers:
+            stdout, stderr = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
+            outputs.append((worker.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        for worker in workers:
+            worker.kill()
+    return outputs
 
 
 def write_json(path, results):
@@ -366,7 +429,7 @@ def parse_cases(text, args):
             if key not in CASE_KEYS:
                 raise SystemExit(f"--cases: unknown key {key!r} in {item!r}; keys: {CASE_KEYS}")
             updates[key] = (value if key in ("remat", "attention", "cross_batch")
-                            else json.loads(value.lower()) if key in ("scan", "stepping")
+                            else json.loads(value.lower()) if key in ("scan", "stepping", "flip")
                             else float(value) if key == "lr" else int(value))
         cases.append(base_case(args, path, **updates))
     return cases

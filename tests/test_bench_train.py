@@ -54,12 +54,12 @@ def case_environments(monkeypatch, capsys, argv, gpu_total_gib=80.0):
     cases are not run, on a GPU of ``gpu_total_gib``."""
     environments = []
 
-    def record(command, env, **kwargs):
-        environments.append(env)
-        return subprocess.CompletedProcess(command, 0, 'RESULT {"error": "not run"}', "")
+    def record(case, args):
+        environments.append(args.case_environment)
+        return [(0, 'RESULT {"error": "not run"}', "")]
 
     monkeypatch.setattr(device_memory, "device_total_gib", lambda: gpu_total_gib)
-    monkeypatch.setattr(subprocess, "run", record)
+    monkeypatch.setattr(bench_train, "run_workers", record)
     status = bench_train.main(TINY + ["--parts", "throughput", "--cases",
                                       "fast:C=1;slow:C=1"] + argv)
     assert status == 0 and len(environments) == 2
@@ -127,18 +127,45 @@ def test_json_keeps_the_cases_finished_before_a_cut(tmp_path, monkeypatch):
     args = bench_train.parse_args(TINY + ["--json", str(out)])
     args.case_environment, args.finished, args.profile = dict(os.environ), [], None
 
-    def fake_run(command, **kwargs):
-        case = json.loads(command[-1])
+    def fake_run(case, args):
         if case["batch"] == 16:
             raise KeyboardInterrupt  # the run is killed during its second case
-        return subprocess.CompletedProcess(command, 0, stdout="RESULT " + json.dumps(
+        return [(0, "RESULT " + json.dumps(
             {"step_ms": 10.0, "tokens_per_s": 1.0, "mfu": 0.5, "peak_gib": 1.0,
              "final_loss": 5.0, "attention_resolved": "xla",
-             "cross_batch_resolved": "reference"}), stderr="")
+             "cross_batch_resolved": "reference"}), "")]
 
-    monkeypatch.setattr(bench_train.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_train, "run_workers", fake_run)
     bench_train.in_subprocess(bench_train.base_case(args, "fast", C=4, batch=8), args)
     with pytest.raises(KeyboardInterrupt):
         bench_train.in_subprocess(bench_train.base_case(args, "fast", C=4, batch=16), args)
     saved = json.loads(out.read_text())
     assert [(r["batch"], r["step_ms"]) for r in saved] == [(8, 10.0)]
+
+
+def test_processes_joined_by_jax_distributed_train_as_one(tmp_path):
+    """``--processes 2``: each case runs as two processes of this host joined through
+    ``jax.distributed`` (on a GPU host, one per GPU), each feeding its block of the same global
+    batch; the losses are the one-process run's on as many devices, and the halo and
+    all-to-all layouts of the sharded memory layers agree too."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    whole = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    runs = {}
+    for name, environment, argv in (
+            ("one", whole, []), ("two", env, ["--processes", "2"]),
+            ("two_heads", env, ["--processes", "2", "--cases", "fast:C=2,batch=8,flip=true"])):
+        out = tmp_path / f"{name}.json"
+        command = [sys.executable, "-m", "benchmarks.bench_train", *TINY, "--steps", "3",
+                   "--parts", "throughput", "--cases", "fast:C=2,batch=8", "--json", str(out),
+                   *argv]
+        result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = json.loads(out.read_text())[0]
+    for name, row in runs.items():
+        assert "error" not in row, (name, row)
+        assert row["devices"] == 4 and row["processes"] == (1 if name == "one" else 2)
+    assert runs["two_heads"]["flip"] is True
+    for name in ("two", "two_heads"):
+        assert runs[name]["losses"] == pytest.approx(runs["one"]["losses"], rel=1e-4), name
