@@ -22,6 +22,16 @@ def device_total_gib():
         return None
 
 
+def gpu_count():
+    """How many GPUs nvidia-smi lists, or None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
 def subprocess_environment(cap_gib=0.0, environ=os.environ):
     """``(environment for a subprocess that starts JAX, its memory setting in words)``.
 
