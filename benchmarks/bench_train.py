@@ -61,6 +61,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from benchmarks.device_memory import subprocess_environment
@@ -373,21 +374,32 @@ def run_workers(case, args):
             port = sock.getsockname()[1]
         cases = [dict(case, process=dict(coordinator=f"127.0.0.1:{port}", count=count, id=i))
                  for i in range(count)]
-    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train", "--worker",
-                                 json.dumps(c)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=args.case_environment,
-                                cwd=REPO) for c in cases]
-    deadline = time.monotonic() + args.timeout
-    outputs = []
-    try:
-        for worker in workers:
-            stdout, stderr = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
-            outputs.append((worker.returncode, stdout, stderr))
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        for worker in workers:
-            worker.kill()
+    # Output goes to files, not pipes: a worker whose pipe filled up while another was being
+    # read would stall, and with it every process of the case at its next collective.
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [(open(os.path.join(tmp, f"{i}.out"), "w+"),
+                 open(os.path.join(tmp, f"{i}.err"), "w+")) for i in range(len(cases))]
+        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train",
+                                     "--worker", json.dumps(c)], stdout=out, stderr=err,
+                                    text=True, env=args.case_environment, cwd=REPO)
+                   for c, (out, err) in zip(cases, logs)]
+        deadline = time.monotonic() + args.timeout
+        try:
+            for worker in workers:
+                worker.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            for worker in workers:
+                worker.kill()
+        outputs = []
+        for worker, files in zip(workers, logs):
+            texts = []
+            for f in files:
+                f.seek(0)
+                texts.append(f.read())
+                f.close()
+            outputs.append((worker.returncode, *texts))
     return outputs
 
 

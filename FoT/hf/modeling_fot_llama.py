@@ -33,7 +33,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm,
 from .cache_fot_llama import FoTCache, join
 from .configuration_fot_llama import FoTLlamaConfig
 from .decode_fot_llama import StaticDecoder, fused_rms_norm, rotate
-from .prefill_fot_llama import Chunk, chunk_attention, chunk_windows
+from .prefill_fot_llama import Chunk, chunk_attention, chunk_windows, repeat_heads
 
 
 # Decoding keeps off cuDNN attention: it builds a plan per shape, and the key length changes
@@ -97,8 +97,7 @@ def _attend(q, k, v, use_sdpa):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
     if use_sdpa and num_queries == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
-    if group > 1:  # the bottom-right causal bias does not take GQA
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k, v = repeat_heads(k, v, q.shape[1])  # the bottom-right causal bias does not take GQA
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v,
                                               attn_mask=causal_lower_right(num_queries, num_keys))
@@ -421,11 +420,10 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         """Whole windows ``pieces`` (``hidden`` ``[B, K*W, hidden]``, rows alike) through
         every layer at once; leaves the cache as the window-by-window path does."""
         batch, window, evict = hidden.shape[0], cache.window, pieces[0][2]
-        for row in range(batch):
-            if evict:
-                for layer_cache in cache.layers:
-                    layer_cache.to_memory(row, cache.memory_lengths[row], evict)
-                cache.move_to_memory(row, evict)
+        for row in range(batch if evict else 0):
+            for layer_cache in cache.layers:
+                layer_cache.to_memory(row, cache.memory_lengths[row], evict)
+            cache.move_to_memory(row, evict)
         chunk = Chunk(batch, len(pieces), window, cache.memory_lengths[0], rope)
         for layer, layer_cache in zip(self.layers, cache.layers):
             hidden = layer.infer_chunk(hidden, layer_cache, chunk)

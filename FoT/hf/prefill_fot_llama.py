@@ -85,6 +85,8 @@ def partial_attention(q, k, v, causal, steady=False, exact=False):
     if steady and q.device not in _CUDNN_FAILED:
         try:
             return _cudnn(q, k, v, causal)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # no cuDNN attention for this GPU or shape: FlashAttention
             _CUDNN_FAILED.add(q.device)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
@@ -103,7 +105,7 @@ def grouped_partial(q, k, v, **kwargs):
     return out.reshape(q.shape), lse.reshape(batch, heads, length)
 
 
-def _repeat_heads(k, v, heads):
+def repeat_heads(k, v, heads):
     """``k``/``v`` with as many heads as the queries (GQA: each key head repeated)."""
     group = heads // k.shape[1]
     if group == 1:
@@ -161,7 +163,7 @@ def chunk_attention(attn, hidden, layer, chunk):
     local_k, local_v = chunk.rows(k), chunk.rows(v)
     if not layer.has_memory:
         if exact:
-            out = _exact(chunk.rows(q), *_repeat_heads(local_k, local_v, heads), True)[0]
+            out = _exact(chunk.rows(q), *repeat_heads(local_k, local_v, heads), True)[0]
         else:
             out = torch.nn.functional.scaled_dot_product_attention(
                 chunk.rows(q), local_k, local_v, is_causal=True, enable_gqa=kv_heads < heads)
@@ -173,7 +175,7 @@ def chunk_attention(attn, hidden, layer, chunk):
     # Own window: causal over the rotated keys; the running result (token-major, float32)
     # starts from it.  The rest reads keys and values from the buffer.
     windows, rows = chunk.windows, chunk.batch * chunk.windows
-    out, part_lse = partial_attention(chunk.rows(q), *_repeat_heads(local_k, local_v, heads),
+    out, part_lse = partial_attention(chunk.rows(q), *repeat_heads(local_k, local_v, heads),
                                       True, steady=True, exact=exact)
     acc = torch.empty(batch, windows, window, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, windows, window, heads, dtype=torch.float32, device=q.device)
