@@ -373,6 +373,23 @@ def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
             torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=0)
 
 
+def test_chunk_sizes():
+    # tokens per chunk over rows x window, at least one window, at most MAX_CHUNK_WINDOWS
+    # (each chunk size's earlier-window shapes cost a cuDNN plan), none for 0
+    assert prefill.chunk_windows(8192, 1, 2048) == 4
+    assert prefill.chunk_windows(8192, 8, 2048) == 1
+    assert prefill.chunk_windows(8192, 1, 128) == prefill.MAX_CHUNK_WINDOWS == 8
+    assert prefill.chunk_windows(0, 1, 2048) == 0
+    # memory key blocks: whole MEMORY_BLOCKs, then powers of two windows, then a part window
+    assert prefill.memory_blocks(0, 2048) == []
+    assert prefill.memory_blocks(3 * 32768 + 7 * 2048, 2048) == [
+        (0, 32768), (32768, 65536), (65536, 98304), (98304, 98304 + 8192),
+        (98304 + 8192, 98304 + 12288), (98304 + 12288, 98304 + 14336)]
+    assert prefill.memory_blocks(300, 128) == [(0, 256), (256, 300)]
+    sizes = {b - a for m in range(0, 40 * 128, 128) for a, b in prefill.memory_blocks(m, 128)}
+    assert sizes == {128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768} & set(range(1, 5121))
+
+
 def test_prefill_chunk_tokens_must_not_be_negative():
     # (Hugging Face's strict config runs validate_fot when built and wraps its error.)
     with pytest.raises(Exception, match="prefill_chunk_tokens must be >= 0"):

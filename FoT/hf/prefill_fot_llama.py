@@ -26,9 +26,11 @@ import torch
 
 from .decode_fot_llama import rotate
 
-# Memory keys attended to per call (rounded down to whole windows; the last block of a
-# memory of whole windows is whole windows too: at most MEMORY_BLOCK / W shapes).
+# Memory keys attended to per call (rounded down to whole windows; see memory_blocks).
 MEMORY_BLOCK = 32768
+# Windows per chunk at most: a chunk of K windows attends to its earlier windows in K - 1
+# shapes, each a cuDNN plan (about 70 ms once): small windows would otherwise make dozens.
+MAX_CHUNK_WINDOWS = 8
 # Queries per score tensor of the explicit float32 path (``torch_attention=False``).
 EXACT_QUERIES = 512
 
@@ -37,9 +39,10 @@ _CUDNN_FAILED = set()
 
 def chunk_windows(tokens, batch, window):
     """Windows per chunk of at most ``tokens`` tokens (``config.prefill_chunk_tokens``) for
-    ``batch`` rows: at least one, none when ``tokens`` is 0.  The default 8192 holds about
-    0.4 GB of activations in a 2048-wide bfloat16 model and makes matrix products large."""
-    return max(1, tokens // (batch * window)) if tokens else 0
+    ``batch`` rows: at least one, at most :data:`MAX_CHUNK_WINDOWS`, none when ``tokens`` is
+    0.  The default 8192 holds about 0.4 GB of activations in a 2048-wide bfloat16 model and
+    makes matrix products large."""
+    return min(MAX_CHUNK_WINDOWS, max(1, tokens // (batch * window))) if tokens else 0
 
 
 def _exact(q, k, v, causal):
@@ -212,14 +215,28 @@ def _earlier_windows(q, layer, memory, acc, lse, exact):
 
 def _memory_blocks(q, layer, memory, acc, lse, exact):
     """Fold into ``acc``/``lse`` what all queries see of the ``memory`` tokens before the
-    chunk, in key blocks of a fixed size (:data:`MEMORY_BLOCK`)."""
+    chunk, in the blocks of :func:`memory_blocks`."""
     batch, windows, window, heads, dim = acc.shape
     length = windows * window
-    block = max(window, MEMORY_BLOCK // window * window)
-    for start in range(0, memory, block):
-        stop = min(start + block, memory)
+    for start, stop in memory_blocks(memory, window):
         part = grouped_partial(q.transpose(1, 2), layer.keys[:, :, start:stop].to(q.dtype),
                                layer.values[:, :, start:stop].to(q.dtype),
                                steady=(stop - start) % window == 0, exact=exact)
         fold(acc.view(batch, length, heads, dim).transpose(1, 2),
              lse.view(batch, length, heads).transpose(1, 2), *part)
+
+
+def memory_blocks(memory, window):
+    """``(start, stop)`` of the key blocks of a memory of ``memory`` tokens: whole blocks of
+    :data:`MEMORY_BLOCK` (rounded down to whole windows), then the rest in blocks of a power
+    of two windows, largest first, then what is left of a window.  Whole-window blocks come
+    in at most ``log2(MEMORY_BLOCK / W) + 1`` sizes: few cuDNN plans for any length."""
+    block = max(window, MEMORY_BLOCK // window * window)
+    blocks, start = [], 0
+    while start < memory:
+        size = min(block, memory - start)
+        if window <= size < block:
+            size = window * 2 ** ((size // window).bit_length() - 1)
+        blocks.append((start, start + size))
+        start += size
+    return blocks
