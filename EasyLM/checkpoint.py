@@ -149,12 +149,16 @@ def _restore_args(tree, shardings):
 
 
 def get_default_config(updates=None):
-    """``checkpointer.*``: how train checkpoints are kept (when is set by ``save_*_freq``)."""
+    """``checkpointer.*``: how train checkpoints are kept (when is set by ``save_*_freq``) and
+    whether a signal that stops the run saves one (:class:`EasyLM.run.StopSignals`)."""
     config = ConfigDict(
         keep_last=Option(2, "rolling (non-milestone) checkpoints kept; older ones are deleted "
                          "once a newer one is complete; 0 keeps every checkpoint"),
         async_save=Option(True, "write in a background thread after copying the state to host "
                           "memory"),
+        save_on_signal=Option(True, "on SIGTERM or SIGINT, finish the step, save a checkpoint "
+                              "at it and exit (a second signal exits at once, keeping the last "
+                              "complete checkpoint); false exits after the step without saving"),
     )
     return config.copy_and_update(updates)
 

@@ -31,14 +31,18 @@ class ConfigDict(dict):
     """A dict with attribute access whose set of keys is fixed by its defaults.
 
     Values may be declared as :class:`Option`; the dict holds the default and keeps the meaning
-    aside (``describe``).  A ``ConfigDict`` passed positionally brings its meanings along."""
+    aside (``describe``).  A ``ConfigDict`` passed positionally brings its meanings (and
+    sources) along.  ``update_from`` notes which source set each key, so that a value of the
+    wrong type is refused saying where the value it replaces came from."""
 
     def __init__(self, *args, **kwargs):
         super().__init__()
         object.__setattr__(self, "_help", {})
+        object.__setattr__(self, "_sources", {})  # key -> the update_from source that set it
         for source in args:
             if isinstance(source, ConfigDict):
                 self._help.update(source._help)
+                self._sources.update(source._sources)
         for key, value in dict(*args, **kwargs).items():
             if isinstance(value, Option):
                 self._help[key] = value.help
@@ -59,6 +63,7 @@ class ConfigDict(dict):
     def __deepcopy__(self, memo):
         copied = ConfigDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
         copied._help.update(self._help)
+        copied._sources.update(self._sources)
         return copied
 
     def copy_and_update(self, updates=None, prefix=""):
@@ -67,8 +72,9 @@ class ConfigDict(dict):
             config.update_from(updates, prefix)
         return config
 
-    def update_from(self, updates, prefix=""):
-        """Apply nested or dotted updates; unknown keys raise ``ConfigError``."""
+    def update_from(self, updates, prefix="", source="an earlier update"):
+        """Apply nested or dotted updates; unknown keys raise ``ConfigError``.  ``source``
+        (e.g. ``"the command line"``) names these updates in later type errors."""
         if isinstance(updates, str):
             updates = json.loads(updates)
         for key, value in dict(updates).items():
@@ -81,11 +87,12 @@ class ConfigDict(dict):
                 if not isinstance(current, ConfigDict):
                     raise ConfigError(f"config key '{full}' is a value, not a group; "
                                       f"'{full}.{rest}' does not exist")
-                current.update_from({rest: value}, full + ".")
+                current.update_from({rest: value}, full + ".", source)
             elif isinstance(current, ConfigDict) and isinstance(value, dict):
-                current.update_from(value, full + ".")
+                current.update_from(value, full + ".", source)
             else:
-                self[head] = coerce_like(current, value, full)
+                self[head] = coerce_like(current, value, full, self._sources.get(head))
+                self._sources[head] = source
         return self
 
     def _leaves(self, prefix=""):
@@ -121,12 +128,13 @@ def unknown_key_message(key, valid, prefix=""):
     return f"unknown config key '{key}'.{hint}"
 
 
-def coerce_like(default, value, key):
-    """Convert a command-line or JSON value to the type of its default."""
-    if default is None or value is None:
+def coerce_like(current, value, key, source=None):
+    """Convert a command-line or JSON value to the type of the key's ``current`` value: its
+    declared default, or what ``source`` set it to."""
+    if current is None or value is None:
         return value
     try:
-        if isinstance(default, bool):
+        if isinstance(current, bool):
             if isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered in ("1", "true", "yes", "on"):
@@ -135,17 +143,18 @@ def coerce_like(default, value, key):
                     return False
                 raise ValueError(value)
             return bool(value)
-        if isinstance(default, int) and not isinstance(value, bool):
+        if isinstance(current, int) and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
-        if isinstance(default, float):
+        if isinstance(current, float):
             return float(value)
-        if isinstance(default, str):
+        if isinstance(current, str):
             return value if isinstance(value, str) else json.dumps(value)
     except (TypeError, ValueError):
+        given = f"default {current!r}" if source is None else f"{source} gives {current!r}"
         raise ConfigError(f"config key '{key}': cannot use {value!r} where a "
-                          f"{type(default).__name__} is expected (default {default!r})") from None
+                          f"{type(current).__name__} is expected ({given})") from None
     return value
 
 

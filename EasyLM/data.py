@@ -181,10 +181,18 @@ def process_record(processor, payload):
 
 
 class SkipReport:
-    """Skipped lines aggregated per reason: one warning per reason with its count and the
-    first few locations, instead of one warning per line."""
+    """Skipped lines of the first pass, reported as they are read and counted per reason.
+
+    Each of the first ``LINES_PER_FILE`` skipped lines of a file is logged (INFO, with the
+    run's progress lines) when it is read, its location spelt as the path was given; the
+    later ones are only counted.  Every ``REPORT_LINES`` lines read and at the end of the
+    first pass come the warnings: one per reason, with its count and first locations.  The
+    report lives in the main process (tokenizer processes return reasons, not messages), so
+    each line is reported once; it is not part of the saved state, so after a restore the
+    lines read from there on are reported afresh."""
 
     LOCATIONS = 3
+    LINES_PER_FILE = 3
     # Also report after this many lines, so a long first pass is reported as it goes.
     REPORT_LINES = 100_000
 
@@ -192,17 +200,29 @@ class SkipReport:
         self.name = name
         self.lines = 0  # read since the last report
         self._reasons = {}  # reason -> [count, first locations]
+        self._shown = collections.Counter()  # file -> its skipped lines logged when read
 
-    def read(self, where, reason=None):
-        """One line read, skipped for ``reason`` unless it is None."""
+    def read(self, where, reason=None, file=None):
+        """One line of ``file`` (any key naming it) read, skipped for ``reason`` unless it
+        is None."""
         self.lines += 1
         if reason is not None:
+            self._show(where, reason, file)
             entry = self._reasons.setdefault(reason, [0, []])
             entry[0] += 1
             if len(entry[1]) < self.LOCATIONS:
                 entry[1].append(where)
         if self.lines >= self.REPORT_LINES:
             self.warn()
+
+    def _show(self, where, reason, file):
+        self._shown[file] += 1
+        shown = self._shown[file]
+        if shown <= self.LINES_PER_FILE:
+            last = ("" if shown < self.LINES_PER_FILE else
+                    "; further skipped lines of this file are only counted, in the warnings "
+                    f"every {self.REPORT_LINES} lines and at the end of the first pass")
+            logger.info("%s: skipped %s: %s%s", self.name, where, reason, last)
 
     def warn(self):
         """One warning per reason seen since the last report."""
@@ -289,10 +309,15 @@ class _DocumentDataset:
 
     Subclasses provide ``_initial_position()`` and ``_records(position)``: an endless
     generator of ``(position_after_record, where, payload)``, ``position`` a small dict with
-    at least ``pass``; and call ``_check_fields()`` once they can read."""
+    at least ``pass`` (and ``file_index`` where there are files); and ``_parts()``: the
+    ``(records from its start, name)`` of each part of the data (each file), for the start-up
+    check ``_check_data()`` that they call once they can read.  ``RECORDS`` names the
+    records in messages."""
 
-    # Records read at start-up to check that the configured fields exist.
-    PEEK_RECORDS = 100
+    RECORDS = "lines"
+    # Records of each part of the data read, at most, at start-up to find a usable document:
+    # a bound, so that data that is mostly broken at its start is refused too.
+    CHECK_RECORDS = 1000
 
     def __init__(self, config, tokenizer, text_processor, process_index, process_count, name):
         self.config = config
@@ -329,36 +354,66 @@ class _DocumentDataset:
         if config.tokenizer_processes < 1:
             raise ConfigError(f"{name}.tokenizer_processes must be >= 1")
 
-    def _first_records(self):
-        return self._records(self._initial_position())
+    def _long_enough(self, tokens):
+        return len(tokens) >= self.config.min_example_length
 
-    def _check_fields(self):
-        """Fail at start-up, not after a whole pass of skipped lines, when the first records
-        are JSON objects but none has what the text processor's fields name."""
-        processor = self._text_processor
-        fields, errors, peeked = set(), [], 0
-        records = self._first_records()
+    def _check_data(self):
+        """Refuse, before anything runs, data that cannot train: a part that is empty or
+        broken (see ``_check_records``), or parts whose documents are all too short."""
+        short = [self._check_records(records, name) for records, name in self._parts()]
+        if all(short):
+            raise short[0]
+
+    def _check_records(self, records, name):
+        """Refuse part ``name`` of the data (a file, or the whole dataset) when its first
+        records give no document: it is empty, or they are not JSON objects or lack the text
+        processor's fields.  ``records`` (from the start of ``name``) are read until the first
+        usable document, at most ``CHECK_RECORDS`` of them, and judged as the reader judges
+        them, so a file of many GB costs a few lines.  Returns the error to give when every
+        document of the part (all of it read) is shorter than min_example_length: another part
+        may have long ones, and a filter for rare long documents may pass only short ones
+        first, so that is an error only when no part gives a usable document."""
+        processor, key = self._text_processor, f"{self.prefix}.path"
+        count, first, fields, longest = 0, {}, set(), None
         try:
-            for _, where, payload in itertools.islice(records, self.PEEK_RECORDS):
-                peeked += 1
+            for _, where, payload in itertools.islice(records, self.CHECK_RECORDS):
+                count += 1
                 try:
                     example = parse_record(payload)
-                except DocumentError:
-                    continue  # a broken line says nothing about the fields
-                try:
-                    processor(example)
-                    return
                 except DocumentError as error:
-                    errors.append(f"{where}: {error}")
+                    first.setdefault("broken", f"{where}: {error}")
+                    continue
+                try:
+                    tokens = processor(example)[0]
+                except DocumentError as error:
+                    first.setdefault("unfit", f"{where}: {error}")
                     fields.update(example)
+                    continue
+                if self._long_enough(tokens):
+                    return None
+                longest = max(longest or 0, len(tokens))
         finally:
             records.close()
-        if errors:
-            key = "fields_from_example" if processor.config.fields_from_example else "fields"
+        ended = count < self.CHECK_RECORDS
+        span = f"{'' if ended else 'first '}{count} {self.RECORDS}"
+        if longest is not None:
+            if not ended:
+                return None
+            minimum = self.config.min_example_length
+            return ConfigError(
+                f"{self.prefix}.min_example_length={minimum} drops every document of {key} "
+                f"({name}): none of its {span} gives {minimum} tokens (the longest "
+                f"{longest}); lower it")
+        if "unfit" in first:
+            fields_key = "fields_from_example" if processor.config.fields_from_example else "fields"
             raise ConfigError(
-                f"{processor.name}.{key}={processor.config[key]!r} does not fit the data of "
-                f"{self.prefix}: none of its first {peeked} records gives a document (first: "
-                f"{errors[0]}); the records have the fields {', '.join(sorted(fields))}")
+                f"{processor.name}.{fields_key}={processor.config[fields_key]!r} does not fit "
+                f"the data of {key} ({name}): none of its {span} gives a document (first: "
+                f"{first['unfit']}); the records have the fields {', '.join(sorted(fields))}")
+        if count:
+            raise ConfigError(f"{key}: none of the {span} of {name} is a JSON object (first: "
+                              f"{first['broken']}); give one JSON object per line")
+        raise ConfigError(f"{key}: {name} holds no {self.RECORDS}")
 
     def _documents_from(self, position):
         """Documents for the pipeline; keeps ``self._position`` just after the last one drawn."""
@@ -381,10 +436,11 @@ class _DocumentDataset:
                 if position["pass"] == 0 and (self._furthest is None
                                               or tuple(position.values()) > self._furthest):
                     self._furthest = tuple(position.values())
-                    self._skips.read(where, outcome if skipped else None)
+                    self._skips.read(where, outcome if skipped else None,
+                                     position.get("file_index"))
                 if skipped:
                     continue
-                if len(outcome[0]) < self.config.min_example_length:
+                if not self._long_enough(outcome[0]):
                     self._counters["filtered_examples"] += 1
                 else:
                     empty_passes = 0
@@ -490,9 +546,23 @@ def _resolve_files(path, key):
             raise ConfigError(f"{key}: {part} does not exist")
         if not matches:
             raise ConfigError(f"{key}: {part} matches no JSON-lines file")
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        files += [(fs, match, match if local else fs.unstrip_protocol(match)) for match in matches]
+        files += [(fs, match, _as_given(part, fs_path, match, fs)) for match in matches]
     return files
+
+
+def _fixed_part(path):
+    """``path`` up to the last '/' before its first glob character; all of it (without a
+    trailing '/') when it has none."""
+    magic = [i for i in map(path.find, "*?[") if i >= 0]
+    return path[:path.rfind("/", 0, min(magic)) + 1] if magic else path.rstrip("/")
+
+
+def _as_given(part, fs_path, match, fs):
+    """The name of ``match``, a file that ``part`` of the path names (``fs_path`` is
+    ``part`` as fsspec spells it), in the user's spelling: a relative path stays relative and
+    its ``..`` stays, so a message shows the path the user wrote."""
+    root, given = _fixed_part(fs_path), _fixed_part(part)
+    return given + match[len(root):] if match.startswith(root) else fs.unstrip_protocol(match)
 
 
 class JsonDataset(_DocumentDataset):
@@ -514,7 +584,12 @@ class JsonDataset(_DocumentDataset):
         super().__init__(self.get_default_config(config), tokenizer, text_processor,
                          process_index, process_count, name)
         self._files = _resolve_files(self.config.path, f"{name}.path")
-        self._check_fields()
+        self._check_data()
+
+    def _parts(self):
+        # Every file: one that is empty or broken would otherwise be found only when read.
+        return ((self._file_records(0, file_index), shown)
+                for file_index, (_, _, shown) in enumerate(self._files))
 
     def _initial_position(self):
         offset = self.config.start_seek_loc
@@ -534,25 +609,33 @@ class JsonDataset(_DocumentDataset):
         while True:
             from_start, read_any = file_index == 0 and offset == 0, False
             for file_index in range(file_index, len(self._files)):
-                fs, path, shown = self._files[file_index]
-                with fs.open(path, "rb", compression="infer") as f:
-                    f.seek(offset)
-                    for raw in iter(f.readline, b""):
-                        offset += len(raw)
-                        line += 1
-                        if raw.strip():
-                            read_any = True
-                            yield ({"pass": pass_, "file_index": file_index, "file_loc": offset,
-                                    "line": line}, f"{shown}:{line}", raw.rstrip(b"\r\n"))
+                for record in self._file_records(pass_, file_index, offset, line):
+                    read_any = True
+                    yield record
                 offset = line = 0
             if from_start and not read_any:
                 raise ValueError(f"{self.prefix}.path: {self.config.path} holds no lines")
             pass_, file_index = pass_ + 1, 0
 
+    def _file_records(self, pass_, file_index, offset=0, line=0):
+        """The records of the non-blank lines of one file, from byte ``offset`` (just after
+        line ``line``) to its end."""
+        fs, path, shown = self._files[file_index]
+        with fs.open(path, "rb", compression="infer") as f:
+            f.seek(offset)
+            for raw in iter(f.readline, b""):
+                offset += len(raw)
+                line += 1
+                if raw.strip():
+                    yield ({"pass": pass_, "file_index": file_index, "file_loc": offset,
+                            "line": line}, f"{shown}:{line}", raw.rstrip(b"\r\n"))
+
 
 class HuggingfaceDataset(_DocumentDataset):
     """A ``datasets`` dataset (``load_dataset`` or a ``save_to_disk`` directory), forever;
     with ``shuffle`` each pass uses the seed ``seed + pass``."""
+
+    RECORDS = "examples"
 
     @staticmethod
     def get_default_config(updates=None):
@@ -576,7 +659,7 @@ class HuggingfaceDataset(_DocumentDataset):
         super().__init__(self.get_default_config(config), tokenizer, text_processor,
                          process_index, process_count, name)
         self._dataset = self._load()
-        self._check_fields()
+        self._check_data()
 
     def _load(self):
         import datasets
@@ -603,6 +686,9 @@ class HuggingfaceDataset(_DocumentDataset):
 
     def _initial_position(self):
         return {"pass": 0, "row": 0}
+
+    def _parts(self):
+        return [(self._first_records(), self.config.path)]
 
     def _first_records(self):
         # Unshuffled: any records show the fields, and shuffling a whole dataset costs.

@@ -226,6 +226,12 @@ class Checkpointing:
     llama_config: Any
     metadata: Callable[[], dict] = dict
 
+    def save(self, step, state, train_data, milestone=False):
+        """Start writing checkpoint ``step`` with ``train_data``'s position; its directory."""
+        return self.checkpointer.save(step, state, self.llama_config, self.metadata(),
+                                      dataset_state=train_data.get_state_dict(),
+                                      milestone=milestone)
+
 
 def evaluate(trainer, state, eval_data, eval_steps, start_state):
     """Token-weighted eval loss/accuracy over the first ``eval_steps`` batches of the eval data
@@ -245,8 +251,10 @@ def evaluate(trainer, state, eval_data, eval_steps, start_state):
     return with_prefix(out, "eval")
 
 
-def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpointing=None):
-    """Train from ``state`` (whose step is where to start) to ``settings.total_steps``.
+def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpointing=None,
+        stop=None):
+    """Train from ``state`` (whose step is where to start) to ``settings.total_steps``; returns
+    the last state.
 
     Logs at every ``log_freq``-th step and at every evaluation, checkpoint and the last step:
     cutting the averaging windows there keeps evaluation and saving out of the step timings,
@@ -257,6 +265,10 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
     Each record goes to ``logger.write(step, record)`` and, as one readable line, to the
     ``EasyLM`` logger (:class:`EasyLM.logging_utils.ConsoleProgress`), which ends with a
     summary naming the files of ``logger.outputs()`` when the logger has that method.
+
+    ``stop``: called after each step before the last, on every process, it says whether to
+    stop there (the same on every process: :meth:`EasyLM.run.StopSignals.requested`); the loop
+    then logs that step and returns without the summary, leaving the caller to save.
     """
     s = settings
     start = int(jax.device_get(state["step"]))
@@ -276,8 +288,8 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
             console.record(0, record)
         iterator = iter(train_data)
         window_start, data_wait = time.perf_counter(), 0.0
-        step = start
-        while step < s.total_steps:
+        step, stopping = start, False
+        while step < s.total_steps and not stopping:
             wait_start = time.perf_counter()
             local_batch, data_metrics = next(iterator)
             data_wait += time.perf_counter() - wait_start
@@ -285,12 +297,13 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
                 state, trainer.global_batch(local_batch, train_data.batch_size))
             window.add(metrics)
             step += 1
+            stopping = stop is not None and step < s.total_steps and stop()
             milestone = s.save_milestone_freq > 0 and step % s.save_milestone_freq == 0
             saving = checkpointing is not None and (
                 milestone or (s.save_model_freq > 0 and step % s.save_model_freq == 0)
                 or (s.save_model_freq > 0 and step == s.total_steps))
             evaluating_now = evaluating and step % s.eval_freq == 0
-            logging_now = (step % s.log_freq == 0 or saving or evaluating_now
+            logging_now = (step % s.log_freq == 0 or saving or evaluating_now or stopping
                            or step == s.total_steps)
             record, note = {}, ""
             if logging_now:
@@ -309,14 +322,14 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
             logger.write(step, record)
             console.record(step, record, note)
             if saving:
-                last_checkpoint = checkpointing.checkpointer.save(
-                    step, state, checkpointing.llama_config, checkpointing.metadata(),
-                    dataset_state=train_data.get_state_dict(), milestone=milestone)
+                last_checkpoint = checkpointing.save(step, state, train_data, milestone)
             if logging_now:  # the next window times training only, not this evaluation or save
                 window_start, data_wait = time.perf_counter(), 0.0
             console.advance()
         if checkpointing is not None:
             checkpointing.checkpointer.wait()
+        if stopping:
+            return state
         console.summary(step, *_run_throughput(windows, step_flops, peak, tokens_per_step),
                         outputs=_outputs(logger) + ([last_checkpoint] if last_checkpoint else []))
     return state

@@ -1,14 +1,16 @@
-"""A corpus of long Python source files from the installed packages, and its tokenizer.
+"""A corpus of long source and text files from the installed packages, and its tokenizer.
 
     python -m experiments.code_corpus --output_dir runs/code/data --max_train_chars 400000000
 
-Nothing is downloaded: every ``.py`` file under the interpreter's package directories (and
-the standard library) is one document, ``{"text": source, "package": name}``.  Packages are
+Nothing is downloaded: every ``.py`` file (or every file with one of ``--extensions``, e.g.
+``.py,.md,.rst,.txt``) under the interpreter's package directories (and the standard library)
+is one document, ``{"text": source, "package": name}``.  Packages are
 split between training and held-out sets by a seeded shuffle of their names, so no package
 is in both (files of one package share identifiers; a split by file would leak them).
 Identical files are kept once; files shorter than ``--min_chars`` are dropped.  A
 SentencePiece BPE tokenizer (identity normalisation, whitespace kept, newline and tab as
-single tokens, byte fallback) is trained on the training split only.
+single tokens, byte fallback) is trained on the training split only, unless
+``--tokenizer none`` (a pretrained model brings its own).
 
 Writes ``train.jsonl``, ``heldout.jsonl``, ``code_sp.model`` and ``corpus.json`` (packages of
 each split, file and character counts).
@@ -40,11 +42,11 @@ def package_of(root, path):
     first = os.path.relpath(path, root).split(os.sep)[0]
     if root == sysconfig.get_paths()["stdlib"]:
         return "stdlib" if first != "site-packages" else None
-    return first.removesuffix(".py")
+    return os.path.splitext(first)[0]
 
 
-def python_files(roots, min_chars, max_file_chars):
-    """``{package: [(path, text)]}`` of readable, distinct source files."""
+def python_files(roots, min_chars, max_file_chars, extensions=(".py",)):
+    """``{package: [(path, text)]}`` of readable, distinct files ending in ``extensions``."""
     seen, packages = set(), {}
     for root in roots:
         for directory, subdirs, files in os.walk(root):
@@ -52,7 +54,7 @@ def python_files(roots, min_chars, max_file_chars):
             if directory == root:  # site-packages inside the stdlib tree is walked on its own
                 subdirs[:] = [d for d in subdirs if d != "site-packages"]
             for name in sorted(files):
-                if not name.endswith(".py"):
+                if not name.endswith(tuple(extensions)):
                     continue
                 path = os.path.join(directory, name)
                 package = package_of(root, path)
@@ -140,6 +142,12 @@ def main(argv=None):
     parser.add_argument("--max_heldout_chars", type=int, default=40_000_000)
     parser.add_argument("--heldout_fraction", type=float, default=0.1,
                         help="share of all characters in held-out packages")
+    parser.add_argument("--extensions", default=".py",
+                        help="comma list of file name endings that make documents")
+    parser.add_argument("--tokenizer", default="sentencepiece",
+                        choices=("sentencepiece", "none"),
+                        help="train code_sp.model on the training split, or not (none: the "
+                             "model brings its own tokenizer)")
     parser.add_argument("--min_chars", type=int, default=2000)
     parser.add_argument("--max_file_chars", type=int, default=1_000_000,
                         help="skip larger files (generated tables, vendored bundles)")
@@ -153,9 +161,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     roots = args.roots.split(",") if args.roots else package_roots()
-    packages = python_files(roots, args.min_chars, args.max_file_chars)
+    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    packages = python_files(roots, args.min_chars, args.max_file_chars, extensions)
     if len(packages) < 2:
-        sys.exit(f"found {len(packages)} package(s) with .py files under {roots}: need 2+")
+        sys.exit(f"found {len(packages)} package(s) with {','.join(extensions)} files under "
+                 f"{roots}: need 2+")
     train_names, heldout_names = split_packages(packages, args.heldout_fraction, args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     train_path = os.path.join(args.output_dir, "train.jsonl")
@@ -164,12 +174,14 @@ def main(argv=None):
     heldout_files, heldout_chars = write_split(os.path.join(args.output_dir, "heldout.jsonl"),
                                                packages, heldout_names, args.max_heldout_chars,
                                                args.seed)
-    train_tokenizer(train_path, os.path.join(args.output_dir, "code_sp"), args.vocab_size,
-                    args.tokenizer_sample_chars, args.threads, args.character_coverage)
+    if args.tokenizer == "sentencepiece":
+        train_tokenizer(train_path, os.path.join(args.output_dir, "code_sp"), args.vocab_size,
+                        args.tokenizer_sample_chars, args.threads, args.character_coverage)
     summary = dict(roots=roots, train_packages=train_names, heldout_packages=heldout_names,
                    train_files=train_files, train_chars=train_chars,
                    heldout_files=heldout_files, heldout_chars=heldout_chars,
-                   vocab_size=args.vocab_size, python=sys.version.split()[0])
+                   extensions=list(extensions), python=sys.version.split()[0],
+                   vocab_size=args.vocab_size if args.tokenizer == "sentencepiece" else None)
     with open(os.path.join(args.output_dir, "corpus.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"train: {train_files} files, {train_chars / 1e6:.1f}M chars, "

@@ -108,9 +108,13 @@ def build_config(argv):
     config_file, overrides, _ = parse_command_line(list(argv))
     config = get_default_config()
     model_fields = {}
-    for values in (load_json_config(config_file) if config_file else {}, overrides):
+    # Named, so that a value of the wrong type says which layer gave the one it replaces.
+    layers = [("the command line", overrides)]
+    if config_file:
+        layers.insert(0, (f"the config file {config_file}", load_json_config(config_file)))
+    for source, values in layers:
         flags, fields = translate_flags(values)
-        config.update_from(flags)
+        config.update_from(flags, source=source)
         model_fields.update(fields)
     if model_fields:
         from EasyLM.models.llama.llama_train import parse_llama_overrides

@@ -1,12 +1,15 @@
 """Dependencies: every package requirements.txt installs is imported by the project or is a
 tool the README names; every third-party import is installed by it or documented as optional;
-the freeze file pins every requirement; a missing optional package is a config error."""
+the freeze file pins every requirement; pyproject.toml installs the same requirements (its
+``dev`` extra the tools the installed code does not import); a missing optional package is a
+config error."""
 import ast
 import importlib.metadata
 import importlib.util
 import os
 import re
 import sys
+import tomllib
 
 import pytest
 
@@ -28,12 +31,16 @@ def canonical(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def parse_requirements(lines):
+    """``{canonical name: version specifier ('' when unpinned)}`` of requirement lines."""
+    lines = (line.split("#")[0].strip() for line in lines)
+    return {canonical(name): specifier.strip() for name, specifier in
+            (re.match(r"([A-Za-z0-9._-]+)(.*)", line).groups() for line in lines if line)}
+
+
 def requirements(path):
-    """``{canonical name: version specifier ('' when unpinned)}`` of a requirements file."""
     with open(path) as f:
-        lines = (line.split("#")[0].strip() for line in f)
-        return {canonical(name): specifier.strip() for name, specifier in
-                (re.match(r"([A-Za-z0-9._-]+)(.*)", line).groups() for line in lines if line)}
+        return parse_requirements(f)
 
 
 def python_files():
@@ -85,9 +92,13 @@ def readme():
         return f.read()
 
 
-def test_every_requirement_is_used_and_every_import_is_required(readme):
+@pytest.fixture(scope="module")
+def imported():
+    return third_party_imports()
+
+
+def test_every_requirement_is_used_and_every_import_is_required(readme, imported):
     listed = set(requirements(os.path.join(REPO, "requirements.txt")))
-    imported = third_party_imports()
     unlisted = {name: files for name, files in imported.items()
                 if name not in listed and name not in OPTIONAL}
     assert not unlisted, f"imported but not in requirements.txt: {unlisted}"
@@ -109,6 +120,22 @@ def test_freeze_pins_every_requirement_at_the_same_version():
         assert name in frozen, f"{name} is missing from requirements.freeze.txt"
         assert re.fullmatch(r"==[^,]+", frozen[name]), (name, frozen[name])
         assert specifier in ("", frozen[name]), (name, specifier, frozen[name])
+
+
+def test_pyproject_installs_what_requirements_txt_does(imported):
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    installed = parse_requirements(pyproject["project"]["dependencies"])
+    dev = parse_requirements(pyproject["project"]["optional-dependencies"]["dev"])
+    assert not set(installed) & set(dev), sorted(set(installed) & set(dev))
+    assert dict(installed, **dev) == requirements(os.path.join(REPO, "requirements.txt")), \
+        "pyproject.toml's dependencies and dev extra differ from requirements.txt"
+    packages = tuple(p.rstrip("*") + os.sep
+                     for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"])
+    needed = {name for name, files in imported.items() if any(f.startswith(packages)
+                                                              for f in files)}
+    assert not needed & set(dev), f"the installed code imports dev tools: {needed & set(dev)}"
+    assert not needed - set(installed) - set(OPTIONAL), sorted(needed - set(installed))
 
 
 def test_wandb_enabled_without_wandb_is_a_config_error(tmp_path, monkeypatch):

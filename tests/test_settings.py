@@ -2,6 +2,7 @@
 one is refused naming its flag, checkpoints store the architecture only, and each rule (packing,
 range, dtype names) is checked by one validator."""
 import json
+import re
 
 import pytest
 
@@ -122,3 +123,29 @@ def test_one_dtype_table():
     assert float_dtype("fp16") == float_dtype("float16")
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         dtype_name("fp8")
+
+
+def test_a_value_of_the_wrong_type_says_where_the_value_it_replaces_comes_from(tmp_path, capsys,
+                                                                             monkeypatch):
+    for name in MEMORY_FRACTION_VARIABLES:  # runner.main sets one in this process
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(["--config", SETUP, "--optimizer.adamw_optimizer.lr=abc",
+                     "--workdir", str(tmp_path / "work")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "config error: config key 'optimizer.adamw_optimizer.lr': cannot use 'abc' where a "
+        f"float is expected (the config file {SETUP} gives 0.003)"]
+    assert not (tmp_path / "work").exists()
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"seed": 7}))
+    bad.write_text(json.dumps({"total_steps": "many"}))
+    for argv, given in ((["--config", str(good), "--seed=x"], f"the config file {good} gives 7"),
+                        (["--config", str(bad)], "default 10000"),
+                        (["--seed=1", "--total_steps=x"], "default 10000")):
+        with pytest.raises(ConfigError, match=re.escape(f"({given})") + "$"):
+            build_config(argv)
+    defaults = llama_train.get_default_config()
+    defaults.update_from({"seed": 3}, source="my script")
+    with pytest.raises(ConfigError, match=r"\(my script gives 3\)$"):
+        defaults.update_from({"seed": "x"})

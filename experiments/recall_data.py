@@ -1,0 +1,114 @@
+"""Training documents that reward reading far back: real files with short statements of fact
+inserted, repeated at the end of the file.
+
+    python -m experiments.recall_data --input runs/smollm2/data/train.jsonl \\
+        --output runs/smollm2/data/train_recall.jsonl --fraction 0.3
+
+Language modelling on ordinary files rarely needs an exact fact from thousands of tokens back,
+so a model continued on them for a few hundred million tokens learns little retrieval through
+its memory layers. This mixes in the missing signal: each document of ``--input`` is, with
+probability ``--fraction``, copied with ``--min_facts`` to ``--max_facts`` statements such as
+``The serial number of Tavoren is 48213.`` inserted at random line breaks of its first part,
+and the same statements appended at its end in a shuffled order, so predicting the numbers at
+the end needs the text far before them. Everything else is the file as it was; the other
+documents pass through unchanged, in their order.
+
+The statements use their own wording and numbers of 3 to 7 digits; nothing in them is shaped
+like the passkey prompt of ``eval.passkey`` (no "pass key", no filler text), so a passkey
+result after this training is a transfer, not a rehearsal. Writes the mixed JSON lines
+(atomically) and prints how many documents carry facts.
+"""
+import argparse
+import json
+import os
+import random
+
+THINGS = ("serial number", "room number", "account id", "order number", "access code",
+          "ticket number", "badge id", "locker code", "invoice number", "batch number")
+STATEMENTS = ("The {thing} of {name} is {value}.", "{name} has {thing} {value}.",
+              "Note: the {thing} for {name} is {value}.")
+SYLLABLES = ("ka", "ren", "to", "vo", "mi", "sal", "dor", "en", "qua", "li", "bar", "tek",
+             "os", "ni", "vel", "ra", "gun", "zi", "fe", "mar")
+
+
+def random_name(rng):
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+
+
+def facts(rng, count):
+    """``count`` statements with distinct names, each ``(text, name)``."""
+    names, out = set(), []
+    while len(out) < count:
+        name = random_name(rng)
+        if name in names:
+            continue
+        names.add(name)
+        digits = rng.randint(3, 7)
+        value = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+        text = rng.choice(STATEMENTS).format(thing=rng.choice(THINGS), name=name, value=value)
+        out.append((text, name))
+    return out
+
+
+def with_facts(text, rng, min_facts, max_facts, recall_share):
+    """``text`` with statements inserted at line breaks of its first ``1 - recall_share`` and
+    repeated, shuffled, after it."""
+    lines = text.split("\n")
+    head = max(1, int(len(lines) * (1 - recall_share)))
+    chosen = facts(rng, rng.randint(min_facts, max_facts))
+    places = sorted(rng.randrange(head) for _ in chosen)
+    for offset, (place, (statement, _)) in enumerate(zip(places, chosen)):
+        lines.insert(place + offset, statement)
+    recalled = [statement for statement, _ in chosen]
+    rng.shuffle(recalled)
+    return "\n".join(lines) + "\n\n" + "\n".join(recalled) + "\n"
+
+
+def mix(input_path, output_path, fraction, min_facts, max_facts, recall_share, min_chars, seed,
+        field="text"):
+    """Write the mixed file; returns ``(documents, documents with facts)``."""
+    rng = random.Random(seed)
+    total = changed = 0
+    temporary = f"{output_path}.tmp-{os.getpid()}"
+    with open(input_path) as source, open(temporary, "w") as out:
+        for line in source:
+            record = json.loads(line)
+            text = record[field]
+            if len(text) >= min_chars and rng.random() < fraction:
+                record = dict(record, **{field: with_facts(text, rng, min_facts, max_facts,
+                                                           recall_share)})
+                changed += 1
+            out.write(json.dumps(record) + "\n")
+            total += 1
+    os.replace(temporary, output_path)
+    return total, changed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="JSON lines of documents")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--field", default="text")
+    parser.add_argument("--fraction", type=float, default=0.3,
+                        help="share of the documents that get facts")
+    parser.add_argument("--min_facts", type=int, default=1)
+    parser.add_argument("--max_facts", type=int, default=8)
+    parser.add_argument("--recall_share", type=float, default=0.1,
+                        help="final share of a document's lines where no fact is inserted")
+    parser.add_argument("--min_chars", type=int, default=6000,
+                        help="documents shorter than this stay as they are")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.input):
+        parser.error(f"--input {args.input}: no such file")
+    if not 0 <= args.fraction <= 1 or not 0 < args.recall_share < 1:
+        parser.error("--fraction must be in [0, 1] and --recall_share in (0, 1)")
+    if not 1 <= args.min_facts <= args.max_facts:
+        parser.error("need 1 <= --min_facts <= --max_facts")
+    total, changed = mix(args.input, args.output, args.fraction, args.min_facts, args.max_facts,
+                         args.recall_share, args.min_chars, args.seed, args.field)
+    print(f"{args.output}: {total} documents, {changed} with facts")
+
+
+if __name__ == "__main__":
+    main()
