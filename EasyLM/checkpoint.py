@@ -43,7 +43,8 @@ _RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(?:_(\d+))?$")
 
 
 def parse_checkpoint_spec(spec, key="load_checkpoint"):
-    """``'params::PATH'`` -> ``('params', abs PATH)``; a bare ``PATH`` is ``params::PATH``.
+    """``'params::PATH'`` -> ``('params', abs PATH)``; a bare ``PATH`` is ``params::PATH``, and
+    a run directory or a workdir stands for its newest complete train checkpoint.
     Checks that ``PATH`` holds what the kind needs: a train state for ``trainstate``, weights
     in either layout otherwise."""
     kind, sep, path = str(spec).partition("::")
@@ -54,7 +55,7 @@ def parse_checkpoint_spec(spec, key="load_checkpoint"):
                          f"prefixed by one of {', '.join(k + '::' for k in CHECKPOINT_KINDS)}")
     if "://" in path:
         return kind, path
-    path = os.path.abspath(os.path.expanduser(path))
+    path = newest_checkpoint_in(os.path.abspath(os.path.expanduser(path)))
     state, params = os.path.join(path, STATE_ITEM), os.path.join(path, PARAMS_ITEM)
     if kind == "trainstate" and not os.path.isdir(state):
         hint = (f"; it holds weights only: use params::{path}" if os.path.isdir(params)
@@ -65,6 +66,14 @@ def parse_checkpoint_spec(spec, key="load_checkpoint"):
         raise FileNotFoundError(f"{key}={spec!r}: no {kind} checkpoint at {path} (expected a "
                                 f"directory {params} or {state}){_run_dir_hint(path)}")
     return kind, path
+
+
+def newest_checkpoint_in(path):
+    """``path`` itself when it is a checkpoint (or nothing is there); else the newest complete
+    train checkpoint of the run directory, or of the newest run of the workdir, it names."""
+    if any(os.path.isdir(os.path.join(path, item)) for item in (STATE_ITEM, PARAMS_ITEM)):
+        return path
+    return latest_train_checkpoint(path) or find_resumable_run(path)[1] or path
 
 
 def _run_dir_hint(path):

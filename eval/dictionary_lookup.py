@@ -12,15 +12,16 @@ are all different from its own (distractors), so when window B is processed its 
 the distractors and window A.  Accuracy is that of the most likely next token at the far
 lookups' values, whose definition only the memory holds; it is also measured with memory
 layers run as ordinary local layers (the no-memory baseline, at chance for a model that
-cannot see window A).  Writes ``dictionary_lookup.json`` and ``dictionary_lookup.png``.
+cannot see window A).  Writes ``dictionary_lookup.json`` and ``dictionary_lookup.png`` to
+``--output_dir`` (other files there are left alone) and prints their paths.
 """
 import argparse
-import json
 import os
 
 import numpy as np
 from tqdm import tqdm
 
+from EasyLM import cli
 from eval.models import add_model_arguments, model_from_args
 from eval.plots import accuracy_curves
 from experiments.dictionary_data import document_keys, far_lookups, read_documents
@@ -40,9 +41,9 @@ def distractor_prefixes(docs, window, num_targets, memory_windows, rng):
                     if j != i and not np.isin(keys[j], keys[i]).any()]
         count = -(-needed // 2)
         if len(disjoint) < count:
-            raise ValueError(f"only {len(disjoint)} documents share no key with document {i}; "
-                             f"a memory of {memory_windows} windows needs {count}: give more "
-                             f"documents (--num_docs) or fewer --memory_windows")
+            raise cli.UsageError(f"only {len(disjoint)} documents share no key with document "
+                                 f"{i}; a memory of {memory_windows} windows needs {count}: give "
+                                 f"more documents (--num_docs) or fewer --memory_windows")
         prefixes.append(np.concatenate([docs[j] for j in disjoint[:count]])[-needed * window:])
     return np.stack(prefixes)
 
@@ -70,25 +71,56 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="eval.jsonl of experiments.dictionary_data")
-    parser.add_argument("--window", type=int, default=None,
+    parser.add_argument("--window", type=cli.integer(1), default=None,
                         help="the task's window W (default: the model's local window)")
     parser.add_argument("--memory_windows", default="1,2,4,8,16,32,64",
+                        type=cli.number_list(int, low=1),
                         help="comma list of memory sizes m, in windows")
-    parser.add_argument("--num_docs", type=int, default=200,
+    parser.add_argument("--num_docs", type=cli.integer(1), default=200,
                         help="documents read; half are test documents, all serve as "
                              "distractors")
-    parser.add_argument("--batch_size", type=int, default=25)
+    parser.add_argument("--batch_size", type=cli.integer(1), default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None, help="name of the model in the plot and JSON")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
-    model, _ = model_from_args(args)
-    window = args.window or model.last_context_length
-    if model.last_context_length != window:
-        raise ValueError(f"the model reads windows of {model.last_context_length} tokens but "
-                         f"the task's are {window}: pass --last_context_length {window}")
-    docs = read_documents(args.data, window, args.num_docs)
-    sizes = [int(m) for m in args.memory_windows.split(",")]
+    with cli.user_errors(parser.prog):
+        cli.input_file("--data", args.data)
+        if args.window and args.last_context_length not in (None, args.window):
+            raise cli.UsageError(window_mismatch(args.last_context_length, args.window))
+        cli.output_directory("--output_dir", args.output_dir)
+        model, _ = model_from_args(args)
+        window = args.window or model.last_context_length
+        if model.last_context_length != window:
+            raise cli.UsageError(window_mismatch(model.last_context_length, window))
+        with cli.reading("--data", args.data):
+            docs = read_documents(args.data, window, args.num_docs)
+        result = evaluate(model, docs, window, args)
+        print(f"{'memory windows':>15} {'accuracy':>9}")
+        for m, accuracy in zip(args.memory_windows, result["accuracy_with_memory"]):
+            print(f"{m:>15} {accuracy:>9.4f}")
+        print(f"{'no memory':>15} {result['accuracy_without_memory']:>9.4f}   "
+              f"(chance {result['chance']:.4f})")
+        label, sizes = result["label"], args.memory_windows
+        cli.write_files(args.output_dir, {
+            "dictionary_lookup.json": cli.json_writer(result),
+            "dictionary_lookup.png": lambda path: accuracy_curves(
+                path, sizes, {f"{label}, with memory": result["accuracy_with_memory"],
+                              f"{label}, without memory":
+                                  [result["accuracy_without_memory"]] * len(sizes)},
+                f"far-lookup accuracy ({result['num_test_docs']} documents)",
+                result["chance"])})
+    return result
+
+
+def window_mismatch(model_window, task_window):
+    return (f"--window: the task's windows are {task_window} tokens but the model reads "
+            f"{model_window}; pass --last_context_length {task_window}")
+
+
+def evaluate(model, docs, window, args):
+    """The result the JSON holds: accuracy with each memory size and without memory."""
+    sizes = list(args.memory_windows)
     with_memory = [lookup_accuracy(model, docs, window, m, args.batch_size, args.seed)
                    for m in sizes]
     without_memory = lookup_accuracy(model.without_memory(), docs, window, 1, args.batch_size,
@@ -96,22 +128,10 @@ def main(argv=None):
     chance = 1.0 / len(np.unique(docs[far_lookups(docs, window)]))
     label = args.label or os.path.basename(os.path.normpath(args.hf_model or
                                                             args.load_checkpoint))
-    result = dict(model=args.hf_model or args.load_checkpoint, label=label, data=args.data,
-                  window=window, num_test_docs=max(1, len(docs) // 2), memory_windows=sizes,
-                  accuracy_with_memory=with_memory, accuracy_without_memory=without_memory,
-                  chance=chance)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "dictionary_lookup.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    accuracy_curves(os.path.join(args.output_dir, "dictionary_lookup.png"), sizes,
-                    {f"{label}, with memory": with_memory,
-                     f"{label}, without memory": [without_memory] * len(sizes)},
-                    f"far-lookup accuracy ({result['num_test_docs']} documents)", chance)
-    print(f"{'memory windows':>15} {'accuracy':>9}")
-    for m, accuracy in zip(sizes, with_memory):
-        print(f"{m:>15} {accuracy:>9.4f}")
-    print(f"{'no memory':>15} {without_memory:>9.4f}   (chance {chance:.4f})")
-    return result
+    return dict(model=args.hf_model or args.load_checkpoint, label=label, data=args.data,
+                window=window, num_test_docs=max(1, len(docs) // 2), memory_windows=sizes,
+                accuracy_with_memory=with_memory, accuracy_without_memory=without_memory,
+                chance=chance)
 
 
 if __name__ == "__main__":

@@ -12,34 +12,58 @@ buckets of ``--bucket_size`` positions, with memory and without.  ``--context_wi
 1,4,16,64`` adds the model reading only the last ``m`` windows (its memory forgetting all but
 the newest ``m - 1``), and the JSON gives the loss and perplexity of every token past the
 first window for each variant.  Writes ``loss_by_position.json`` and
-``loss_by_position.png``.
+``loss_by_position.png`` to ``--output_dir`` (other files there are left alone) and prints
+their paths.
 """
 import argparse
 import json
-import os
 
 import numpy as np
 from tqdm import tqdm
 
-from eval.models import add_model_arguments, encode, model_from_args
+from EasyLM import cli
+from eval.models import add_model_arguments, encode, load_model_from_args, tokenizer_from_args
 from eval.plots import loss_curves
 
 
-def read_documents(path, tokenizer, text_field, max_length, min_length, max_docs):
-    """Token ids of the first ``max_docs`` documents with at least ``min_length`` tokens."""
+def read_documents(path, tokenizer, text_field, max_length, min_length, max_docs,
+                   too_short="lower --min_length"):
+    """Token ids of the first ``max_docs`` documents with at least ``min_length`` tokens;
+    ``too_short`` says what to change when there is none."""
     docs = []
-    with open(path) as f:
-        for line in f:
-            if len(docs) >= max_docs:
-                break
-            if line.strip():
-                ids = encode(tokenizer, json.loads(line)[text_field])[:max_length]
-                if len(ids) >= min_length:
-                    docs.append(np.asarray(ids, np.int32))
+    for text in _texts(path, text_field):
+        if len(docs) >= max_docs:
+            break
+        ids = encode(tokenizer, text)[:max_length]
+        if len(ids) >= min_length:
+            docs.append(np.asarray(ids, np.int32))
     if not docs:
-        raise ValueError(f"{path}: no document has {min_length}+ tokens in field "
-                         f"{text_field!r}; lower --min_length or check --text_field")
+        raise cli.UsageError(f"--data: no document of {path} has {min_length}+ tokens in "
+                             f"field {text_field!r}; {too_short} or check --text_field")
     return docs
+
+
+def _texts(path, text_field):
+    """The ``text_field`` of each line of a JSONL file; a line that has none is refused."""
+    with open(path) as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise cli.UsageError(f"--data: line {number} of {path} is not JSON "
+                                         f"({error}); give a JSONL file, one object a line"
+                                         ) from None
+                if not isinstance(document, dict) or text_field not in document:
+                    raise cli.UsageError(f"--data: line {number} of {path} has no field "
+                                         f"{text_field!r}; set --text_field to the field that "
+                                         f"holds the text")
+                yield document[text_field]
+        except UnicodeDecodeError:
+            raise cli.UsageError(f"--data: {path} is not a text file; give a JSONL file, one "
+                                 f"object a line") from None
 
 
 def random_documents(vocab_size, num_docs, length, seed):
@@ -97,47 +121,56 @@ def main(argv=None):
     data.add_argument("--random_tokens", action="store_true",
                       help="uniformly random token documents (a smoke test)")
     parser.add_argument("--text_field", default="text")
-    parser.add_argument("--max_length", type=int, default=32768)
-    parser.add_argument("--min_length", type=int, default=0,
+    parser.add_argument("--max_length", type=cli.integer(2), default=32768)
+    parser.add_argument("--min_length", type=cli.integer(0), default=0,
                         help="skip shorter documents (default: keep all)")
-    parser.add_argument("--max_docs", "--num_docs", dest="max_docs", type=int, default=100)
-    parser.add_argument("--bucket_size", type=int, default=1024)
-    parser.add_argument("--context_windows", default="",
+    parser.add_argument("--max_docs", "--num_docs", dest="max_docs", type=cli.integer(1),
+                        default=100)
+    parser.add_argument("--bucket_size", type=cli.integer(1), default=1024)
+    parser.add_argument("--context_windows", default=(), type=cli.number_list(int, low=1),
                         help="comma list of m: also measure the model reading m windows (a "
                              "memory of m - 1), e.g. 1,4,16,64 (toolkit checkpoints only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
-    model, tokenizer = model_from_args(args)
-    if args.random_tokens:
-        docs = random_documents(model.vocab_size, args.max_docs, args.max_length, args.seed)
-    else:
-        docs = read_documents(args.data, tokenizer, args.text_field, args.max_length,
-                              args.min_length, args.max_docs)
-    context_windows = [int(m) for m in args.context_windows.split(",") if m]
-    positions, curves, counts, beyond = loss_by_position(model, docs, args.bucket_size,
-                                                         context_windows)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "loss_by_position.json"), "w") as f:
-        json.dump(dict(model=args.hf_model or args.load_checkpoint,
-                       data="random tokens" if args.random_tokens else args.data,
-                       num_docs=len(docs), last_context_length=model.last_context_length,
-                       bucket_size=args.bucket_size, bucket_starts=positions.tolist(),
-                       tokens_per_bucket=counts.tolist(),
-                       **{label.replace(" ", "_"): values.tolist()
-                          for label, values in curves.items()},
-                       loss_past_first_window=beyond,
-                       perplexity_past_first_window={label: float(np.exp(value))
-                                                     for label, value in beyond.items()}),
-                  f, indent=2)
-    loss_curves(os.path.join(args.output_dir, "loss_by_position.png"), positions, curves,
-                f"loss by position ({len(docs)} documents)", model.last_context_length)
-    print(f"{'position':>10} {'with memory':>12} {'without':>9} {'tokens':>8}")
-    for row in zip(positions, curves["with memory"], curves["without memory"], counts):
-        print(f"{row[0]:>10} {row[1]:>12.4f} {row[2]:>9.4f} {row[3]:>8}")
-    print(f"\n{'past the first window':<24} {'loss':>8} {'perplexity':>11}")
-    for label, value in beyond.items():
-        print(f"{label:<24} {value:>8.4f} {np.exp(value):>11.3f}")
+    with cli.user_errors(parser.prog):
+        if args.data is not None:
+            cli.input_file("--data", args.data)
+        if args.context_windows and args.hf_model:
+            raise cli.UsageError("--context_windows needs a toolkit checkpoint "
+                                 "(--load_checkpoint): the exported PyTorch model has no "
+                                 "memory limit")
+        cli.output_directory("--output_dir", args.output_dir)
+        tokenizer = tokenizer_from_args(args)
+        if not args.random_tokens:  # a file that cannot work fails before the model loads
+            docs = read_documents(args.data, tokenizer, args.text_field, args.max_length,
+                                  args.min_length, args.max_docs)
+        model = load_model_from_args(args)
+        if args.random_tokens:
+            docs = random_documents(model.vocab_size, args.max_docs, args.max_length, args.seed)
+        positions, curves, counts, beyond = loss_by_position(model, docs, args.bucket_size,
+                                                             args.context_windows)
+        print(f"{'position':>10} {'with memory':>12} {'without':>9} {'tokens':>8}")
+        for row in zip(positions, curves["with memory"], curves["without memory"], counts):
+            print(f"{row[0]:>10} {row[1]:>12.4f} {row[2]:>9.4f} {row[3]:>8}")
+        print(f"\n{'past the first window':<24} {'loss':>8} {'perplexity':>11}")
+        for label, value in beyond.items():
+            print(f"{label:<24} {value:>8.4f} {np.exp(value):>11.3f}")
+        result = dict(model=args.hf_model or args.load_checkpoint,
+                      data="random tokens" if args.random_tokens else args.data,
+                      num_docs=len(docs), last_context_length=model.last_context_length,
+                      bucket_size=args.bucket_size, bucket_starts=positions.tolist(),
+                      tokens_per_bucket=counts.tolist(),
+                      **{label.replace(" ", "_"): values.tolist()
+                         for label, values in curves.items()},
+                      loss_past_first_window=beyond,
+                      perplexity_past_first_window={label: float(np.exp(value))
+                                                    for label, value in beyond.items()})
+        cli.write_files(args.output_dir, {
+            "loss_by_position.json": cli.json_writer(result),
+            "loss_by_position.png": lambda path: loss_curves(
+                path, positions, curves, f"loss by position ({len(docs)} documents)",
+                model.last_context_length)})
     return positions, curves
 
 

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from EasyLM import cli
 from EasyLM.jax_utils import dtype_name
 from EasyLM.models.llama.windowed_lm import WindowedLM
 from EasyLM.tokenizer import load_tokenizer
@@ -105,20 +106,21 @@ def load_model(load_checkpoint=None, hf_model=None, last_context_length=None, us
 def add_model_arguments(parser):
     """Command-line flags choosing the model of an evaluation (see :func:`model_from_args`)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--load_checkpoint", default=None,
-                       help="toolkit checkpoint directory (JAX): a run's "
-                            "RUN/checkpoints/step_<N> or a converted model, optionally "
-                            "prefixed params:: or trainstate::; needs --tokenizer")
-    group.add_argument("--hf_model", default=None, help="exported Hugging Face directory")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--load_checkpoint", default=None,
+                        help="toolkit checkpoint directory (JAX): a run's "
+                             "RUN/checkpoints/step_<N> or a converted model, optionally "
+                             "prefixed params:: or trainstate::; needs --tokenizer")
+    source.add_argument("--hf_model", default=None, help="exported Hugging Face directory")
     group.add_argument("--tokenizer", default=None,
                        help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
                             "(default with --hf_model: the one in that directory)")
-    group.add_argument("--last_context_length", type=int, default=None,
+    group.add_argument("--last_context_length", type=cli.integer(1), default=None,
                        help="local window in tokens (default: the training row length of "
                             "a run's checkpoint, else the model's max_sequence_length; with "
                             "--hf_model, its config's last_context_length)")
     group.add_argument("--mem_attention_grouping", default=None,
-                       type=lambda text: tuple(int(x) for x in text.split(",")),
+                       type=cli.number_list(int, count=2, low=1),
                        help="HEADS,QUERIES processed at a time in memory layers")
     group.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     group.add_argument("--mem_dtype", default=None, choices=("float32", "bfloat16", "float16"))
@@ -126,13 +128,45 @@ def add_model_arguments(parser):
 
 def model_from_args(args, use_memory=True):
     """``(model, tokenizer)`` from the flags of :func:`add_model_arguments`; the tokenizer has
-    the interface of :mod:`EasyLM.tokenizer` and adds no BOS itself (see :func:`encode`)."""
-    tokenizer_path = args.tokenizer or (args.hf_model and _tokenizer_file(args.hf_model))
-    if tokenizer_path is None:
-        raise ValueError("--load_checkpoint needs --tokenizer")
-    model = load_model(args.load_checkpoint, args.hf_model, args.last_context_length,
-                       use_memory, args.mem_attention_grouping, args.dtype, args.mem_dtype)
-    return model, load_tokenizer({"vocab_file": tokenizer_path})
+    the interface of :mod:`EasyLM.tokenizer` and adds no BOS itself (see :func:`encode`).
+    Flags that cannot work raise :class:`~EasyLM.cli.UsageError` before anything is loaded,
+    and so do files that turn out unreadable."""
+    tokenizer = tokenizer_from_args(args)
+    return load_model_from_args(args, use_memory), tokenizer
+
+
+def tokenizer_from_args(args):
+    """The tokenizer of :func:`model_from_args`, once every model flag is checked: what an
+    evaluation reads its data with before it loads the model."""
+    flag, path = _checked_model_arguments(args)
+    with cli.reading(flag, path):
+        return load_tokenizer({"vocab_file": path})
+
+
+def load_model_from_args(args, use_memory=True):
+    """The model of :func:`model_from_args`, its flags checked by :func:`tokenizer_from_args`."""
+    flag = "--hf_model" if args.hf_model else "--load_checkpoint"
+    with cli.reading(flag, args.hf_model or args.load_checkpoint):
+        return load_model(args.load_checkpoint, args.hf_model, args.last_context_length,
+                          use_memory, args.mem_attention_grouping, args.dtype, args.mem_dtype)
+
+
+def _checked_model_arguments(args):
+    """``(flag, path)`` of the tokenizer, once the model and tokenizer flags are checked."""
+    if args.load_checkpoint is not None:
+        cli.checkpoint_argument("--load_checkpoint", args.load_checkpoint)
+        if args.tokenizer is None:
+            raise cli.UsageError("--load_checkpoint needs --tokenizer: the tokenizer the model "
+                                 "was trained with (its run's tokenizer.vocab_file)")
+    else:
+        cli.hf_model_directory("--hf_model", args.hf_model)
+    if args.tokenizer is not None:
+        return "--tokenizer", cli.input_path("--tokenizer", args.tokenizer)
+    tokenizer = _tokenizer_file(args.hf_model)
+    if tokenizer is None:
+        raise cli.UsageError(f"--hf_model: {args.hf_model} holds no tokenizer (tokenizer.model, "
+                             f"tokenizer.json or tokenizer_config.json); pass --tokenizer")
+    return "--hf_model", tokenizer
 
 
 def _tokenizer_file(model_dir):
@@ -141,7 +175,9 @@ def _tokenizer_file(model_dir):
     for name in ("tokenizer.model", "tokenizer.json"):
         if os.path.exists(os.path.join(model_dir, name)):
             return os.path.join(model_dir, name)
-    return model_dir
+    if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+        return model_dir
+    return None
 
 
 def encode(tokenizer, text, bos=True):

