@@ -110,7 +110,6 @@ def main(argv=None):
                                   [result["accuracy_without_memory"]] * len(sizes)},
                 f"far-lookup accuracy ({result['num_test_docs']} documents)",
                 result["chance"])})
-    return result
 
 
 def window_mismatch(model_window, task_window):

@@ -171,7 +171,6 @@ def main(argv=None):
             "loss_by_position.png": lambda path: loss_curves(
                 path, positions, curves, f"loss by position ({len(docs)} documents)",
                 model.last_context_length)})
-    return positions, curves
 
 
 if __name__ == "__main__":

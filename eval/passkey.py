@@ -115,7 +115,6 @@ def main(argv=None):
             "passkey.png": lambda path: accuracy_heatmap(
                 path, accuracy, args.lengths, args.depths,
                 f"passkey retrieval, {memory}, window {model.last_context_length}")})
-    return accuracy
 
 
 if __name__ == "__main__":

@@ -153,12 +153,6 @@ def _returned_values(target):
 
 # A console command runs ``sys.exit(main())``: a value main returns (a run directory, an
 # accuracy) is printed to stderr and becomes exit status 1 after a run that worked.
-RETURNS_A_VALUE = ("fot-passkey", "fot-loss-by-position", "fot-dictionary-lookup")
-
-
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(
-        strict=True, reason=f"{COMMANDS[c]} returns its result: the command exits 1"))
-    if c in RETURNS_A_VALUE else c for c in COMMANDS])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_command_exits_0_after_it_worked(command):
     assert not _returned_values(COMMANDS[command])
