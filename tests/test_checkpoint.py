@@ -145,8 +145,9 @@ def test_checkpoint_specs_accept_what_runs_and_converters_write(tmp_path):
     with pytest.raises(FileNotFoundError,
                        match="weights only: use params::" + re.escape(converted)):
         checkpoint.parse_checkpoint_spec(f"trainstate::{converted}")
-    with pytest.raises(FileNotFoundError, match="run directory.*" + re.escape(step_dir)):
-        checkpoint.parse_checkpoint_spec(run)
+    # A run directory stands for its newest complete checkpoint (README commands name runs).
+    assert checkpoint.parse_checkpoint_spec(run) == ("params", step_dir)
+    assert checkpoint.parse_checkpoint_spec(f"trainstate::{run}") == ("trainstate", step_dir)
     with pytest.raises(ValueError, match="prefixed by one of params::"):
         checkpoint.parse_checkpoint_spec(f"weights::{step_dir}")
 
