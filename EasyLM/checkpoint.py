@@ -59,12 +59,12 @@ def parse_checkpoint_spec(spec, key="load_checkpoint"):
     state, params = os.path.join(path, STATE_ITEM), os.path.join(path, PARAMS_ITEM)
     if kind == "trainstate" and not os.path.isdir(state):
         hint = (f"; it holds weights only: use params::{path}" if os.path.isdir(params)
-                else _run_dir_hint(path))
+                else "")
         raise FileNotFoundError(f"{key}={spec!r}: no trainstate checkpoint at {path} "
                                 f"(expected a directory {state}){hint}")
     if not (os.path.isdir(params) or os.path.isdir(state)):
         raise FileNotFoundError(f"{key}={spec!r}: no {kind} checkpoint at {path} (expected a "
-                                f"directory {params} or {state}){_run_dir_hint(path)}")
+                                f"directory {params} or {state})")
     return kind, path
 
 
@@ -74,13 +74,6 @@ def newest_checkpoint_in(path):
     if any(os.path.isdir(os.path.join(path, item)) for item in (STATE_ITEM, PARAMS_ITEM)):
         return path
     return latest_train_checkpoint(path) or find_resumable_run(path)[1] or path
-
-
-def _run_dir_hint(path):
-    latest = latest_train_checkpoint(path)
-    if latest is None:
-        return ""
-    return f"; {path} is a run directory: name one of its checkpoints, e.g. {latest}"
 
 
 def _weights_item(kind, path):
