@@ -13,6 +13,13 @@ and the same statements appended at its end in a shuffled order, so predicting t
 the end needs the text far before them. Everything else is the file as it was; the other
 documents pass through unchanged, in their order.
 
+``--chunk_chars N`` first cuts every document at line breaks into pieces of at most N
+characters, each a document of its own. The distance between a statement and its recall is then
+bounded by the piece: with pieces of about the cross-batch span a training row group covers
+(rows x window tokens), the memory layers see most statements and their recalls in one group,
+so every recalled number is a training signal for retrieval through memory rather than for
+guessing.
+
 The statements use their own wording and numbers of 3 to 7 digits; nothing in them is shaped
 like the passkey prompt of ``eval.passkey`` (no "pass key", no filler text), so a passkey
 result after this training is a transfer, not a rehearsal. Writes the mixed JSON lines
@@ -64,8 +71,24 @@ def with_facts(text, rng, min_facts, max_facts, recall_share):
     return "\n".join(lines) + "\n\n" + "\n".join(recalled) + "\n"
 
 
+def pieces(text, chunk_chars):
+    """``text`` cut at line breaks into pieces of at most ``chunk_chars`` characters (a single
+    longer line is a piece of its own); 0 keeps it whole."""
+    if not chunk_chars or len(text) <= chunk_chars:
+        return [text]
+    out, current, size = [], [], 0
+    for line in text.split("\n"):
+        if current and size + len(line) + 1 > chunk_chars:
+            out.append("\n".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    out.append("\n".join(current))
+    return out
+
+
 def mix(input_path, output_path, fraction, min_facts, max_facts, recall_share, min_chars, seed,
-        field="text"):
+        field="text", chunk_chars=0):
     """Write the mixed file; returns ``(documents, documents with facts)``."""
     rng = random.Random(seed)
     total = changed = 0
@@ -74,13 +97,12 @@ def mix(input_path, output_path, fraction, min_facts, max_facts, recall_share, m
     with open(input_path) as source, open(temporary, "w") as out:
         for line in source:
             record = json.loads(line)
-            text = record[field]
-            if len(text) >= min_chars and rng.random() < fraction:
-                record = dict(record, **{field: with_facts(text, rng, min_facts, max_facts,
-                                                           recall_share)})
-                changed += 1
-            out.write(json.dumps(record) + "\n")
-            total += 1
+            for text in pieces(record[field], chunk_chars):
+                if len(text) >= min_chars and rng.random() < fraction:
+                    text = with_facts(text, rng, min_facts, max_facts, recall_share)
+                    changed += 1
+                out.write(json.dumps(dict(record, **{field: text})) + "\n")
+                total += 1
     os.replace(temporary, output_path)
     return total, changed
 
@@ -98,6 +120,9 @@ def main(argv=None):
                         help="final share of a document's lines where no fact is inserted")
     parser.add_argument("--min_chars", type=int, default=6000,
                         help="documents shorter than this stay as they are")
+    parser.add_argument("--chunk_chars", type=int, default=0,
+                        help="cut documents at line breaks into pieces of at most this many "
+                             "characters first (0: keep them whole)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.input):
@@ -106,8 +131,11 @@ def main(argv=None):
         parser.error("--fraction must be in [0, 1] and --recall_share in (0, 1)")
     if not 1 <= args.min_facts <= args.max_facts:
         parser.error("need 1 <= --min_facts <= --max_facts")
+    if args.chunk_chars < 0:
+        parser.error("--chunk_chars must be >= 0")
     total, changed = mix(args.input, args.output, args.fraction, args.min_facts, args.max_facts,
-                         args.recall_share, args.min_chars, args.seed, args.field)
+                         args.recall_share, args.min_chars, args.seed, args.field,
+                         args.chunk_chars)
     print(f"{args.output}: {total} documents, {changed} with facts")
 
 

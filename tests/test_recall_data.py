@@ -1,0 +1,70 @@
+"""The recall mix of the pretrained-model recipe (experiments.recall_data): pieces, statements
+and their recall."""
+import json
+import random
+import re
+
+import pytest
+
+from experiments import recall_data
+
+
+def _text(lines, seed=0):
+    rng = random.Random(seed)
+    return "\n".join("x" * rng.randint(1, 90) for _ in range(lines))
+
+
+@pytest.mark.parametrize("chunk_chars", [0, 50, 400, 10_000])
+def test_pieces_cut_at_line_breaks_and_join_back(chunk_chars):
+    text = _text(200)
+    parts = recall_data.pieces(text, chunk_chars)
+    assert "\n".join(parts) == text
+    if chunk_chars and chunk_chars < len(text):
+        assert len(parts) > 1
+        # A piece is longer than the bound only when it is one line that is.
+        assert all(len(p) <= chunk_chars or "\n" not in p for p in parts)
+    else:
+        assert parts == [text]
+
+
+def test_every_statement_comes_before_its_recall_within_its_piece():
+    rng = random.Random(3)
+    text = _text(120, seed=1)
+    mixed = recall_data.with_facts(text, rng, 4, 4, 0.3)
+    body, recalled = mixed.rstrip("\n").rsplit("\n\n", 1)
+    statements = recalled.split("\n")
+    assert len(statements) == 4
+    lines = body.split("\n")
+    for statement in statements:
+        assert statement in lines
+        # Inserted in the first 70% of the file's own lines: at least 30% of them follow it.
+        assert lines.index(statement) < len(lines) - int(0.3 * 120) + 4
+        assert re.search(r"\d{3,7}", statement)
+
+
+def test_the_command_writes_pieces_with_facts(tmp_path):
+    source = tmp_path / "in.jsonl"
+    docs = [_text(300, seed=i) for i in range(3)]
+    source.write_text("".join(json.dumps({"text": d, "source": "pkg"}) + "\n" for d in docs))
+    out = tmp_path / "out.jsonl"
+    recall_data.main(["--input", str(source), "--output", str(out), "--fraction", "1",
+                      "--chunk_chars", "4000", "--min_chars", "1000", "--min_facts", "2",
+                      "--max_facts", "3"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = sum(len(recall_data.pieces(d, 4000)) for d in docs)
+    assert len(records) == expected > len(docs)
+    assert all(r["source"] == "pkg" for r in records)
+    with_facts = [r for r in records if "\n\n" in r["text"]]
+    assert len(with_facts) == sum(len(p) >= 1000 for d in docs
+                                  for p in recall_data.pieces(d, 4000))
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_a_negative_chunk_size_is_refused(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        recall_data.main(["--input", str(source), "--output", str(tmp_path / "o.jsonl"),
+                          "--chunk_chars", "-1"])
+    assert stop.value.code == 2
+    assert "--chunk_chars" in capsys.readouterr().err
