@@ -25,7 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from EasyLM import checkpoint, logging_utils, run_dirs
-from EasyLM.trainer import Checkpointing, fit
+from EasyLM.hooks import Checkpointing
+from EasyLM.trainer import fit
 
 log = logging.getLogger("EasyLM")
 log.propagate = False  # our own handlers; a root handler would print each line twice
