@@ -75,9 +75,8 @@ def test_rolling_checkpoints_are_pruned_and_milestones_kept(tmp_path):
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp
-    from EasyLM import checkpoint, run_dirs
-    from EasyLM.models.llama import inference_window
-from EasyLM.models.llama.llama_model import LLaMAConfig
+    from EasyLM import checkpoint
+    from EasyLM.models.llama.llama_model import LLaMAConfig
     config = LLaMAConfig.load_config("debug", vocab_size=16)
     saver = checkpoint.TrainCheckpointer(sys.argv[1])
     saver.save(1, {"params": {"w": jnp.arange(10.0)}}, config, {})
