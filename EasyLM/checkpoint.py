@@ -9,7 +9,8 @@ Layout of a checkpoint directory ``PATH``::
     PATH/metadata.json       train checkpoints: step, milestone flag, resolved run config
     PATH/dataset_<p>.json    train checkpoints: data-pipeline state of process p
 
-A run keeps its train checkpoints as ``RUN/checkpoints/step_<N>/`` (see :class:`TrainCheckpointer`).
+A run keeps its train checkpoints as ``RUN/checkpoints/step_<N>/`` (see :class:`TrainCheckpointer`);
+:mod:`EasyLM.run_dirs` names and lists runs and their checkpoints.
 
 ``load_checkpoint`` strings name what to load: ``trainstate::PATH`` the whole train state
 (resume everything), ``params::PATH`` the weights only.  For weights, ``PATH`` may hold either
@@ -20,7 +21,6 @@ configs) is the same.
 """
 import json
 import os
-import re
 import shutil
 import time
 
@@ -30,16 +30,12 @@ import orbax.checkpoint as ocp
 
 from EasyLM.config import ConfigDict, Option
 from EasyLM.models.llama.llama_model import LLaMAConfig
+from EasyLM.run_dirs import (PARAMS_ITEM, STATE_ITEM, is_complete, list_train_checkpoints,
+                             newest_checkpoint_in, train_checkpoint_dir, train_checkpoints_dir)
 
 CONFIG_FILE = "llama_config.json"
-PARAMS_ITEM = "params"
-STATE_ITEM = "state"
 METADATA_FILE = "metadata.json"
 CHECKPOINT_KINDS = ("params", "trainstate", "trainstate_params")
-TRAIN_CHECKPOINTS_DIR = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-RUN_NAME_FORMAT = "%Y-%m-%d_%H-%M-%S"
-_RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(?:_(\d+))?$")
 
 
 def parse_checkpoint_spec(spec, key="load_checkpoint"):
@@ -66,14 +62,6 @@ def parse_checkpoint_spec(spec, key="load_checkpoint"):
         raise FileNotFoundError(f"{key}={spec!r}: no {kind} checkpoint at {path} (expected a "
                                 f"directory {params} or {state})")
     return kind, path
-
-
-def newest_checkpoint_in(path):
-    """``path`` itself when it is a checkpoint (or nothing is there); else the newest complete
-    train checkpoint of the run directory, or of the newest run of the workdir, it names."""
-    if any(os.path.isdir(os.path.join(path, item)) for item in (STATE_ITEM, PARAMS_ITEM)):
-        return path
-    return latest_train_checkpoint(path) or find_resumable_run(path)[1] or path
 
 
 def _weights_item(kind, path):
@@ -169,97 +157,9 @@ def dataset_state_file(process_index):
     return f"dataset_{process_index}.json"
 
 
-def is_complete(step_dir):
-    """Whether a train checkpoint finished writing.
-
-    Orbax writes the state into a temporary directory and renames it to ``state`` when every
-    process is done; the small JSON files are written before the state, so a finished state
-    means a usable checkpoint.  Run directories are POSIX paths (for a multi-host run, one that
-    every host sees: NFS, Lustre, or a gcsfuse mount of a bucket).
-    """
-    return os.path.isdir(os.path.join(step_dir, STATE_ITEM))
-
-
-def list_train_checkpoints(run_dir):
-    """``[(step, path, complete)]`` of ``run_dir/checkpoints/step_<N>``, by step."""
-    root = os.path.join(run_dir, TRAIN_CHECKPOINTS_DIR)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = _STEP_DIR.match(name)
-        if match:
-            path = os.path.join(root, name)
-            found.append((int(match.group(1)), path, is_complete(path)))
-    return sorted(found)
-
-
-def latest_train_checkpoint(run_dir):
-    """Path of the newest complete train checkpoint of a run, or ``None``."""
-    complete = [path for _, path, ok in list_train_checkpoints(run_dir) if ok]
-    return complete[-1] if complete else None
-
-
-def _run_order(name):
-    match = _RUN_NAME.match(name)
-    return name[:19], int(match.group(1) or 0)
-
-
-def list_runs(workdir):
-    """Time-stamped run directories under ``workdir``, oldest first, as absolute paths (orbax
-    refuses relative ones, and a relative ``workdir`` is the default)."""
-    workdir = os.path.abspath(workdir)
-    if not os.path.isdir(workdir):
-        return []
-    names = [n for n in os.listdir(workdir)
-             if _RUN_NAME.match(n) and os.path.isdir(os.path.join(workdir, n))]
-    return [os.path.join(workdir, n) for n in sorted(names, key=_run_order)]
-
-
-def find_resumable_run(workdir):
-    """``(run_dir, checkpoint)`` of the newest run under ``workdir`` that has a complete train
-    checkpoint (its newest), or ``(None, None)``."""
-    for run_dir in reversed(list_runs(workdir)):
-        checkpoint = latest_train_checkpoint(run_dir)
-        if checkpoint is not None:
-            return run_dir, checkpoint
-    return None, None
-
-
-def new_run_dir(workdir, now=None):
-    """A fresh ``workdir/<YYYY-mm-dd_HH-MM-SS>[_<n>]`` name (not created)."""
-    base = time.strftime(RUN_NAME_FORMAT, time.localtime(now))
-    name, n = base, 0
-    while os.path.exists(os.path.join(workdir, name)):
-        n += 1
-        name = f"{base}_{n}"
-    return os.path.join(os.path.abspath(workdir), name)
-
-
 def read_metadata(step_dir):
     with open(os.path.join(step_dir, METADATA_FILE)) as f:
         return json.load(f)
-
-
-def trained_row_length(path):
-    """Tokens per batch row the run of a train checkpoint trained on, or ``None`` (converted
-    weights carry no training record)."""
-    if "://" in path or not os.path.exists(os.path.join(path, METADATA_FILE)):
-        return None
-    metadata = read_metadata(path)
-    if "train_seq_length" in metadata:
-        return int(metadata["train_seq_length"])
-    # Checkpoints saved before train_seq_length was recorded carry the run's flags.
-    flags = metadata.get("config", {})
-    length = flags.get(f"train_dataset.{flags.get('train_dataset.type')}_dataset.seq_length")
-    return int(length) if length else None
-
-
-def default_window(path, llama_config):
-    """Default local window of windowed inference on a checkpoint: the row length its run
-    trained on (the memory was trained over windows of that length), else the model's
-    ``max_sequence_length``."""
-    return trained_row_length(path) or llama_config.max_sequence_length
 
 
 def load_dataset_state(step_dir, process_index=0):
@@ -299,7 +199,8 @@ class TrainCheckpointer:
 
     def __init__(self, run_dir, config=None, process_index=None):
         config = get_default_config() if config is None else config
-        self.root = os.path.join(os.path.abspath(run_dir), TRAIN_CHECKPOINTS_DIR)
+        self.run_dir = os.path.abspath(run_dir)
+        self.root = train_checkpoints_dir(run_dir)
         self.keep_last = int(config.keep_last)
         self.process_index = jax.process_index() if process_index is None else process_index
         handler = ocp.StandardCheckpointHandler()
@@ -310,7 +211,7 @@ class TrainCheckpointer:
     def _remove_incomplete(self):
         """Delete what saves killed in an earlier life of this run left behind."""
         if self.process_index == 0 and os.path.isdir(self.root):
-            for _, path, ok in list_train_checkpoints(os.path.dirname(self.root)):
+            for _, path, ok in list_train_checkpoints(self.run_dir):
                 if not ok:
                     _remove(path)
             for name in os.listdir(self.root):
@@ -321,7 +222,7 @@ class TrainCheckpointer:
             multihost_utils.sync_global_devices("train_checkpointer_cleanup")
 
     def step_dir(self, step):
-        return os.path.join(self.root, f"step_{int(step)}")
+        return train_checkpoint_dir(self.run_dir, step)
 
     def save(self, step, state, llama_config, metadata, dataset_state=None, milestone=False):
         """Start writing checkpoint ``step``; returns its directory."""
@@ -356,7 +257,7 @@ class TrainCheckpointer:
             return
         if self.keep_last <= 0:
             return
-        rolling = [path for _, path, ok in list_train_checkpoints(os.path.dirname(self.root))
+        rolling = [path for _, path, ok in list_train_checkpoints(self.run_dir)
                    if ok and not read_metadata(path).get("milestone")]
         for path in rolling[:-self.keep_last]:
             _remove(path)

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
-from EasyLM import checkpoint, logging_utils
-from EasyLM.trainer import Checkpointing, fit
+from EasyLM import checkpoint, logging_utils, run_dirs
+from EasyLM.hooks import Checkpointing
+from EasyLM.trainer import fit
 
 log = logging.getLogger("EasyLM")
 log.propagate = False  # our own handlers; a root handler would print each line twice
@@ -63,10 +64,10 @@ def select_run(workdir, resume=True):
     under ``workdir`` with a complete checkpoint when ``resume``, else a new directory."""
     choice = ""
     if jax.process_index() == 0:
-        run_dir, resume_from = (checkpoint.find_resumable_run(workdir) if resume
+        run_dir, resume_from = (run_dirs.find_resumable_run(workdir) if resume
                                 else (None, None))
         if run_dir is None:
-            run_dir = checkpoint.new_run_dir(workdir)
+            run_dir = run_dirs.new_run_dir(workdir)
             os.makedirs(run_dir)
         choice = json.dumps([run_dir, resume_from])
     run_dir, resume_from = json.loads(_agree(choice))
@@ -212,7 +213,7 @@ def _stop(signum, state, saving, train_data, run_dir, save, total_steps):
                     total_steps, saving.checkpointer.step_dir(step))
         saving.save(step, state, train_data)
         saving.checkpointer.wait()
-    _, resume_from = checkpoint.find_resumable_run(os.path.dirname(run_dir))
+    _, resume_from = run_dirs.find_resumable_run(os.path.dirname(run_dir))
     then = (f"running the same command again resumes from {resume_from}" if resume_from
             else "no checkpoint to resume: running the same command again starts a fresh run")
     log.warning("stopped by %s at step %d of %d%s; %s (with resume=true, the default)", name,

@@ -1,5 +1,6 @@
 """Train and eval steps under ``jax.jit`` with explicit shardings, gradient accumulation, and
-the training loop (logging, evaluation, checkpoints, throughput from :mod:`EasyLM.flops`).
+the training loop, a plain step loop under the hooks of :mod:`EasyLM.hooks` (logging,
+evaluation, checkpoints, throughput from :mod:`EasyLM.flops`).
 
 The train state is a plain dict ``{"step", "params", "opt_state", "skipped_steps"}``: float32
 master parameters (the Flax variables' ``params`` tree), the optax state, the number of updates
@@ -13,9 +14,8 @@ neighbours as the data pipeline laid out); per-token losses are summed and divid
 count of the whole batch, so the update equals the one of a single step over the full batch.
 """
 import dataclasses
-import os
 import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +26,14 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 from EasyLM.flops import flops_per_step, peak_flops_per_device
 from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
                               with_sharding_constraint)
-from EasyLM.logging_utils import ConsoleProgress, WindowAggregator, with_prefix
+from EasyLM.hooks import Evaluation, LogRecords, SaveCheckpoints, StepInfo, TrainMetrics
+from EasyLM.logging_utils import ConsoleProgress
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_sums
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
                                              output_head_kernel)
 from EasyLM.optimizers import get_optimizer
 
 BATCH_KEYS = ("input_tokens", "target_tokens", "loss_masks")
-# Metrics whose last value in a logging window is reported (the others are averaged).
-LATEST_METRICS = ("learning_rate", "param_norm", "skipped_steps")
 
 
 def state_partition_specs(state_shapes):
@@ -218,49 +217,18 @@ class LoopSettings:
     show_progress: bool = True
 
 
-@dataclasses.dataclass
-class Checkpointing:
-    """What the loop needs to save: the checkpointer, the model config stored beside the state
-    and a function giving the metadata (e.g. the resolved run config)."""
-    checkpointer: Any
-    llama_config: Any
-    metadata: Callable[[], dict] = dict
-
-    def save(self, step, state, train_data, milestone=False):
-        """Start writing checkpoint ``step`` with ``train_data``'s position; its directory."""
-        return self.checkpointer.save(step, state, self.llama_config, self.metadata(),
-                                      dataset_state=train_data.get_state_dict(),
-                                      milestone=milestone)
-
-
-def evaluate(trainer, state, eval_data, eval_steps, start_state):
-    """Token-weighted eval loss/accuracy over the first ``eval_steps`` batches of the eval data
-    (restarted from ``start_state`` each time, so every evaluation sees the same tokens)."""
-    eval_data.load_state_dict(start_state)
-    iterator = iter(eval_data)
-    totals, data_metrics = [], {}
-    for _ in range(eval_steps):
-        batch, data_metrics = next(iterator)
-        totals.append(trainer.eval_step(state["params"],
-                                        trainer.global_batch(batch, eval_data.batch_size)))
-    totals = jax.tree_util.tree_map(lambda *x: float(np.sum(x)), *jax.device_get(totals))
-    count = max(totals["count"], 1.0)
-    out = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-           "tokens": totals["count"]}
-    out.update(with_prefix(data_metrics, "dataset"))
-    return with_prefix(out, "eval")
-
-
 def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpointing=None,
-        stop=None):
+        stop=None, hooks=()):
     """Train from ``state`` (whose step is where to start) to ``settings.total_steps``; returns
     the last state.
 
-    Logs at every ``log_freq``-th step and at every evaluation, checkpoint and the last step:
-    cutting the averaging windows there keeps evaluation and saving out of the step timings,
-    and keeps a resumed run's records identical to an uninterrupted one's. Evaluates at step 0
-    of a fresh run and every ``eval_freq`` steps; saves after logging, so a checkpoint at step S
-    has every record up to S written.
+    The hooks of :mod:`EasyLM.hooks`, registered with the frequencies of ``settings``, do the
+    rest: train metrics are logged at every ``log_freq``-th step and at every evaluation,
+    checkpoint and the last step; evaluation runs at step 0 of a fresh run and every
+    ``eval_freq`` steps; ``checkpointing`` (:class:`EasyLM.hooks.Checkpointing`) saves after
+    the step's record is logged, so a checkpoint at step S has every record up to S written.
+    ``hooks``: more :class:`EasyLM.hooks.Hook`s, run after evaluation and before the record is
+    written (what they put in ``info.record`` is logged at that step).
 
     Each record goes to ``logger.write(step, record)`` and, as one readable line, to the
     ``EasyLM`` logger (:class:`EasyLM.logging_utils.ConsoleProgress`), which ends with a
@@ -272,94 +240,46 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
     """
     s = settings
     start = int(jax.device_get(state["step"]))
-    eval_start = eval_data.get_state_dict() if eval_data is not None else None
-    evaluating = eval_data is not None and s.eval_steps > 0 and s.eval_freq > 0
-    peak = s.peak_flops_per_device or peak_flops_per_device()
-    step_flops = flops_per_step(trainer.model_config, train_data.batch_size,
-                                train_data.seq_length)
-    tokens_per_step = train_data.batch_size * train_data.seq_length
-    window = WindowAggregator(latest=LATEST_METRICS)
-    windows = []  # (last step, steps, seconds, data wait) of each logging window
-    last_checkpoint = None
+    train_metrics = TrainMetrics(
+        s.log_freq, flops_per_step(trainer.model_config, train_data.batch_size,
+                                   train_data.seq_length),
+        s.peak_flops_per_device or peak_flops_per_device(),
+        train_data.batch_size * train_data.seq_length)
+    registered = [train_metrics]
+    if eval_data is not None and s.eval_steps > 0 and s.eval_freq > 0:
+        registered.append(Evaluation(trainer, eval_data, s.eval_freq, s.eval_steps))
+    registered += list(hooks)
     with ConsoleProgress(start, s.total_steps, s.show_progress) as console:
-        if evaluating and start == 0:
-            record = evaluate(trainer, state, eval_data, s.eval_steps, eval_start)
-            logger.write(0, record)
-            console.record(0, record)
-        iterator = iter(train_data)
-        window_start, data_wait = time.perf_counter(), 0.0
-        step, stopping = start, False
-        while step < s.total_steps and not stopping:
-            wait_start = time.perf_counter()
-            local_batch, data_metrics = next(iterator)
-            data_wait += time.perf_counter() - wait_start
-            state, metrics = trainer.train_step(
-                state, trainer.global_batch(local_batch, train_data.batch_size))
-            window.add(metrics)
-            step += 1
-            stopping = stop is not None and step < s.total_steps and stop()
-            milestone = s.save_milestone_freq > 0 and step % s.save_milestone_freq == 0
-            saving = checkpointing is not None and (
-                milestone or (s.save_model_freq > 0 and step % s.save_model_freq == 0)
-                or (s.save_model_freq > 0 and step == s.total_steps))
-            evaluating_now = evaluating and step % s.eval_freq == 0
-            logging_now = (step % s.log_freq == 0 or saving or evaluating_now or stopping
-                           or step == s.total_steps)
-            record, note = {}, ""
-            if logging_now:
-                steps_done = len(window)
-                train = window.reduce()
-                elapsed = time.perf_counter() - window_start
-                windows.append((step, steps_done, elapsed, data_wait))
-                train.update(_throughput(steps_done, elapsed, data_wait, step_flops, peak,
-                                         tokens_per_step))
-                record.update(with_prefix(train, "train"))
-                record.update(with_prefix(data_metrics, "train/dataset"))
-                if len(windows) == 1:
-                    note = " (timings include compilation)"
-            if evaluating_now:
-                record.update(evaluate(trainer, state, eval_data, s.eval_steps, eval_start))
-            logger.write(step, record)
-            console.record(step, record, note)
-            if saving:
-                last_checkpoint = checkpointing.save(step, state, train_data, milestone)
-            if logging_now:  # the next window times training only, not this evaluation or save
-                window_start, data_wait = time.perf_counter(), 0.0
-            console.advance()
+        registered.append(LogRecords(logger, console, train_metrics))
         if checkpointing is not None:
-            checkpointing.checkpointer.wait()
-        if stopping:
-            return state
-        console.summary(step, *_run_throughput(windows, step_flops, peak, tokens_per_step),
-                        outputs=_outputs(logger) + ([last_checkpoint] if last_checkpoint else []))
-    return state
+            registered.append(SaveCheckpoints(checkpointing, train_data, s.save_model_freq,
+                                              s.save_milestone_freq))
+        return run_loop(trainer, state, train_data, s.total_steps, registered, stop)
 
 
-def _run_throughput(windows, step_flops, peak, tokens_per_step):
-    """``(timing metrics, (first step, last step))`` over the logging windows after the first,
-    which includes compilation (over that one when it is the only one); ``(None, None)``
-    without windows."""
-    timed = windows[1:] or windows
-    if not timed:
-        return None, None
-    steps, elapsed, data_wait = (sum(w[i] for w in timed) for i in (1, 2, 3))
-    first = timed[0][0] - timed[0][1] + 1
-    return (_throughput(steps, elapsed, data_wait, step_flops, peak, tokens_per_step),
-            (first, timed[-1][0]))
-
-
-def _outputs(logger):
-    """Paths of what ``logger`` writes, when it says (``MetricsLogger.outputs``)."""
-    if not hasattr(logger, "outputs"):
-        return []
-    return [os.path.join(logger.log_dir, name) for name in logger.outputs()]
-
-
-def _throughput(steps, elapsed, data_wait, step_flops, peak, tokens_per_step):
-    """Timing metrics of a logging window (the first window includes compilation)."""
-    out = {"step_time": elapsed / steps, "data_wait_time": data_wait / steps,
-           "tokens_per_second": tokens_per_step * steps / elapsed,
-           "tflops_per_device": step_flops * steps / elapsed / jax.device_count() / 1e12}
-    if peak:
-        out["mfu"] = step_flops * steps / elapsed / (jax.device_count() * peak)
-    return out
+def run_loop(trainer, state, train_data, total_steps, hooks, stop=None):
+    """The step loop under the hooks (:mod:`EasyLM.hooks`): train steps from ``state`` to
+    ``total_steps`` on ``train_data``'s batches, or until ``stop()`` says so; returns the
+    last state."""
+    info = StepInfo(step=int(jax.device_get(state["step"])), total_steps=total_steps,
+                    state=state)
+    for hook in hooks:
+        hook.start(info)
+    iterator = iter(train_data)
+    while info.step < total_steps and not info.stopping:
+        began = time.perf_counter()
+        local_batch, data_metrics = next(iterator)
+        data_wait = time.perf_counter() - began
+        state, metrics = trainer.train_step(
+            state, trainer.global_batch(local_batch, train_data.batch_size))
+        step = info.step + 1
+        info = StepInfo(step=step, total_steps=total_steps, state=state, metrics=metrics,
+                        data_metrics=data_metrics, began=began, data_wait=data_wait,
+                        stopping=stop is not None and step < total_steps and stop())
+        due = [hook for hook in hooks if hook.due(info)]
+        info.pausing = any(hook.pauses_training for hook in due)
+        for hook in due:
+            hook(info)
+    for hook in reversed(hooks):
+        hook.end(info)
+    return info.state

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
-from EasyLM import checkpoint
+from EasyLM import checkpoint, run_dirs
 from EasyLM.jax_utils import get_jax_mesh
+from EasyLM.models.llama import inference_window
 from EasyLM.models.llama.llama_model import LLaMAConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def test_round_trip_with_shardings_and_converter_layout(tmp_path):
     config = LLaMAConfig.load_config("debug", vocab_size=16)
     path = saver.save(7, state, config, {"config": {"seed": 1}}, dataset_state={"pos": 3})
     saver.close()
-    assert checkpoint.latest_train_checkpoint(str(tmp_path / "run")) == path
+    assert run_dirs.latest_train_checkpoint(str(tmp_path / "run")) == path
     assert checkpoint.read_metadata(path)["config"] == {"seed": 1}
     assert checkpoint.load_dataset_state(path, 0) == {"pos": 3}
     assert checkpoint.load_dataset_state(path, 1) is None
@@ -67,7 +68,7 @@ def test_rolling_checkpoints_are_pruned_and_milestones_kept(tmp_path):
     for step in range(1, 7):
         saver.save(step, small_state(mesh, step), config, {}, milestone=step == 3)
     saver.close()
-    kept = [(step, ok) for step, _, ok in checkpoint.list_train_checkpoints(str(tmp_path))]
+    kept = [(step, ok) for step, _, ok in run_dirs.list_train_checkpoints(str(tmp_path))]
     assert kept == [(3, True), (5, True), (6, True)]
 
 
@@ -93,28 +94,28 @@ def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-c", KILLED_SAVE, run], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]
-    found = [(step, ok) for step, _, ok in checkpoint.list_train_checkpoints(run)]
+    found = [(step, ok) for step, _, ok in run_dirs.list_train_checkpoints(run)]
     assert found == [(1, True), (2, False)]
-    assert checkpoint.find_resumable_run(str(tmp_path)) == (None, None)  # not a run name
-    latest = checkpoint.latest_train_checkpoint(run)
+    assert run_dirs.find_resumable_run(str(tmp_path)) == (None, None)  # not a run name
+    latest = run_dirs.latest_train_checkpoint(run)
     restored = checkpoint.restore_train_state(
         latest, {"params": {"w": jax.ShapeDtypeStruct((10,), jnp.float32)}})
     np.testing.assert_array_equal(restored["params"]["w"], np.arange(10.0))
     checkpoint.TrainCheckpointer(run)  # a new life of the run clears the debris
-    assert [s for s, _, _ in checkpoint.list_train_checkpoints(run)] == [1]
+    assert [s for s, _, _ in run_dirs.list_train_checkpoints(run)] == [1]
 
 
 def test_resume_picks_the_newest_run_with_a_complete_checkpoint(tmp_path):
     workdir = str(tmp_path)
-    first = checkpoint.new_run_dir(workdir, now=1_700_000_000)
+    first = run_dirs.new_run_dir(workdir, now=1_700_000_000)
     os.makedirs(os.path.join(first, "checkpoints", "step_4", "state"))
-    second = checkpoint.new_run_dir(workdir, now=1_700_000_000)
+    second = run_dirs.new_run_dir(workdir, now=1_700_000_000)
     assert second == first + "_1"
     os.makedirs(os.path.join(second, "checkpoints", "step_9", "state.orbax-checkpoint-tmp"))
-    assert checkpoint.find_resumable_run(workdir) == (
+    assert run_dirs.find_resumable_run(workdir) == (
         first, os.path.join(first, "checkpoints", "step_4"))
     os.makedirs(os.path.join(second, "checkpoints", "step_2", "state"))
-    assert checkpoint.find_resumable_run(workdir) == (
+    assert run_dirs.find_resumable_run(workdir) == (
         second, os.path.join(second, "checkpoints", "step_2"))
 
 
@@ -122,7 +123,7 @@ def test_a_relative_workdir_gives_absolute_paths(tmp_path, monkeypatch):
     """Orbax refuses relative paths; the default workdir (./workdir) is relative."""
     monkeypatch.chdir(tmp_path)
     os.makedirs(os.path.join("work", "2024-01-01_00-00-00", "checkpoints", "step_3", "state"))
-    run_dir, step_dir = checkpoint.find_resumable_run("work")
+    run_dir, step_dir = run_dirs.find_resumable_run("work")
     assert run_dir == str(tmp_path / "work" / "2024-01-01_00-00-00")
     assert step_dir == os.path.join(run_dir, "checkpoints", "step_3")
 
@@ -160,8 +161,8 @@ def test_trained_row_length_also_of_checkpoints_saved_before_it_was_recorded(tmp
         saver = checkpoint.TrainCheckpointer(str(tmp_path / name))
         step_dir = saver.save(1, small_state(get_jax_mesh("1,-1,1")), config, metadata)
         saver.close()
-        assert checkpoint.default_window(step_dir, config) == expected
+        assert inference_window.default_window(step_dir, config) == expected
     converted = str(tmp_path / "converted")
     checkpoint.save_params(converted, {"params": small_state(get_jax_mesh("1,-1,1"))["params"]},
                            config)
-    assert checkpoint.default_window(converted, config) == config.max_sequence_length == 1024
+    assert inference_window.default_window(converted, config) == config.max_sequence_length == 1024

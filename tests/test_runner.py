@@ -19,11 +19,12 @@ import torch
 import transformers
 
 from EasyLM import run
-from EasyLM.checkpoint import (TrainCheckpointer, latest_train_checkpoint, load_llama_config,
-                               load_params, read_metadata, save_params)
+from EasyLM.checkpoint import (TrainCheckpointer, load_llama_config, load_params, read_metadata,
+                               save_params)
 from EasyLM.config import ConfigError
 from EasyLM.models.llama import convert_easylm_to_hf, llama_train
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
+from EasyLM.run_dirs import latest_train_checkpoint
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from running_utils.runner_utils import build_config, split_config
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from EasyLM import checkpoint, logging_utils, run
+from EasyLM import checkpoint, logging_utils, run, run_dirs
 from EasyLM.data import DatasetFactory
 from EasyLM.jax_utils import MESH_AXES
 from EasyLM.models.llama.llama_model import with_cross_batch
@@ -130,7 +130,7 @@ def test_sigterm_saves_the_step_exits_143_and_the_command_resumes_exactly(
     step, resume_from = stopped_line(run_dir, "SIGTERM")
     assert 3 <= step < TOTAL and resume_from == os.path.join(run_dir, "checkpoints",
                                                              f"step_{step}")
-    assert checkpoint.is_complete(resume_from)
+    assert run_dirs.is_complete(resume_from)
     assert checkpoint.read_metadata(resume_from)["step"] == step
     assert max(records(run_dir)) == step  # the stopping step is logged, nothing after it
 
@@ -178,7 +178,7 @@ def test_a_signal_to_one_process_of_a_pod_job_stops_all_at_the_same_step(
     assert codes == [128 + signal.SIGTERM] * 2, errors
     run_dir = run_dir_of(tmp_path)
     step, resume_from = stopped_line(run_dir, "SIGTERM")
-    assert 3 <= step < TOTAL and checkpoint.is_complete(resume_from)
+    assert 3 <= step < TOTAL and run_dirs.is_complete(resume_from)
     for process in (0, 1):  # each process saved its data position, at the same step
         assert checkpoint.load_dataset_state(resume_from, process) is not None
 
@@ -303,8 +303,8 @@ def test_sigint_stops_after_the_step_and_the_same_run_resumes_exactly(
     step, resume_from = stopped_line(run_dir, "SIGINT", total=6)
     assert step == 3 and ("save_on_signal=false" in train_log(run_dir)) != save_on_signal
     saved = os.path.join(run_dir, "checkpoints", "step_3" if save_on_signal else "step_2")
-    assert resume_from == saved and checkpoint.is_complete(saved)
-    assert checkpoint.is_complete(os.path.join(run_dir, "checkpoints", "step_3")) == \
+    assert resume_from == saved and run_dirs.is_complete(saved)
+    assert run_dirs.is_complete(os.path.join(run_dir, "checkpoints", "step_3")) == \
         save_on_signal
 
     train_in_process(tiny, tmp_path / "work", save_model_freq=2)

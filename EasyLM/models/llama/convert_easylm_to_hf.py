@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from EasyLM import cli
-from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
-                               parse_checkpoint_spec)
+from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
 from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
 from EasyLM.models.llama.hf_layout import native_to_hf
+from EasyLM.models.llama.inference_window import default_window
 from EasyLM.tokenizer import tokenizer_from_json
 from FoT.hf import MODEL_FILES, fot_config_dict
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from EasyLM.checkpoint import (default_window, load_llama_config, load_params,
-                               parse_checkpoint_spec)
+from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
+from EasyLM.models.llama.inference_window import default_window
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf.windows_fot_llama import plan_windows
 from FoT.inference import LayerCache, MemoryOptions, Piece
