@@ -29,7 +29,11 @@ Written by `python -m running_utils.docs` from the declarations in the code (the
 `python -m running_utils.runner --help`); do not edit by hand (`tests/test_docs.py` fails when
 this file differs from what the command writes). How keys are given (a JSON file of dotted
 keys, `--key=value` on the command line) and the keys of the original LongLLaMA configs are in
-[training.md](training.md).
+[training.md](training.md). The same list, from the code at hand:
+
+```text
+python -m running_utils.runner --help
+```
 """
 
 
