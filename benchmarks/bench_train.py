@@ -11,7 +11,7 @@ cannot disturb the next) and drives :class:`EasyLM.trainer.Trainer` through
 (Zipf-distributed, so the loss falls as the model learns the unigram statistics; the same
 seed gives the same batches on both paths).  Timings come from ``fit``'s own logging window
 over the timed steps (after ``--warmup`` steps that include compilation); MFU uses the FLOP
-count of ``EasyLM.flops.flops_per_step`` (README, "MFU").
+count of ``EasyLM.flops.flops_per_step`` (docs/training.md, "MFU").
 
 Paths (``--cases`` may override any setting of a case):
 

@@ -1,4 +1,4 @@
-"""Side-by-side figures and tables of the "Does FoT work?" experiments (README).
+"""Side-by-side figures and tables of the "Does FoT work?" experiments (docs/experiments.md).
 
     python -m experiments.report dictionary --output_dir runs/dictionary \\
         runs/dictionary/eval_fot/dictionary_lookup.json runs/dictionary/eval_range0/...
@@ -7,7 +7,7 @@
 
 Each input is the JSON an evaluation in ``eval/`` wrote for one model; the figure puts the
 models together (``dictionary_lookup.png`` / ``code_loss_by_position.png``) and a Markdown
-table (``.md`` beside it) gives the numbers for the README.
+table (``.md`` beside it) gives the numbers (docs/results.md is generated from the JSON).
 """
 import argparse
 import json
