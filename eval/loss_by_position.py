@@ -10,8 +10,10 @@ Documents (JSONL, one object per line) are tokenized with a leading BOS and cut 
 token at position ``p`` (predicted from positions ``< p``) is averaged over documents within
 buckets of ``--bucket_size`` positions, with memory and without.  ``--context_windows
 1,4,16,64`` adds the model reading only the last ``m`` windows (its memory forgetting all but
-the newest ``m - 1``), and the JSON gives the loss and perplexity of every token past the
-first window for each variant.  Writes ``loss_by_position.json`` and
+the newest ``m - 1``), and the JSON gives each variant's mean loss over every token (with
+``--last_context_length`` at the model's native context: the short-context retention of a
+continued model against its base) and the loss and perplexity of the tokens past the first
+window.  Writes ``loss_by_position.json`` and
 ``loss_by_position.png`` to ``--output_dir`` (other files there are left alone) and prints
 their paths.
 """
@@ -91,9 +93,9 @@ def context_label(windows):
 
 def loss_by_position(model, docs, bucket_size, context_windows=(), progress=True):
     """``(bucket starts, {label: mean loss per bucket}, token counts, {label: mean loss of
-    the tokens past the first window})`` for the model with memory, without memory, and for
-    each ``m`` of ``context_windows`` reading ``m`` windows (its memory keeping only the
-    newest ``m - 1``)."""
+    the tokens past the first window}, {label: mean loss of every token})`` for the model
+    with memory, without memory, and for each ``m`` of ``context_windows`` reading ``m``
+    windows (its memory keeping only the newest ``m - 1``)."""
     window = model.last_context_length
     variants = [("with memory", model), ("without memory", model.without_memory())]
     if context_windows:
@@ -102,7 +104,7 @@ def loss_by_position(model, docs, bucket_size, context_windows=(), progress=True
                              "the exported PyTorch model has no memory limit")
         variants += [(context_label(m), model.with_memory_limit((m - 1) * window))
                      for m in context_windows]
-    curves, beyond, counts = {}, {}, None
+    curves, beyond, overall, counts = {}, {}, {}, None
     for label, runner in variants:
         losses = [runner.token_losses(doc[None])[0]
                   for doc in tqdm(docs, desc=label, disable=not progress)]
@@ -110,7 +112,8 @@ def loss_by_position(model, docs, bucket_size, context_windows=(), progress=True
         # losses[i][p - 1] is the loss of token p; "past the first window" is p >= window.
         tail = np.concatenate([l[window - 1:] for l in losses])
         beyond[label] = float(tail.mean()) if tail.size else float("nan")
-    return positions, curves, counts, beyond
+        overall[label] = float(np.concatenate(losses).mean())
+    return positions, curves, counts, beyond, overall
 
 
 def main(argv=None):
@@ -148,14 +151,14 @@ def main(argv=None):
         model = load_model_from_args(args)
         if args.random_tokens:
             docs = random_documents(model.vocab_size, args.max_docs, args.max_length, args.seed)
-        positions, curves, counts, beyond = loss_by_position(model, docs, args.bucket_size,
-                                                             args.context_windows)
+        positions, curves, counts, beyond, overall = loss_by_position(
+            model, docs, args.bucket_size, args.context_windows)
         print(f"{'position':>10} {'with memory':>12} {'without':>9} {'tokens':>8}")
         for row in zip(positions, curves["with memory"], curves["without memory"], counts):
             print(f"{row[0]:>10} {row[1]:>12.4f} {row[2]:>9.4f} {row[3]:>8}")
-        print(f"\n{'past the first window':<24} {'loss':>8} {'perplexity':>11}")
+        print(f"\n{'':<24} {'all tokens':>10} {'past the first window':>22} {'perplexity':>11}")
         for label, value in beyond.items():
-            print(f"{label:<24} {value:>8.4f} {np.exp(value):>11.3f}")
+            print(f"{label:<24} {overall[label]:>10.4f} {value:>22.4f} {np.exp(value):>11.3f}")
         result = dict(model=args.hf_model or args.load_checkpoint,
                       data="random tokens" if args.random_tokens else args.data,
                       num_docs=len(docs), last_context_length=model.last_context_length,
@@ -163,7 +166,7 @@ def main(argv=None):
                       tokens_per_bucket=counts.tolist(),
                       **{label.replace(" ", "_"): values.tolist()
                          for label, values in curves.items()},
-                      loss_past_first_window=beyond,
+                      loss_all_tokens=overall, loss_past_first_window=beyond,
                       perplexity_past_first_window={label: float(np.exp(value))
                                                     for label, value in beyond.items()})
         cli.write_files(args.output_dir, {

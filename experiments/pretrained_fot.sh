@@ -8,7 +8,9 @@
 # PRETRAINED_OUT (runs/smollm2), PRETRAINED_GGUF (a carried .gguf file: no download),
 # PRETRAINED_CONFIG (configs/smollm2_fot.json), PRETRAINED_DATA_ARGS (experiments.code_corpus),
 # PRETRAINED_MIX_ARGS (experiments.recall_data), PRETRAINED_LENGTHS (passkey lengths),
-# PRETRAINED_TRIALS, PRETRAINED_EVAL_ARGS (eval.loss_by_position) change it; further runner
+# PRETRAINED_TRIALS, PRETRAINED_EVAL_ARGS (eval.loss_by_position), PRETRAINED_NATIVE (the base
+# model's context, 8192) and PRETRAINED_RETENTION_ARGS (short-context retention: loss of
+# held-out documents of the native length, base vs continued model) change it; further runner
 # flags go in PRETRAINED_RUNNER_ARGS (the test suite runs a tiny version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ stages=${*:-model data train export eval}
 lengths=${PRETRAINED_LENGTHS:-4096,8192,16384,32768,65536,131072,262144}
 trials=${PRETRAINED_TRIALS:-4}
 window=${PRETRAINED_WINDOW:-1024}
+native=${PRETRAINED_NATIVE:-8192}
 runner_args=(--tokenizer.vocab_file=$out/tokenizer --load_checkpoint=params::$out/fot_init
              --train_dataset.json_dataset.path=$out/data/train_recall.jsonl
              --eval_dataset.json_dataset.path=$out/data/heldout.jsonl --workdir=$out/fot
@@ -57,7 +60,14 @@ for stage in $stages; do
     eval_args=${PRETRAINED_EVAL_ARGS:---min_length 65537 --max_length 65536 --max_docs 32 --bucket_size 1024}
     python -m eval.loss_by_position --load_checkpoint "$checkpoint" --tokenizer $out/tokenizer \
       --data $out/data/heldout.jsonl --last_context_length $window --context_windows 1,4,16,64 \
-      --dtype bf16 --output_dir $out/eval/loss_fot $eval_args ;;
+      --dtype bf16 --output_dir $out/eval/loss_fot $eval_args
+    retention_args=${PRETRAINED_RETENTION_ARGS:---min_length $native --max_length $native --max_docs 32 --bucket_size 1024}
+    python -m eval.loss_by_position --hf_model $out/hf --tokenizer $out/tokenizer \
+      --data $out/data/heldout.jsonl --dtype bf16 --output_dir $out/eval/retention_base \
+      $retention_args
+    python -m eval.loss_by_position --load_checkpoint "$checkpoint" --tokenizer $out/tokenizer \
+      --data $out/data/heldout.jsonl --last_context_length $native --dtype bf16 \
+      --output_dir $out/eval/retention_fot $retention_args ;;
   *) echo "unknown stage $stage (model data train export eval)" >&2; exit 2 ;;
   esac
 done

@@ -40,9 +40,9 @@ def llama_cpp_rows(weight, heads):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def random_model(tied):
+def random_model(tied, **overrides):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**CONFIG, tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(**dict(CONFIG, **overrides), tie_word_embeddings=tied)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1, so that a dropped or misplaced norm shows
         for name, tensor in model.named_parameters():
@@ -51,9 +51,12 @@ def random_model(tied):
     return model
 
 
-def write_gguf(path, model, quantization, architecture="llama"):
+def write_gguf(path, model, quantization, architecture="llama",
+               vocabulary=(TOKENS, TOKEN_TYPES, MERGES)):
     """``model`` as llama.cpp's converter writes it: 2-D weights in ``quantization``, norms in
-    float32, no ``output.weight`` when the head is tied."""
+    float32, no ``output.weight`` when the head is tied; ``vocabulary`` is the byte-level BPE
+    tokenizer's ``(tokens, llama.cpp token types, merges)``."""
+    tokens, token_types, merges = vocabulary
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -68,9 +71,9 @@ def write_gguf(path, model, quantization, architecture="llama"):
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types(TOKEN_TYPES)
-    writer.add_token_merges(MERGES)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_unk_token_id(0)
