@@ -17,6 +17,7 @@ TINY = ["--model", "debug_fot", "--mem-layers", "1", "--vocab-size", "256", "--l
         "--steps", "2", "--warmup", "1"]
 
 
+@pytest.mark.slow
 def test_throughput_length_and_loss_check_parts(tmp_path, capsys):
     out = tmp_path / "results.json"
     status = bench_train.main(TINY + [

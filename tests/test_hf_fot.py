@@ -145,6 +145,7 @@ def test_half_precision_and_memory_dtype(exported):
             torch.testing.assert_close(logits.float(), expected, atol=3e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_in_fresh_process(tmp_path):
     _, _, spec = tiny_fot_checkpoint(tmp_path / "ckpt", vocab_size=512)
     out = tmp_path / "export"

@@ -268,6 +268,7 @@ def test_static_decode_steps_equal_the_piece_path(model, padded, monkeypatch):
     assert len(steps) >= (ids.shape[1] - prompt) // 2, len(steps)
 
 
+@pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager_on_gpu(model):
     # GPU only (tests/conftest.py): the one-token step captured and replayed as a CUDA graph,
     # across window moves and buffer growth (re-capture), for a left-padded batch.
@@ -347,6 +348,7 @@ def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypat
         torch.testing.assert_close(got[1].float(), want[1].float(), **tol)  # memory keys
 
 
+@pytest.mark.gpu
 def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
     # GPU only: cuDNN in bfloat16 (FlashAttention for a memory block that is not whole
     # windows), the efficient kernel in float32, against one window at a time.
