@@ -23,6 +23,9 @@ import resource
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per PyTorch op: its pool costs the tiny models more than it gains, and competes
+# with XLA's (half the CPU time of the PyTorch tests).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

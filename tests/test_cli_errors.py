@@ -279,6 +279,7 @@ def test_write_files_leaves_no_temporary_file_or_new_directory_behind(tmp_path, 
     assert entries(tmp_path) == [] and capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_the_issue_command_fails_in_one_line(model):
     spec, _, _ = model
     result = subprocess.run(

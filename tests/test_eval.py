@@ -178,6 +178,7 @@ def test_windows_default_to_the_trained_row_length(tiny_model, run_checkpoint):
     assert WindowedLM.from_checkpoint(spec).last_context_length == 8  # max_sequence_length
 
 
+@pytest.mark.slow
 def test_window_rules_end_to_end(tiny_model, tmp_path):
     _, hf_dir = tiny_model
     data = tmp_path / "docs.jsonl"

@@ -86,6 +86,7 @@ def test_single_window_equals_plain_llama_export(exported):
                                        plain(tokens[:, :length]).logits.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_jax(tmp_path):
     variables, config, spec = tiny_fot_checkpoint(tmp_path / "ckpt", init_scale=20.0, seed=3)
     convert_easylm_to_hf.convert(spec, str(tmp_path / "fot"))

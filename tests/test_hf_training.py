@@ -53,7 +53,7 @@ def loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_plain_loop_trains_on_five_windows(dtype, kv_heads):
     # The memory used to be written in place, into tensors that the previous windows'
     # attention saved for backward: backward failed past two windows.
@@ -128,7 +128,8 @@ def test_gradients_equal_jax_cross_batch_training_model(kv_heads):
                               grads["model.layers.0.self_attn.k_proj.weight"], atol=1e-5)
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("reentrant", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["non_reentrant", "reentrant"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(reentrant):
     _, _, model = tiny_models(mem_attention_grouping=(1, 3))
     model.train()

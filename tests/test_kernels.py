@@ -114,6 +114,7 @@ def test_default_backend_on_cpu_interprets_the_triton_plan():
     assert_matches_reference((4, 32, 2, 1, 64), 1, False, 1, jnp.float32, **SMALL_BLOCKS)
 
 
+@pytest.mark.slow
 def test_through_cross_batch_core():
     q, k_loc, k_mem, v, _ = random_inputs(4, 4, 32, 2, 1, 64, jnp.float32)
     args = dict(cross_batch_range=2, cross_batch_stepping=True, dataset_packing=2)

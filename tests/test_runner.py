@@ -335,6 +335,7 @@ def test_the_same_command_again_with_a_relative_workdir_resumes(tmp_path, compil
     assert sorted(records(run_dir)) == list(range(9))
 
 
+@pytest.mark.slow
 def test_an_uncaught_exception_lands_in_train_log(tmp_path, monkeypatch):
     def failing_fit(*args, **kwargs):
         raise RuntimeError("the disk is full")
@@ -372,6 +373,7 @@ def test_weights_that_do_not_fit_the_config_are_refused_before_the_run_starts(tm
     assert not os.path.exists(tmp_path / "work")
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused(tmp_path, monkeypatch):
     other = LLaMAConfig.load_config("debug_fot", vocab_size=512, hidden_size=64)
     params = FlaxLLaMAForCausalLMModule(other).init(jax.random.PRNGKey(0),
