@@ -100,6 +100,7 @@ def evaluation_cases(model, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_bad_evaluation_inputs_fail_in_one_line_naming_the_flag(model, tmp_path, capsys):
     for command, argv, flag, words in evaluation_cases(model, tmp_path / "inputs"):
         if "--output_dir" not in argv:

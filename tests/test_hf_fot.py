@@ -42,7 +42,9 @@ def tiny_fot_checkpoint(path, kv_heads=2, mem_layers=(1,), vocab_size=VOCAB, see
     return variables, config, f"params::{path}"
 
 
-@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+# GQA exports run in the full suite; the fast lane has them in tests/test_hf_windows.py.
+@pytest.fixture(scope="module", params=[4, pytest.param(2, marks=pytest.mark.slow)],
+                ids=["mha", "gqa"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"fot_kv{request.param}")
     variables, config, spec = tiny_fot_checkpoint(root / "ckpt", kv_heads=request.param)
