@@ -3,7 +3,7 @@ marker's skip, and a report of the fast lane's expensive tests.
 
 The lanes (markers declared in pytest.ini):
 
-- ``python -m pytest -m "not slow" tests``: the developers' quick check, about a minute on
+- ``python -m pytest -m "not slow" tests``: the developers' quick check, about two minutes on
   2 cores.  It still builds, trains, converts and decodes tiny models, reads data and checks
   the command-line errors; what takes seconds per test is left to the full run.
 - ``python -m pytest tests``: everything (CI, ``.ci/run``).
