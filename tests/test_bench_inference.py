@@ -2,9 +2,12 @@
 decode path generates the eager path's greedy tokens, the JSON has every row."""
 import json
 
+import pytest
+
 from benchmarks import bench_inference
 
 
+@pytest.mark.slow
 def test_bench_inference_tiny(tmp_path, capsys):
     out = tmp_path / "torch.json"
     bench_inference.main(["--tiny", "--lengths", "160", "--batch_sizes", "1,2",

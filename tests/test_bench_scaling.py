@@ -12,6 +12,7 @@ TINY = ["--model", "debug_fot", "--mem-layers", "1", "--length", "32", "--rows-p
         "--case", "fast:C=1", "--steps", "2", "--warmup", "1", "--extra", "--vocab-size 256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", ["one", "per_gpu"])
 def test_weak_scaling_table(tmp_path, processes):
     out = tmp_path / "rows.json"

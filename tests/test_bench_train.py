@@ -17,6 +17,7 @@ TINY = ["--model", "debug_fot", "--mem-layers", "1", "--vocab-size", "256", "--l
         "--steps", "2", "--warmup", "1"]
 
 
+@pytest.mark.slow
 def test_throughput_length_and_loss_check_parts(tmp_path, capsys):
     out = tmp_path / "results.json"
     status = bench_train.main(TINY + [
@@ -143,6 +144,7 @@ def test_json_keeps_the_cases_finished_before_a_cut(tmp_path, monkeypatch):
     assert [(r["batch"], r["step_ms"]) for r in saved] == [(8, 10.0)]
 
 
+@pytest.mark.slow
 def test_processes_joined_by_jax_distributed_train_as_one(tmp_path):
     """``--processes 2``: each case runs as two processes of this host joined through
     ``jax.distributed`` (on a GPU host, one per GPU), each feeding its block of the same global

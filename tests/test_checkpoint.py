@@ -87,6 +87,7 @@ KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",

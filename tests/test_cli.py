@@ -106,6 +106,7 @@ def test_gpu_memory_fraction_leaves_a_value_from_the_environment_alone():
     assert environ == {}
 
 
+@pytest.mark.slow
 def test_gpu_memory_fraction_is_set_before_jax_starts_its_backend():
     """The runner imports JAX (through llama_train); the variable only counts if it is in the
     environment when the backend starts, which training does first."""

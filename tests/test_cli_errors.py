@@ -100,6 +100,7 @@ def evaluation_cases(model, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_bad_evaluation_inputs_fail_in_one_line_naming_the_flag(model, tmp_path, capsys):
     for command, argv, flag, words in evaluation_cases(model, tmp_path / "inputs"):
         if "--output_dir" not in argv:
@@ -279,6 +280,7 @@ def test_write_files_leaves_no_temporary_file_or_new_directory_behind(tmp_path, 
     assert entries(tmp_path) == [] and capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_the_issue_command_fails_in_one_line(model):
     spec, _, _ = model
     result = subprocess.run(

@@ -40,6 +40,7 @@ def test_reads_kinds_shapes_and_bytes():
 ROWS, LENGTH = 16, 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_dim,updates", [
     ("1,-1,1", {}), ("2,2,2", {}), ("8,1,1", {}), ("1,2,4", {}),
     ("2,2,2", dict(remat_block="nothing_saveable")),
@@ -65,6 +66,7 @@ def test_train_step_gathers_no_activation_along_the_batch(mesh_dim, updates):
     assert "collective-permute" in kinds, table
 
 
+@pytest.mark.slow
 def test_bench_train_prints_the_collectives_of_a_mesh(capsys):
     from benchmarks import bench_train
     status = bench_train.main([

@@ -77,6 +77,7 @@ CASES = [  # B, L, H, KV, D, C, stepping, packing, shifted positions
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,L,H,KV,D,C,stepping,packing,shifted", CASES)
 def test_legacy_call_matches_per_row_loop(B, L, H, KV, D, C, stepping, packing, shifted):
     q, k, v = random_qkv(B * 10 + C, B, L, H, KV, D)
@@ -104,6 +105,7 @@ def test_legacy_call_matches_per_row_loop(B, L, H, KV, D, C, stepping, packing, 
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,L,H,KV,D,C,stepping,packing,shifted", CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blockwise_matches_reference(B, L, H, KV, D, C, stepping, packing, shifted, with_bias):

@@ -236,6 +236,7 @@ def resume_batches(cases_file, out_file):
     save_batches(out_file, batches_per_case)
 
 
+@pytest.mark.slow
 def test_json_dataset_resumes_in_new_process_across_passes(tmp_path, tokenizer):
     data = tmp_path / "shards"
     data.mkdir()

@@ -208,6 +208,7 @@ def data_log():
         logger.setLevel(level)
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_journey_broken_data_fails_in_one_line(tmp_path):
     """The runner as a user starts it, with a relative path: status 2, one line, no run."""
     (tmp_path / "bad").mkdir()

@@ -90,6 +90,7 @@ def check_passkey_outputs(output_dir):
     return result
 
 
+@pytest.mark.slow
 def test_passkey_end_to_end_jax_and_hf(tiny_model, tmp_path, capsys):
     spec, hf_dir = tiny_model
     grid = ["--lengths", ",".join(map(str, LENGTHS)), "--depths", "0,0.5,1", "--trials", "1"]
@@ -108,6 +109,7 @@ def test_passkey_end_to_end_jax_and_hf(tiny_model, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_loss_by_position_end_to_end(tiny_model, tmp_path):
     spec, hf_dir = tiny_model
     data = tmp_path / "docs.jsonl"
@@ -141,6 +143,7 @@ def test_bucket_means():
     np.testing.assert_allclose(means, [(3 * 1 + 2 * 3) / 5, 1.0])
 
 
+@pytest.mark.slow
 def test_readme_commands_read_a_runs_checkpoint(tiny_model, run_checkpoint, tmp_path):
     """Passkey, loss by position and the export on ``RUN/checkpoints/step_<N>``, bare or with
     either prefix: the same weights as the checkpoint the run would have saved them from."""
@@ -168,12 +171,14 @@ def test_readme_commands_read_a_runs_checkpoint(tiny_model, run_checkpoint, tmp_
         assert torch.equal(exported[name], tensor), name
 
 
+@pytest.mark.slow
 def test_windows_default_to_the_trained_row_length(tiny_model, run_checkpoint):
     spec, _ = tiny_model
     assert WindowedLM.from_checkpoint(run_checkpoint).last_context_length == 32
     assert WindowedLM.from_checkpoint(spec).last_context_length == 8  # max_sequence_length
 
 
+@pytest.mark.slow
 def test_window_rules_end_to_end(tiny_model, tmp_path):
     _, hf_dir = tiny_model
     data = tmp_path / "docs.jsonl"

@@ -362,6 +362,7 @@ def dictionary_run(tmp_path_factory, compilation_cache):
     return out
 
 
+@pytest.mark.slow
 def test_dictionary_script_writes_data_evaluations_figures_and_table(dictionary_run):
     out = dictionary_run
     assert read_json(out / "data" / "task.json")["vocab_size"] == 3 + 256 + 32
@@ -400,6 +401,7 @@ def test_dictionary_script_writes_data_evaluations_figures_and_table(dictionary_
     assert torch_fot["accuracy_without_memory"] == jax_fot["accuracy_without_memory"]
 
 
+@pytest.mark.slow
 def test_dictionary_export_scores_like_the_checkpoint_with_distractors(dictionary_run):
     """The accuracies of a 20-step model hardly depend on memory; its losses do, so the
     export is compared on them too, on the evaluation's own inputs."""
@@ -441,6 +443,7 @@ def code_run(tmp_path_factory, compilation_cache):
     return out
 
 
+@pytest.mark.slow
 def test_code_corpus_splits_by_package_and_its_tokenizer_round_trips_code(code_run):
     data = code_run / "data"
     corpus = read_json(data / "corpus.json")
@@ -464,6 +467,7 @@ def test_code_corpus_splits_by_package_and_its_tokenizer_round_trips_code(code_r
     assert ids.count(newline) == snippet.count("\n")  # one token per newline
 
 
+@pytest.mark.slow
 def test_code_script_measures_loss_by_position_with_limited_memories(code_run, tmp_path):
     from eval.loss_by_position import read_documents
 

@@ -107,6 +107,7 @@ def transformers_reading(path):
     return model, transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization,tied", [("F32", True), ("Q8_0", False)])
 def test_converted_gguf_matches_transformers_reading(tmp_path, quantization, tied):
     original = random_model(tied)

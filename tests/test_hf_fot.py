@@ -42,7 +42,9 @@ def tiny_fot_checkpoint(path, kv_heads=2, mem_layers=(1,), vocab_size=VOCAB, see
     return variables, config, f"params::{path}"
 
 
-@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+# GQA exports run in the full suite; the fast lane has them in tests/test_hf_windows.py.
+@pytest.fixture(scope="module", params=[4, pytest.param(2, marks=pytest.mark.slow)],
+                ids=["mha", "gqa"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"fot_kv{request.param}")
     variables, config, spec = tiny_fot_checkpoint(root / "ckpt", kv_heads=request.param)
@@ -86,6 +88,7 @@ def test_single_window_equals_plain_llama_export(exported):
                                        plain(tokens[:, :length]).logits.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_jax(tmp_path):
     variables, config, spec = tiny_fot_checkpoint(tmp_path / "ckpt", init_scale=20.0, seed=3)
     convert_easylm_to_hf.convert(spec, str(tmp_path / "fot"))
@@ -145,6 +148,7 @@ def test_half_precision_and_memory_dtype(exported):
             torch.testing.assert_close(logits.float(), expected, atol=3e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_in_fresh_process(tmp_path):
     _, _, spec = tiny_fot_checkpoint(tmp_path / "ckpt", vocab_size=512)
     out = tmp_path / "export"

@@ -53,7 +53,7 @@ def loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_plain_loop_trains_on_five_windows(dtype, kv_heads):
     # The memory used to be written in place, into tensors that the previous windows'
     # attention saved for backward: backward failed past two windows.
@@ -93,6 +93,7 @@ def test_training_keeps_the_inference_logits_and_inference_memory_in_place():
     torch.testing.assert_close(trained.logits.detach(), expected.logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_gradients_equal_jax_cross_batch_training_model(kv_heads):
     # Window-aligned input: the windows of one document as batch rows, each attending to all
@@ -127,7 +128,8 @@ def test_gradients_equal_jax_cross_batch_training_model(kv_heads):
                               grads["model.layers.0.self_attn.k_proj.weight"], atol=1e-5)
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("reentrant", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["non_reentrant", "reentrant"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(reentrant):
     _, _, model = tiny_models(mem_attention_grouping=(1, 3))
     model.train()
@@ -157,6 +159,7 @@ def test_num_items_in_batch_makes_the_loss_a_sum():
     torch.testing.assert_close(summed * 100, mean * counted)
 
 
+@pytest.mark.slow
 def test_trainer_gradient_accumulation_reports_the_same_loss(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
@@ -192,6 +195,7 @@ def test_trainer_gradient_accumulation_reports_the_same_loss(tmp_path):
     np.testing.assert_allclose(train(1, 2, checkpointing=True), whole, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_peft_lora_trains_five_windows_with_trainer_accumulation_and_checkpointing(tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("accelerate")

@@ -107,6 +107,7 @@ def test_aligned_rule_equals_the_definition_and_the_training_model(model):
     torch.testing.assert_close(ours, expected, **TOL)
 
 
+@pytest.mark.slow
 def test_aligned_rule_is_how_training_sees_windows():
     # The cross-batch training model over a document's windows as batch rows (the last
     # row padded: causal rows ignore what follows) gives the same logits.
@@ -268,6 +269,7 @@ def test_static_decode_steps_equal_the_piece_path(model, padded, monkeypatch):
     assert len(steps) >= (ids.shape[1] - prompt) // 2, len(steps)
 
 
+@pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager_on_gpu(model):
     # GPU only (tests/conftest.py): the one-token step captured and replayed as a CUDA graph,
     # across window moves and buffer growth (re-capture), for a left-padded batch.
@@ -308,7 +310,7 @@ def prefill_then_steps(model, ids, splits, steps=3):
 
 
 @pytest.mark.parametrize("variant", ["sdpa", "exact", "no_positionals", "bf16_memory"])
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypatch):
     # Whole windows go through each layer together (FoT/hf/prefill_fot_llama.py): memory in
     # blocks (one not whole), the chunk's earlier windows and the own window merged by their
@@ -347,6 +349,7 @@ def test_chunked_prefill_equals_window_by_window(model, variant, rows, monkeypat
         torch.testing.assert_close(got[1].float(), want[1].float(), **tol)  # memory keys
 
 
+@pytest.mark.gpu
 def test_chunked_prefill_equals_window_by_window_on_gpu(model, monkeypatch):
     # GPU only: cuDNN in bfloat16 (FlashAttention for a memory block that is not whole
     # windows), the efficient kernel in float32, against one window at a time.

@@ -37,6 +37,7 @@ def test_full_windows_equal_cross_batch_training_model(tiny):
     assert difference[:WINDOW].max() < 1e-5 and difference[WINDOW:].min() > 1e-4
 
 
+@pytest.mark.slow
 def test_attention_grouping_and_memory_dtype(tiny):
     variables, config, model = tiny
     tokens = np.random.default_rng(1).integers(0, 61, size=(2, 3 * WINDOW + 3))
@@ -74,6 +75,7 @@ def test_generation_modes(tiny):
     np.testing.assert_array_equal(stopped, [[first]])
 
 
+@pytest.mark.slow
 def test_greedy_generation_on_device_equals_the_host_loop(tiny):
     # Greedy tokens are chosen and fed back on the device (the host checks for the end of
     # every row only now and then); the result is the host loop's (top_k=1 sampling), also
@@ -104,6 +106,7 @@ def test_bad_options_fail_clearly():
         MemoryOptions(8, attention_grouping=(0, 4))
 
 
+@pytest.mark.slow
 def test_memory_limit_reads_only_the_last_windows(tiny):
     # With one memory layer, at layer 0, what a window stores does not depend on earlier
     # windows, so a memory that keeps m - 1 windows must give window t exactly what reading
@@ -140,6 +143,7 @@ def test_memory_limit_extremes(tiny):
         model.with_memory_limit(-1)
 
 
+@pytest.mark.slow
 def test_logits_are_causal_however_the_input_is_split(tiny):
     # The aligned rule: a token's logits depend only on the tokens before it, so the whole
     # input, chunks that straddle windows, single tokens and a shorter prefix all agree.
@@ -158,6 +162,7 @@ def test_logits_are_causal_however_the_input_is_split(tiny):
     np.testing.assert_allclose(model.logits(tokens[:, :prefix]), whole[:, :prefix], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_masked_rows_of_different_lengths_equal_each_row_alone(tiny):
     _, _, model = tiny
     rng = np.random.default_rng(6)
@@ -188,6 +193,7 @@ def test_masked_rows_of_different_lengths_equal_each_row_alone(tiny):
             assert not np.delete(losses[i], at).any()
 
 
+@pytest.mark.slow
 def test_generation_from_padded_prompts_equals_each_prompt_alone(tiny):
     _, _, model = tiny
     rng = np.random.default_rng(7)
@@ -206,6 +212,7 @@ def test_generation_from_padded_prompts_equals_each_prompt_alone(tiny):
         model.generate(padded, 2, mask=np.zeros_like(mask))
 
 
+@pytest.mark.slow
 def test_longllama_rule_follows_the_original_windows(tiny):
     # A prompt of 2.5 windows: the first 1.5 windows go to memory (a window, then half of
     # one), the last W tokens form a fresh final window.

@@ -12,12 +12,9 @@ import pytest
 
 from FoT.cross_batch import cross_batch_core
 from FoT.kernels import check_supported, flash_cross_batch
-from helpers import GPU_SKIP_REASON
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SMALL_BLOCKS = dict(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
-
-on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason=GPU_SKIP_REASON)
 
 
 def random_inputs(seed, B, L, H, KV, D, dtype):
@@ -70,12 +67,14 @@ TRITON_CASES = [  # (B, L, H, KV, D), C, stepping, packing
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,C,stepping,packing", TRITON_CASES)
 def test_triton_interpret_float32(shape, C, stepping, packing):
     assert_matches_reference(shape, C, stepping, packing, jnp.float32, backend="triton",
                              interpret=True, **SMALL_BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [
     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32),
     dict(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16),
@@ -86,6 +85,7 @@ def test_triton_interpret_unequal_blocks(blocks):
                              backend="triton", interpret=True, **blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,C,stepping,packing", [
     ((4, 32, 4, 2, 64), 2, True, 2),
     ((8, 32, 2, 1, 128), 4, False, 4),
@@ -95,6 +95,7 @@ def test_triton_interpret_bfloat16(shape, C, stepping, packing):
                              backend="triton", interpret=True, **SMALL_BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,C,stepping,packing,dtype", [
     ((4, 32, 2, 1, 64), 0, False, 1, jnp.float32),
     ((6, 32, 4, 2, 64), 3, True, 3, jnp.float32),
@@ -106,12 +107,14 @@ def test_mosaic_interpret(shape, C, stepping, packing, dtype):
                              block_k_dkv=32)
 
 
+@pytest.mark.slow
 def test_default_backend_on_cpu_interprets_the_triton_plan():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU default")
     assert_matches_reference((4, 32, 2, 1, 64), 1, False, 1, jnp.float32, **SMALL_BLOCKS)
 
 
+@pytest.mark.slow
 def test_through_cross_batch_core():
     q, k_loc, k_mem, v, _ = random_inputs(4, 4, 32, 2, 1, 64, jnp.float32)
     args = dict(cross_batch_range=2, cross_batch_stepping=True, dataset_packing=2)
@@ -171,7 +174,7 @@ def test_declared_support():
             check_supported(256, 64, jnp.float32)
 
 
-@on_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape,C,stepping,packing", [
     ((4, 256, 4, 2, 128), 2, True, 2),

@@ -20,6 +20,8 @@ evaluator = pytest.importorskip("lm_eval.evaluator")
 lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
 lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")
 
+pytestmark = pytest.mark.slow  # an export and lm-eval runs of a PyTorch model
+
 TASK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_task")
 TASKS = ["fot_tiny_mc", "fot_tiny_ppl", "fot_tiny_gen"]
 ATOL = 1e-5  # log-likelihood sums of up to ~190 tokens in float32

@@ -57,6 +57,7 @@ def longllama_directory(root, **config_updates):
     return variables, config, directory
 
 
+@pytest.mark.slow
 def test_longllama_checkpoint_imports_with_memory_layers_and_window(tmp_path):
     variables, config, directory = longllama_directory(tmp_path)
     imported, imported_config = convert_hf_to_easylm.convert(str(directory))

@@ -18,7 +18,7 @@ from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
                                              LLaMAAttention, LLaMAConfig, get_partition_rules,
                                              layer_segments, with_cross_batch)
-from helpers import GPU_SKIP_REASON, tiny_config
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +50,7 @@ HF_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_hf_logits_and_exact_round_trip(tmp_path, case):
     hf_dir, out_dir = tmp_path / "hf", tmp_path / "back"
@@ -70,6 +71,7 @@ def test_hf_logits_and_exact_round_trip(tmp_path, case):
         assert torch.equal(tensor, reloaded[name]), name
 
 
+@pytest.mark.slow
 def test_converter_command_lines_with_memory_layers(tmp_path):
     tiny_hf_model(tmp_path / "hf", kv_heads=2)
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
@@ -113,6 +115,7 @@ def test_memory_layer_with_range_zero_equals_plain_model():
     assert np.abs(np.asarray(c[1:] - a[1:])).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_memory_layer_attention_matches_per_row_loop():
     from test_cross_batch import loop_cross_batch
     config = tiny_config(cross_batch_range=3, cross_batch_stepping=True, dataset_packing=2,
@@ -139,6 +142,7 @@ def loss_and_grads(config, variables, tokens):
     return jax.value_and_grad(f)(variables)
 
 
+@pytest.mark.slow
 def test_blockwise_model_matches_reference_model():
     ref = tiny_config(cross_batch_range=2, cross_batch_stepping=True, dataset_packing=2)
     blk = ref.replace(scan_cross_batch=True, cross_batch_block_size=8,
@@ -150,6 +154,7 @@ def test_blockwise_model_matches_reference_model():
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ga, gb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["", "dots_and_attention_saveable", "nothing_saveable"])
 def test_scan_over_layers_matches_unrolled_layers(remat):
     # Memory layers at the start, middle and end: every kind of segment (a memory layer
@@ -171,6 +176,7 @@ def test_scan_over_layers_matches_unrolled_layers(remat):
                            ga, gb)
 
 
+@pytest.mark.slow
 def test_attention_saving_policy_does_not_rerun_the_kernel_forward():
     # Under remat the fused kernel's forward is re-run in the backward pass unless the policy
     # saves its outputs; dots_and_attention_saveable does, with unchanged numbers.
@@ -216,6 +222,7 @@ def sharded_loss_and_grads(config, variables, tokens, mesh_dim):
         return jax.jit(step, out_shardings=(None, shardings))(params, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flip,scan", [(False, False), (True, False), (False, True)])
 def test_sharded_forward_and_gradients_match_single_device(flip, scan):
     assert jax.device_count() == 8
@@ -268,7 +275,7 @@ def test_bad_inputs_fail_clearly():
         load_params("params::/nonexistent/ckpt")
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason=GPU_SKIP_REASON)
+@pytest.mark.gpu
 def test_cudnn_attention_matches_xla_on_gpu():
     config = tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=256,
                          mem_layers=())

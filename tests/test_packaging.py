@@ -105,6 +105,7 @@ def probed(installed):
     return json.loads(outside(installed, sys.executable, "-c", PROBE, name))
 
 
+@pytest.mark.slow
 def test_the_install_imports_outside_the_checkout_with_the_model_files(installed, probed):
     for module, path in probed["modules"].items():
         assert path.startswith(str(installed) + os.sep), (module, path)
@@ -127,11 +128,13 @@ def test_the_install_imports_outside_the_checkout_with_the_model_files(installed
         assert os.access(installed / "bin" / command, os.X_OK), command
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_resolves_in_the_install(probed, command):
     assert probed["commands"][command] == [COMMANDS[command], True]
 
 
+@pytest.mark.slow
 def test_the_train_command_runs_from_the_install(installed):
     assert "--checkpointer.save_on_signal=" in outside(installed,
                                                       str(installed / "bin" / "fot-train"),

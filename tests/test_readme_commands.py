@@ -141,6 +141,7 @@ def script(path, directory):
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", documents(), ids=os.path.basename)
 def test_cpu_commands_run_as_written_in_a_fresh_checkout(path, tmp_path):
     checkout = tmp_path / "checkout"

@@ -203,6 +203,7 @@ def test_resume_flag_chooses_the_run(tmp_path):
 
 # End to end.
 
+@pytest.mark.slow
 def test_setup_test_run_trains_evaluates_checkpoints_and_converts(reference_run, tmp_path):
     logged = records(reference_run)
     losses = [logged[s]["train/loss"] for s in range(1, 25)]
@@ -231,6 +232,7 @@ def test_setup_test_run_trains_evaluates_checkpoints_and_converts(reference_run,
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(reference_run, tmp_path,
                                                              compilation_cache):
     command = runner_command(tmp_path, *QUIET)
@@ -269,6 +271,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_pod_job_matches_one_process(reference_run, tmp_path, compilation_cache):
     command = runner_command(tmp_path, "--pod_job", "--total_steps=6", *QUIET)
     shared = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
@@ -307,6 +310,7 @@ def test_shipped_configs_parse_and_fit_8_devices(path):
 
 # Running the same command again.
 
+@pytest.mark.slow
 def test_the_same_command_again_with_a_relative_workdir_resumes(tmp_path, compilation_cache):
     """The README's command run twice with a relative workdir: the second finds the run
     complete and says how to extend it; with total_steps raised it resumes in place."""
@@ -332,6 +336,7 @@ def test_the_same_command_again_with_a_relative_workdir_resumes(tmp_path, compil
     assert sorted(records(run_dir)) == list(range(9))
 
 
+@pytest.mark.slow
 def test_an_uncaught_exception_lands_in_train_log(tmp_path, monkeypatch):
     def failing_fit(*args, **kwargs):
         raise RuntimeError("the disk is full")
@@ -347,6 +352,7 @@ def test_an_uncaught_exception_lands_in_train_log(tmp_path, monkeypatch):
     assert "Traceback" in text and "RuntimeError: the disk is full" in text
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_the_config_are_refused_before_the_run_starts(tmp_path):
     """setup_test (debug_fot) from a converted model of another size: exit 2 naming the config
     keys and the fields to change, and no run directory."""
@@ -368,6 +374,7 @@ def test_weights_that_do_not_fit_the_config_are_refused_before_the_run_starts(tm
     assert not os.path.exists(tmp_path / "work")
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_config_is_refused(tmp_path, monkeypatch):
     other = LLaMAConfig.load_config("debug_fot", vocab_size=512, hidden_size=64)
     params = FlaxLLaMAForCausalLMModule(other).init(jax.random.PRNGKey(0),
@@ -382,6 +389,7 @@ def test_resuming_with_another_model_config_is_refused(tmp_path, monkeypatch):
         llama_train.main(train)
 
 
+@pytest.mark.slow
 def test_export_of_a_run_windows_by_its_rows_and_takes_long_inputs(reference_run, tmp_path):
     """The exported local window is the trained row length (64 here, not debug_fot's 1024),
     and neither the tokenizer nor generate() warns about an input past 1024 tokens."""

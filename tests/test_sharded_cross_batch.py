@@ -94,6 +94,7 @@ def assert_rows_stay_local(compiled):
     assert set(COLLECTIVE.findall(program)) == {"collective-permute"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options,mesh_dim,H,KV,C,stepping,packing,padded,layout", CASES)
 def test_matches_one_device_and_keeps_rows_local(options, mesh_dim, H, KV, C, stepping,
                                                  packing, padded, layout):
@@ -107,6 +108,7 @@ def test_matches_one_device_and_keeps_rows_local(options, mesh_dim, H, KV, C, st
         assert_rows_stay_local(compiled)
 
 
+@pytest.mark.slow
 def test_mosaic_kernel():
     """The TPU interpreter synchronises every device at each kernel call with one thread per
     device, more than this machine runs at once: 8 devices are compiled, 2 are run."""

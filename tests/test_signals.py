@@ -117,6 +117,7 @@ def reference(tmp_path_factory, cache):
     return run_dir_of(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_exits_143_and_the_command_resumes_exactly(
         reference, tmp_path, cache):
     with open(tmp_path / "stderr", "w") as stderr:
@@ -169,6 +170,7 @@ def finish(workers):
     return [w.returncode for w in workers], "".join(e[-3000:] for e in errors)
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_process_of_a_pod_job_stops_all_at_the_same_step(
         reference, tmp_path, cache):
     workers = pod_job(tmp_path, cache)
@@ -216,6 +218,7 @@ with StopSignals(get_jax_mesh("1,1,1")) as signals:
 """
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once():
     result = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], env=helpers.cpu_env(),
                             cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
@@ -287,6 +290,7 @@ def train_in_process(tiny, workdir, sigint_after=None, save_model_freq=1000,
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_on_signal", [True, False])
 def test_sigint_stops_after_the_step_and_the_same_run_resumes_exactly(
         tiny, tmp_path, easylm_log, save_on_signal):

@@ -83,6 +83,7 @@ def run_loop(mesh, tmp_path, initial=None, steps=3):
     return logging_utils.read_metrics(str(tmp_path / logging_utils.METRICS_FILE)), initial
 
 
+@pytest.mark.slow
 def test_same_losses_on_one_device_and_on_8_device_meshes(tmp_path):
     assert jax.device_count() == 8
     expected, initial = run_loop(single_device_mesh(), tmp_path / "one")
@@ -118,6 +119,7 @@ def tiny_initial():
         return jax.device_get(Trainer(mesh, tiny_config(), OPTIMIZER).init_state(0))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_full_batch_step(tiny_initial):
     # C=1 with k=2 and stepping: no row looks past its own document group, so cutting the
     # batch into micro-batches of whole groups changes nothing.
@@ -140,6 +142,7 @@ def test_gradient_accumulation_equals_one_full_batch_step(tiny_initial):
                                other_params, params)
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_and_counted(tiny_initial):
     mesh = single_device_mesh()
     trainer = Trainer(mesh, tiny_config(), OPTIMIZER, skip_nonfinite=True)
@@ -191,6 +194,7 @@ def test_metrics_file_drops_records_after_the_resumed_step(tmp_path):
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_loss_step_equals_full_logits_step(tiny_initial, tied):
     # The trainer's chunked cross-entropy (default) against full logits: same loss, accuracy
@@ -253,6 +257,7 @@ def console_run():
     return run
 
 
+@pytest.mark.slow
 def test_console_logs_a_line_per_logged_step_and_a_summary_without_a_bar_when_redirected(
         console_run, tmp_path, monkeypatch):
     text = console_run(tmp_path, io.StringIO(), monkeypatch)
@@ -274,6 +279,7 @@ def test_console_logs_a_line_per_logged_step_and_a_summary_without_a_bar_when_re
     assert f"outputs in {tmp_path}: metrics.jsonl" in summary
 
 
+@pytest.mark.slow
 def test_console_shows_a_bar_on_a_terminal_with_the_lines_above_it(
         console_run, tmp_path, monkeypatch):
     text = console_run(tmp_path, TerminalStream(), monkeypatch)
