@@ -304,6 +304,15 @@ def _common_config(**specific):
     )
 
 
+def read_pipeline(source, prefix):
+    """The :class:`FoT.data_pipeline.PipelineSpec` of ``source.data_pipeline``, ``source``
+    being a dataset source's config that messages name ``prefix``."""
+    try:
+        return data_pipeline.parse_pipeline_name(source.data_pipeline)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}.data_pipeline: {error}") from None
+
+
 class _DocumentDataset:
     """Position tracking, skipping, filtering, pipeline, metrics and state of a source.
 
@@ -319,13 +328,15 @@ class _DocumentDataset:
     # a bound, so that data that is mostly broken at its start is refused too.
     CHECK_RECORDS = 1000
 
-    def __init__(self, config, tokenizer, text_processor, process_index, process_count, name):
+    def __init__(self, config, tokenizer, text_processor, process_index, process_count, name,
+                 pipeline_spec):
         self.config = config
         self.prefix = name
         self._tokenizer = tokenizer
         self._text_processor = text_processor
         self.process_index = process_index
         self.process_count = process_count
+        self.pipeline_spec = pipeline_spec or read_pipeline(config, name)
         self._validate()
         self._position = None
         self._counters = {"skipped_lines": 0, "filtered_examples": 0}
@@ -339,15 +350,11 @@ class _DocumentDataset:
 
     def _validate(self):
         config, name = self.config, self.prefix
-        try:
-            self._packing = data_pipeline.dataset_packing_for(config.data_pipeline)
-        except ValueError as error:
-            raise ConfigError(f"{name}.data_pipeline: {error}") from None
         if config.seq_length < 1 or config.batch_size < 1:
             raise ConfigError(f"{name}.seq_length and {name}.batch_size must be >= 1")
         try:
-            check_whole_groups(config.batch_size, self._packing,
-                                             self.process_count, "processes")
+            check_whole_groups(config.batch_size, self.pipeline_spec.packing, self.process_count,
+                               "processes")
         except ValueError as error:
             raise ConfigError(f"{name}.batch_size {config.batch_size} with {name}.data_pipeline "
                               f"'{config.data_pipeline}': {error}") from None
@@ -455,7 +462,7 @@ class _DocumentDataset:
         self._counters = dict(state["counters"])
         self._documents = self._documents_from(self._position)
         self._pipeline = data_pipeline.make_pipeline(
-            self.config.data_pipeline, self._documents, self.config.batch_size,
+            self.pipeline_spec, self._documents, self.config.batch_size,
             self.config.seq_length, self.process_index, self.process_count)
         if state["pipeline"] is not None:
             self._pipeline.set_state(state["pipeline"])
@@ -512,7 +519,7 @@ class _DocumentDataset:
 
     @property
     def dataset_packing(self):
-        return self._packing
+        return self.pipeline_spec.packing
 
     @property
     def tokenizer(self):
@@ -580,9 +587,9 @@ class JsonDataset(_DocumentDataset):
         return config.copy_and_update(updates)
 
     def __init__(self, config, tokenizer, text_processor, process_index=0, process_count=1,
-                 name="json_dataset"):
+                 name="json_dataset", pipeline_spec=None):
         super().__init__(self.get_default_config(config), tokenizer, text_processor,
-                         process_index, process_count, name)
+                         process_index, process_count, name, pipeline_spec)
         self._files = _resolve_files(self.config.path, f"{name}.path")
         self._check_data()
 
@@ -655,9 +662,9 @@ class HuggingfaceDataset(_DocumentDataset):
         return config.copy_and_update(updates)
 
     def __init__(self, config, tokenizer, text_processor, process_index=0, process_count=1,
-                 name="huggingface_dataset"):
+                 name="huggingface_dataset", pipeline_spec=None):
         super().__init__(self.get_default_config(config), tokenizer, text_processor,
-                         process_index, process_count, name)
+                         process_index, process_count, name, pipeline_spec)
         self._dataset = self._load()
         self._check_data()
 
@@ -726,12 +733,15 @@ class DatasetFactory:
         return config.copy_and_update(updates)
 
     @classmethod
-    def load_dataset(cls, config, tokenizer, process_index=0, process_count=1, name="dataset"):
+    def load_dataset(cls, config, tokenizer, process_index=0, process_count=1, name="dataset",
+                     pipeline_spec=None):
         """The dataset ``config`` describes; ``name`` (e.g. ``train_dataset``) prefixes the
-        config keys named in error messages."""
+        config keys named in error messages.  ``pipeline_spec``: its ``data_pipeline`` as
+        the run read it (:func:`read_pipeline`); read here when not given."""
         config = cls.get_default_config(config)
         text_processor = TextProcessor(config.text_processor, tokenizer, f"{name}.text_processor")
-        split = {"process_index": process_index, "process_count": process_count}
+        split = {"process_index": process_index, "process_count": process_count,
+                 "pipeline_spec": pipeline_spec}
         if config.type == "json":
             return JsonDataset(config.json_dataset, tokenizer, text_processor,
                                name=f"{name}.json_dataset", **split)
