@@ -360,7 +360,7 @@ class KPackingDAPipeline(DocAwareDataPipeline):
         super().__init__(token_source, batch_size, seq_len, pad, process_index, process_count)
 
 
-_PIPELINE_NAME = re.compile(r"^(linear|doc_aware)(?:_k([1-9][0-9]*))?(_pad)?$")
+_PIPELINE_NAME = re.compile(r"(linear|doc_aware)(?:_k([1-9][0-9]*))?(_pad)?")
 PIPELINE_NAMES_HELP = ("'linear', 'doc_aware', 'doc_aware_kN' (N >= 1), optionally with the "
                        "suffix '_pad' for pad mode ('doc_aware_pad', 'doc_aware_k2_pad')")
 
@@ -376,7 +376,7 @@ def parse_pipeline_name(name):
     """The :class:`PipelineSpec` of a pipeline name; ``ValueError`` for unknown names.  The one
     reader of a name: a run reads it once and hands the spec to the data, the model config
     and the checks."""
-    match = _PIPELINE_NAME.match(name or "")
+    match = _PIPELINE_NAME.fullmatch(name or "")
     if match is None or (match.group(1) == "linear" and (match.group(2) or match.group(3))):
         raise ValueError(f"unknown data pipeline {name!r}; expected {PIPELINE_NAMES_HELP}")
     kind, k, pad = match.groups()
