@@ -27,6 +27,12 @@ class Option:
     help: str
 
 
+class JsonObject(dict):
+    """A value that is a JSON object of free keys (a model's field overrides), where a plain
+    dict would be a group of declared keys.  A config file or the command line gives it as an
+    object or as the string of one, read once (:func:`parse_object`) when the key is set."""
+
+
 class ConfigDict(dict):
     """A dict with attribute access whose set of keys is fixed by its defaults.
 
@@ -116,7 +122,7 @@ class ConfigDict(dict):
 
 
 def _wrap(value):
-    if isinstance(value, dict) and not isinstance(value, ConfigDict):
+    if isinstance(value, dict) and not isinstance(value, (ConfigDict, JsonObject)):
         return ConfigDict(value)
     return value
 
@@ -133,6 +139,8 @@ def coerce_like(current, value, key, source=None):
     declared default, or what ``source`` set it to."""
     if current is None or value is None:
         return value
+    if isinstance(current, JsonObject):
+        return JsonObject(parse_object(value, key))
     try:
         if isinstance(current, bool):
             if isinstance(value, str):
@@ -160,9 +168,13 @@ def coerce_like(current, value, key, source=None):
 
 def parse_object(text, key):
     """A dict from a flag's string: ``'{"a": 1}'``, ``"{'a': 1}"`` or ``"dict(a=1)"`` (the
-    original EasyLM configs' form); ``{}`` for an empty string."""
+    original EasyLM configs' form); ``{}`` for an empty string; a dict as it is."""
+    if isinstance(text, dict):
+        return dict(text)
     if not text:
         return {}
+    if not isinstance(text, str):
+        raise ConfigError(f"{key}={text!r}: expected a JSON object")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:

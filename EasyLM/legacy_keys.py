@@ -11,14 +11,15 @@ it has no effect (the value that changed nothing in the original code either), o
 before the config is validated.
 """
 import ast
-import json
 import logging
 import re
 
 from EasyLM.config import ConfigError, parse_object
 
 log = logging.getLogger("EasyLM")
-# A config is read more than once (validation, then the run): each warning is logged once.
+# Model fields are translated where the runner builds a config and again where it is
+# validated (which also takes configs built without the runner): each warning is logged
+# once.
 _warned = set()
 
 _TRUE = ("1", "true", "yes", "on")
@@ -187,8 +188,9 @@ def _take_run_flags(fields, source):
 
 def translate_flags(values):
     """``(flags, model_fields)`` of a flat ``{dotted key: value}`` from a config file or the
-    command line: legacy flags mapped, warned about or refused; the original ``llama.<field>``
-    flags gathered as model-config fields (for ``update_llama_config``); the original model
+    command line: legacy flags mapped, warned about or refused; ``update_llama_config`` read
+    into a dict of model-config fields; the original ``llama.<field>`` flags gathered as
+    model-config fields (the base that ``update_llama_config`` updates); the original model
     fields that are run flags here (``RUN_FLAG_FIELDS``) moved to their flags."""
     flags, model_fields, moved = {}, {}, {}
     for key, value in values.items():
@@ -198,11 +200,9 @@ def translate_flags(values):
             model_fields.update(fields)
             continue
         if key == "update_llama_config":
-            fields = translate_model_fields(parse_object(value, key), key)
-            taken = _take_run_flags(fields, key)
-            if taken:
-                moved.update(taken)
-                value = json.dumps(fields)
+            # Read here, once: the fields go on as a dict (the flag's JsonObject value).
+            value = translate_model_fields(parse_object(value, key), key)
+            moved.update(_take_run_flags(value, key))
         action = _action(FLAG_RULES, key)
         flags.update(action(key, value) if action else {key: value})
     for name, value in moved.items():

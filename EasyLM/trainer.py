@@ -32,8 +32,7 @@ from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_s
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
                                              output_head_kernel)
 from EasyLM.optimizers import get_optimizer
-
-BATCH_KEYS = ("input_tokens", "target_tokens", "loss_masks")
+from FoT.batch import Batch
 
 
 def state_partition_specs(state_shapes):
@@ -122,12 +121,12 @@ class Trainer:
 
     def _token_sums(self, model, params, batch):
         if self.loss_chunk_tokens <= 0:
-            logits = model.apply({"params": params}, batch["input_tokens"]).logits
-            return token_sums(logits, batch["target_tokens"], batch["loss_masks"])
-        hidden = model.apply({"params": params}, batch["input_tokens"],
+            logits = model.apply({"params": params}, batch.input_tokens).logits
+            return token_sums(logits, batch.target_tokens, batch.loss_masks)
+        hidden = model.apply({"params": params}, batch.input_tokens,
                              compute_logits=False).hidden_states
         return chunked_token_sums(hidden, output_head_kernel(params, model.config),
-                                  batch["target_tokens"], batch["loss_masks"],
+                                  batch.target_tokens, batch.loss_masks,
                                   self.loss_chunk_tokens, self.compute_dtype)
 
     def _gradients(self, params, batch, token_count):
@@ -139,7 +138,7 @@ class Trainer:
 
     def _train_step(self, state, batch):
         params = state["params"]
-        token_count = jnp.maximum(jnp.sum(batch["loss_masks"] > 0), 1).astype(jnp.float32)
+        token_count = jnp.maximum(jnp.sum(batch.loss_masks > 0), 1).astype(jnp.float32)
         if self.accumulate == 1:
             grads, loss_sum, correct = self._gradients(params, batch, token_count)
         else:
@@ -189,13 +188,13 @@ class Trainer:
             self.state_shapes, self.state_shardings)
 
     def global_batch(self, local_batch, global_rows):
-        """This process's rows -> global arrays sharded over the batch axes."""
-        out = {}
-        for key in BATCH_KEYS:
-            local = np.asarray(local_batch[key])
-            out[key] = jax.make_array_from_process_local_data(
+        """This process's rows (a :class:`FoT.batch.Batch`, or a mapping of its fields) -> a
+        Batch of global arrays sharded over the batch axes, the steps' input."""
+        def global_array(local):
+            local = np.asarray(local)
+            return jax.make_array_from_process_local_data(
                 self.batch_sharding, local, (global_rows,) + local.shape[1:])
-        return out
+        return jax.tree_util.tree_map(global_array, Batch.from_mapping(local_batch))
 
     def train_step(self, state, batch):
         return self._train(state, batch)

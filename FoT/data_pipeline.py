@@ -1,7 +1,8 @@
 """Document-aware batching of token streams (FOT_SPEC section 3), with exact save/restore.
 
 A *token source* is any iterable of ``(tokens, loss_mask, source_name)``, one item per
-document.  A pipeline turns it into an endless iterator of ``(batch, metrics)``:
+document.  A pipeline turns it into an endless iterator of ``(batch, metrics)``, the batch a
+:class:`FoT.batch.Batch` of this process's rows:
 
 - ``linear``: all documents concatenated, each batch is the next ``B * L`` tokens.
 - ``doc_aware``: ``B`` rows that each continue their own documents from batch to batch.
@@ -30,9 +31,11 @@ would.  Metrics are global: documents drawn (``dataset_example_index``), tokens 
 import base64
 import collections
 import re
+from typing import NamedTuple
 
 import numpy as np
 
+from FoT.batch import Batch
 from FoT.slots import check_whole_groups
 
 
@@ -238,10 +241,10 @@ class LinearPipeline(_Pipeline):
             self._drawn_tokens += len(tokens)
         tokens, masks = self._buffer.peek(self._needed)
         rows = (self.local_batch_size, self.seq_len)
-        batch = {"input_tokens": tokens[:-1].reshape(rows),
-                 "target_tokens": tokens[1:].reshape(rows),
-                 "loss_masks": masks[1:].reshape(rows)}
-        batch = {key: value.copy() for key, value in batch.items()}
+        # Copies: the views would change as the buffer is refilled.
+        batch = Batch(input_tokens=tokens[:-1].reshape(rows).copy(),
+                      target_tokens=tokens[1:].reshape(rows).copy(),
+                      loss_masks=masks[1:].reshape(rows).copy())
         self._buffer.drop(self._window)
         per_source = {}
         self._segments.take(self._period, per_source)
@@ -326,8 +329,8 @@ class DocAwareDataPipeline(_Pipeline):
                 buffer.drop(width)
         self._batches += 1
         shape = (rows * self.packing, self.seq_len)
-        batch = {"input_tokens": inputs.reshape(shape), "target_tokens": targets.reshape(shape),
-                 "loss_masks": masks.reshape(shape)}
+        batch = Batch(input_tokens=inputs.reshape(shape), target_tokens=targets.reshape(shape),
+                      loss_masks=masks.reshape(shape))
         return batch, self._metrics(per_source)
 
     def _layout(self):
@@ -357,31 +360,42 @@ class KPackingDAPipeline(DocAwareDataPipeline):
         super().__init__(token_source, batch_size, seq_len, pad, process_index, process_count)
 
 
-_PIPELINE_NAME = re.compile(r"^(linear|doc_aware)(?:_k([1-9][0-9]*))?(_pad)?$")
+_PIPELINE_NAME = re.compile(r"(linear|doc_aware)(?:_k([1-9][0-9]*))?(_pad)?")
 PIPELINE_NAMES_HELP = ("'linear', 'doc_aware', 'doc_aware_kN' (N >= 1), optionally with the "
                        "suffix '_pad' for pad mode ('doc_aware_pad', 'doc_aware_k2_pad')")
 
 
+class PipelineSpec(NamedTuple):
+    """What a pipeline name says: ``"doc_aware_k2_pad" -> ("doc_aware", 2, True)``."""
+    kind: str  # "linear" or "doc_aware"
+    packing: int  # rows per document stream (the N of doc_aware_kN): the model's dataset_packing
+    pad: bool  # pad mode
+
+
 def parse_pipeline_name(name):
-    """``"doc_aware_k2_pad" -> ("doc_aware", 2, True)``; ``ValueError`` for unknown names."""
-    match = _PIPELINE_NAME.match(name or "")
+    """The :class:`PipelineSpec` of a pipeline name; ``ValueError`` for unknown names.  The one
+    reader of a name: a run reads it once and hands the spec to the data, the model config
+    and the checks."""
+    match = _PIPELINE_NAME.fullmatch(name or "")
     if match is None or (match.group(1) == "linear" and (match.group(2) or match.group(3))):
         raise ValueError(f"unknown data pipeline {name!r}; expected {PIPELINE_NAMES_HELP}")
     kind, k, pad = match.groups()
-    return kind, int(k or 1), bool(pad)
+    return PipelineSpec(kind, int(k or 1), bool(pad))
 
 
 def dataset_packing_for(name):
     """Rows per document stream that a pipeline name implies (``doc_aware_k2`` -> 2)."""
-    return parse_pipeline_name(name)[1]
+    return parse_pipeline_name(name).packing
 
 
-def make_pipeline(name, token_source, batch_size, seq_len, process_index=0, process_count=1):
-    """The pipeline a name selects, over ``token_source``."""
-    kind, k, pad = parse_pipeline_name(name)
+def make_pipeline(spec, token_source, batch_size, seq_len, process_index=0, process_count=1):
+    """The pipeline that ``spec`` (a :class:`PipelineSpec` or a pipeline name) selects, over
+    ``token_source``."""
+    if not isinstance(spec, PipelineSpec):
+        spec = parse_pipeline_name(spec)
     split = {"process_index": process_index, "process_count": process_count}
-    if kind == "linear":
+    if spec.kind == "linear":
         return LinearPipeline(token_source, batch_size, seq_len, **split)
-    if k == 1:
-        return DocAwareDataPipeline(token_source, batch_size, seq_len, pad, **split)
-    return KPackingDAPipeline(token_source, batch_size, seq_len, k, pad, **split)
+    if spec.packing == 1:
+        return DocAwareDataPipeline(token_source, batch_size, seq_len, spec.pad, **split)
+    return KPackingDAPipeline(token_source, batch_size, seq_len, spec.packing, spec.pad, **split)

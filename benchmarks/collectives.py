@@ -14,6 +14,8 @@ This module imports no JAX at import time (the benchmark drivers must not).
 import collections
 import re
 
+from FoT.batch import DTYPES, Batch
+
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -115,11 +117,7 @@ def train_step_collectives(trainer, batch_rows, seq_length):
     """Collectives of ``trainer``'s compiled train step on a ``[batch_rows, seq_length]``
     batch (compiled, not run); call inside ``jax.set_mesh(trainer.mesh)``."""
     import jax
-    import jax.numpy as jnp
-    from EasyLM.trainer import BATCH_KEYS
-    dtypes = {"input_tokens": jnp.int32, "target_tokens": jnp.int32,
-              "loss_masks": jnp.float32}
-    batch = {key: jax.ShapeDtypeStruct((batch_rows, seq_length), dtypes[key],
-                                       sharding=trainer.batch_sharding) for key in BATCH_KEYS}
+    batch = Batch(*(jax.ShapeDtypeStruct((batch_rows, seq_length), dtype,
+                                         sharding=trainer.batch_sharding) for dtype in DTYPES))
     compiled = trainer._train.lower(trainer.abstract_state(), batch).compile()
     return collectives(compiled.as_text())

@@ -12,7 +12,7 @@ import json
 import os
 import textwrap
 
-from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
+from EasyLM.config import ConfigDict, ConfigError, JsonObject, Option, check_ranges
 from EasyLM.legacy_keys import translate_flags
 
 RUNNER_KEYS = ("pod_job", "jax_distributed", "gpu_memory_fraction")
@@ -117,12 +117,9 @@ def build_config(argv):
         config.update_from(flags, source=source)
         model_fields.update(fields)
     if model_fields:
-        from EasyLM.models.llama.llama_train import parse_llama_overrides
-
         # The original code's llama.<field> flags were the base that update_llama_config
         # updated.
-        config.update_llama_config = json.dumps(dict(
-            model_fields, **parse_llama_overrides(config.update_llama_config)))
+        config.update_llama_config = JsonObject(model_fields, **config.update_llama_config)
     return config
 
 

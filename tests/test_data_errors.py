@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from EasyLM import data
+from EasyLM.data import dataset as data
 from EasyLM.config import ConfigError
 from EasyLM.data import DatasetFactory, SkipReport
 from EasyLM.tokenizer import load_tokenizer

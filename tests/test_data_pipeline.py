@@ -9,9 +9,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from FoT.batch import DTYPES, Batch  # noqa: E402
 from FoT.data_pipeline import (  # noqa: E402
-    DocAwareDataPipeline, KPackingDAPipeline, LinearPipeline, dataset_packing_for, make_pipeline,
-    parse_pipeline_name)
+    DocAwareDataPipeline, KPackingDAPipeline, LinearPipeline, PipelineSpec, dataset_packing_for,
+    make_pipeline, parse_pipeline_name)
 from helpers import assert_same_batches, batches_after_restore, save_batches  # noqa: E402
 
 SOURCES = ("books", "code", "web")
@@ -218,3 +219,57 @@ def test_restore_rejects_other_layout():
 
 if __name__ == "__main__":
     resume_batches(sys.argv[1], sys.argv[2])
+
+
+ACCEPTED_NAMES = {"linear": ("linear", 1, False), "doc_aware": ("doc_aware", 1, False),
+                  "doc_aware_pad": ("doc_aware", 1, True), "doc_aware_k1": ("doc_aware", 1, False),
+                  "doc_aware_k2": ("doc_aware", 2, False),
+                  "doc_aware_k16_pad": ("doc_aware", 16, True)}
+REFUSED_NAMES = ["", "linear_k2", "linear_pad", "linear_k1", "doc_aware_k0", "doc_aware_k02",
+                 "doc_aware_kx", "doc_aware_k", "doc_aware_pad_k2", "doc_awre", "Doc_aware",
+                 " doc_aware", "doc_aware\n", "doc_aware_k2_pad_pad", None]
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED_NAMES))
+def test_a_pipeline_name_is_read_into_its_spec(name):
+    spec = parse_pipeline_name(name)
+    assert isinstance(spec, PipelineSpec)
+    assert (spec.kind, spec.packing, spec.pad) == ACCEPTED_NAMES[name]
+    assert dataset_packing_for(name) == spec.packing
+    # The spec selects the pipeline its name selects.
+    by_spec, by_name = (make_pipeline(x, random_documents(1), 16, 4) for x in (spec, name))
+    assert by_spec.get_state() == by_name.get_state()
+    for _ in range(3):
+        (batch, metrics), (expected, expected_metrics) = next(by_spec), next(by_name)
+        assert metrics == expected_metrics
+        for got, want in zip(batch, expected):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", REFUSED_NAMES)
+def test_a_pipeline_name_outside_the_grammar_is_refused_listing_the_names(name):
+    with pytest.raises(ValueError, match=r"unknown data pipeline .*expected 'linear', "
+                                         r"'doc_aware', 'doc_aware_kN'"):
+        parse_pipeline_name(name)
+
+
+@pytest.mark.parametrize("name", ["linear", "doc_aware", "doc_aware_k2_pad"])
+def test_every_pipeline_yields_the_batch_type_the_trainer_reads(name):
+    batch, _ = next(make_pipeline(name, random_documents(2), 8, 4))
+    assert isinstance(batch, Batch) and tuple(batch.keys()) == Batch._fields
+    assert [value.dtype for value in batch] == list(DTYPES)
+    assert all(value.shape == (8, 4) for value in batch)
+    assert batch["loss_masks"] is batch.loss_masks
+    with pytest.raises(KeyError, match="'masks' is not a batch field"):
+        batch["masks"]  # noqa: B018
+    assert all(a is b for a, b in zip(Batch.from_mapping(dict(batch.items())), batch))
+
+
+def test_a_batch_without_a_field_or_of_two_shapes_is_refused_naming_it():
+    tokens = np.zeros((2, 4), np.int32)
+    with pytest.raises(ValueError, match="the batch lacks loss_masks: a batch holds "
+                                         "input_tokens, target_tokens, loss_masks"):
+        Batch.from_mapping({"input_tokens": tokens, "target_tokens": tokens})
+    with pytest.raises(ValueError, match=r"one \[rows, seq_len\] shape.*'loss_masks': \(2, 3\)"):
+        Batch.from_mapping({"input_tokens": tokens, "target_tokens": tokens,
+                            "loss_masks": np.zeros((2, 3), np.float32)})

@@ -44,7 +44,6 @@ for _jax_module in ("EasyLM.models.llama.llama_model", "EasyLM.models.llama.wind
                     "FoT.inference"):
     DEFERRED[("benchmarks.bench_inference", _jax_module)] = \
         "JAX, only with --framework jax: JAX preallocates the GPU the PyTorch run measures"
-DEFERRED[("benchmarks.collectives", "EasyLM.trainer")] = "JAX, in the worker subprocess only"
 DEFERRED[("benchmarks.bench_train", "benchmarks.collectives")] = \
     "the collectives part's driver, beside the JAX imports of the worker that runs it"
 

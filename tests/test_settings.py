@@ -7,10 +7,11 @@ import re
 import pytest
 
 from EasyLM import checkpoint, legacy_keys
-from EasyLM.config import ConfigError
+from EasyLM.config import ConfigError, JsonObject
 from EasyLM.jax_utils import dtype_name, float_dtype
 from EasyLM.models.llama import llama_train
 from EasyLM.models.llama.llama_model import LLaMAConfig
+from FoT.data_pipeline import PipelineSpec
 from FoT.slots import check_whole_groups
 from running_utils import runner
 from running_utils.runner_utils import MEMORY_FRACTION_VARIABLES, build_config, split_config
@@ -149,3 +150,31 @@ def test_a_value_of_the_wrong_type_says_where_the_value_it_replaces_comes_from(t
     defaults.update_from({"seed": 3}, source="my script")
     with pytest.raises(ConfigError, match=r"\(my script gives 3\)$"):
         defaults.update_from({"seed": "x"})
+
+
+def test_update_llama_config_is_read_once_into_a_dict(tmp_path):
+    """A string (command line, config file) or a JSON object; the llama.* fields its base."""
+    config = build_config(["--config", SETUP, "--llama.rope_theta=1e6",
+                           "--update_llama_config", "dict(vocab_size=256)"])
+    assert isinstance(config.update_llama_config, JsonObject)
+    assert config.update_llama_config == {"rope_theta": 1e6, "vocab_size": 256}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"update_llama_config": {"vocab_size": 256}}))
+    assert build_config(["--config", str(path)]).update_llama_config == {"vocab_size": 256}
+    defaults = llama_train.get_default_config({"update_llama_config": '{"vocab_size": 256}'})
+    assert defaults.update_llama_config == {"vocab_size": 256}
+    for bad in ("[1]", "vocab_size=3"):
+        with pytest.raises(ConfigError, match=r"^update_llama_config=.*expected a JSON object"):
+            build_config([f"--update_llama_config={bad}"])
+        with pytest.raises(ConfigError, match=r"^update_llama_config=.*expected a JSON object"):
+            llama_train.get_default_config({"update_llama_config": bad})
+
+
+def test_validate_gives_the_settings_it_read_for_the_run():
+    _, train = split_config(build_config([
+        "--config", SETUP, "--train_dataset.json_dataset.data_pipeline=doc_aware_k4_pad"]))
+    assert llama_train.validate(train) == llama_train.RunSettings(
+        model_overrides={"vocab_size": 512}, train_pipeline=PipelineSpec("doc_aware", 4, True),
+        eval_pipeline=PipelineSpec("doc_aware", 1, False))
+    train.eval_steps = 0
+    assert llama_train.validate(train).eval_pipeline is None

@@ -23,6 +23,7 @@ from EasyLM.tokenizer import get_default_config as tokenizer_config
 from EasyLM.tokenizer import load_tokenizer
 from EasyLM.losses import token_sums
 from EasyLM.trainer import LoopSettings, Trainer, data_split, fit
+from FoT.batch import Batch
 from FoT.cross_batch import allowed_slots
 
 import helpers
@@ -158,6 +159,21 @@ def test_non_finite_updates_are_skipped_and_counted(tiny_initial):
     assert int(metrics["skipped_steps"]) == 1 and not np.isfinite(metrics["loss"])
     for key in ("params", "opt_state"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, after[key], before[key])
+
+
+def test_global_batch_takes_a_pipeline_batch_or_a_mapping_of_its_fields():
+    mesh = single_device_mesh()
+    trainer = Trainer(mesh, tiny_config(), OPTIMIZER)
+    batch, _ = next(iter(dataset("doc_aware")))
+    with jax.set_mesh(mesh):
+        for given in (batch, dict(batch.items())):  # a custom dataset may yield a dict
+            placed = trainer.global_batch(given, 8)
+            assert isinstance(placed, Batch) and all(isinstance(x, jax.Array) for x in placed)
+            for got, want in zip(placed, batch):
+                np.testing.assert_array_equal(got, want)
+        with pytest.raises(ValueError, match="the batch lacks loss_masks"):
+            trainer.global_batch({"input_tokens": batch.input_tokens,
+                                  "target_tokens": batch.target_tokens}, 8)
 
 
 def test_flop_count_is_the_written_formula():

@@ -8,19 +8,24 @@ The maths lives in :mod:`EasyLM.trainer`, the run's life (run directory, resume,
 Flags own the run settings (:meth:`LLaMAConfig.run_settings`: cross-batch range and stepping,
 implementations, remat, scans, block sizes); ``load_llama_config`` and ``update_llama_config``
 give the architecture only.
+
+:func:`validate` reads what needs reading once (the model overrides, each dataset's pipeline
+name) into :class:`RunSettings`, which ``main`` hands to the data and the model config.
 """
+import dataclasses
 import os
+from typing import Optional
 
 from EasyLM import checkpoint, logging_utils, optimizers, run
 from EasyLM import tokenizer as tokenizer_lib
-from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges, parse_object
-from EasyLM.data import DatasetFactory
+from EasyLM.config import ConfigDict, ConfigError, JsonObject, Option, check_ranges, parse_object
+from EasyLM.data import DatasetFactory, read_pipeline
 from EasyLM.jax_utils import float_dtype, get_jax_mesh, parse_mesh_dim
 from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS
 from EasyLM.models.llama.llama_model import LLaMAConfig, with_cross_batch
 from EasyLM.trainer import LoopSettings, Trainer, data_split
-from FoT.data_pipeline import dataset_packing_for
+from FoT.data_pipeline import PipelineSpec
 from FoT.slots import check_whole_groups
 
 
@@ -35,9 +40,10 @@ def get_default_config(updates=None):
         load_llama_config=Option("", "model: a standard name ('debug_fot', '3b_FoT', '7b_FoT', "
                                  "...), 'json::PATH' or 'hf::PATH'; '' = the config stored with "
                                  "load_checkpoint"),
-        update_llama_config=Option("", "JSON object (or Python dict literal) of architecture "
-                                   "overrides, e.g. '{\"vocab_size\": 512}'; run settings "
-                                   "(remat_block, cross-batch ...) are flags of their own"),
+        update_llama_config=Option(JsonObject(), "JSON object (or the string of one, or of a "
+                                   "Python dict literal) of architecture overrides, e.g. "
+                                   "'{\"vocab_size\": 512}'; run settings (remat_block, "
+                                   "cross-batch ...) are flags of their own"),
         load_checkpoint=Option("", "params::PATH (weights only), trainstate::PATH (weights, "
                                "optimizer state, step, data position) or "
                                "trainstate_params::PATH (the weights of a train checkpoint)"),
@@ -82,11 +88,20 @@ def get_default_config(updates=None):
     return config.copy_and_update(updates)
 
 
-def parse_llama_overrides(text, key="update_llama_config"):
-    """``'{"vocab_size": 512}'``, ``"{'vocab_size': 512}"`` or ``"dict(vocab_size=512)"``;
-    fields of the original LLaMA config translated (:mod:`EasyLM.legacy_keys`).  A run
-    setting is refused, naming what sets it: its flag would silently win."""
-    values = translate_model_fields(parse_object(text, key), key)
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What :func:`validate` read from a run's config, for ``main`` to hand down."""
+    model_overrides: dict  # update_llama_config: architecture fields of the model config
+    train_pipeline: PipelineSpec  # train_dataset's data_pipeline
+    eval_pipeline: Optional[PipelineSpec]  # eval_dataset's, None when nothing is evaluated
+
+
+def parse_llama_overrides(value, key="update_llama_config"):
+    """The architecture overrides of ``update_llama_config``: its dict, or a string
+    ``'{"vocab_size": 512}'``, ``"{'vocab_size': 512}"`` or ``"dict(vocab_size=512)"``; fields
+    of the original LLaMA config translated (:mod:`EasyLM.legacy_keys`).  A run setting is
+    refused, naming what sets it: its flag would silently win."""
+    values = translate_model_fields(parse_object(value, key), key)
     owners = LLaMAConfig.run_settings()
     owned = [f"{name} is a run setting: use {owners[name]}" for name in values if name in owners]
     if owned:
@@ -120,15 +135,14 @@ def _dataset_source(config, name):
 
 
 def _check_dataset(config, name, shards, mesh_key, micro_batches=1):
+    """The dataset ``name``'s source config checked; its :class:`PipelineSpec`."""
     source, prefix = _dataset_source(config, name)
     check_ranges(source, f"{prefix}.", seq_length=">= 1", batch_size=">= 1",
                  min_example_length=">= 0", tokenizer_processes=">= 1",
                  tokenizer_parallel_chunk_size=">= 1", tokenizer_parallel_batch_size=">= 1",
                  throughput_average_window_size=">= 1")
-    try:
-        packing = dataset_packing_for(source.data_pipeline)
-    except ValueError as error:
-        raise ConfigError(f"{prefix}.data_pipeline: {error}") from None
+    pipeline = read_pipeline(source, prefix)
+    packing = pipeline.packing
     batch = source.batch_size
     try:
         check_whole_groups(batch, packing)
@@ -148,10 +162,12 @@ def _check_dataset(config, name, shards, mesh_key, micro_batches=1):
         if (batch // micro_batches) % shards:
             raise ConfigError(f"{key}={micro_batches}: micro-batches of {prefix}.batch_size="
                               f"{batch} do not split over the {shards} data-parallel shards")
+    return pipeline
 
 
 def validate(config):
-    """Checks that need no model, data or device work: fail in the first second."""
+    """Checks that need no model, data or device work: fail in the first second.  Returns the
+    :class:`RunSettings` read on the way."""
     try:
         dims = parse_mesh_dim(config.mesh_dim)
     except ValueError as error:
@@ -170,10 +186,11 @@ def validate(config):
     _check_run_settings(config)
     shards = dims[0] * dims[1]
     mesh_key = f"mesh_dim={config.mesh_dim!r}"
-    _check_dataset(config, "train_dataset", shards, mesh_key,
-                   config.optimizer.accumulate_gradient_steps)
+    train_pipeline = _check_dataset(config, "train_dataset", shards, mesh_key,
+                                    config.optimizer.accumulate_gradient_steps)
+    eval_pipeline = None
     if config.eval_steps > 0:
-        _check_dataset(config, "eval_dataset", shards, mesh_key)
+        eval_pipeline = _check_dataset(config, "eval_dataset", shards, mesh_key)
     if config.load_checkpoint:
         try:
             checkpoint.parse_checkpoint_spec(config.load_checkpoint)
@@ -184,13 +201,16 @@ def validate(config):
         if not os.path.exists(path):
             raise ConfigError(f"load_dataset_state={config.load_dataset_state!r}: {path} does "
                               f"not exist")
-    parse_llama_overrides(config.update_llama_config)
+    return RunSettings(parse_llama_overrides(config.update_llama_config), train_pipeline,
+                       eval_pipeline)
 
 
-def build_llama_config(config, tokenizer):
-    """The model config: named / file config or the checkpoint's, overrides, tokenizer ids;
-    the run settings shared by the train and eval models from their flags."""
-    overrides = parse_llama_overrides(config.update_llama_config)
+def build_llama_config(config, tokenizer, overrides=None):
+    """The model config: named / file config or the checkpoint's, ``overrides`` (those of
+    :class:`RunSettings`; read from ``update_llama_config`` when not given), tokenizer ids; the
+    run settings shared by the train and eval models from their flags."""
+    if overrides is None:
+        overrides = parse_llama_overrides(config.update_llama_config)
     try:
         if config.load_llama_config:
             llama = LLaMAConfig.load_config(config.load_llama_config)
@@ -260,21 +280,25 @@ def check_checkpoint_fits(config, llama, expected_params, spec, what):
 
 def main(config):
     """Run training as ``config`` (see :func:`get_default_config`) says; returns the run dir."""
-    validate(config)
+    settings = validate(config)
     mesh = get_jax_mesh(config.mesh_dim)
     tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer)
     index, count = data_split(mesh)
     train_data = DatasetFactory.load_dataset(config.train_dataset, tokenizer, index, count,
-                                             name="train_dataset")
+                                             name="train_dataset",
+                                             pipeline_spec=settings.train_pipeline)
     eval_data = None
-    if config.eval_steps > 0:
+    if settings.eval_pipeline is not None:
         eval_data = DatasetFactory.load_dataset(config.eval_dataset, tokenizer, index, count,
-                                                name="eval_dataset")
-    llama = build_llama_config(config, tokenizer)
+                                                name="eval_dataset",
+                                                pipeline_spec=settings.eval_pipeline)
+    llama = build_llama_config(config, tokenizer, settings.model_overrides)
     train_llama = with_cross_batch(llama, config.train_cross_batch_range,
-                                   config.train_cross_batch_stepping, train_data.dataset_packing)
+                                   config.train_cross_batch_stepping,
+                                   settings.train_pipeline.packing)
     eval_llama = (with_cross_batch(llama, config.eval_cross_batch_range,
-                                   config.eval_cross_batch_stepping, eval_data.dataset_packing)
+                                   config.eval_cross_batch_stepping,
+                                   settings.eval_pipeline.packing)
                   if eval_data is not None else None)
     trainer = Trainer(mesh, train_llama, config.optimizer, config.dtype, eval_llama,
                       config.skip_nonfinite_steps, config.loss_chunk_tokens)
