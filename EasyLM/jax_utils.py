@@ -5,8 +5,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
-MESH_AXES = ("dp", "fsdp", "mp")
-BATCH_AXES = ("dp", "fsdp")
+from FoT.logical_axes import MESH_AXES, logical_spec, mesh_axes
+
+# The mesh axes that split a batch's rows.
+BATCH_AXES = mesh_axes("batch")
 
 
 def parse_mesh_dim(mesh_dim, device_count=None, key="mesh_dim"):
@@ -47,6 +49,12 @@ def with_sharding_constraint(x, spec):
     if mesh.empty or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def with_logical_constraint(x, *axis_names):
+    """:func:`with_sharding_constraint` to the layout of an array whose axes are
+    ``axis_names`` (:func:`FoT.logical_axes.logical_spec`)."""
+    return with_sharding_constraint(x, logical_spec(*axis_names))
 
 
 def tree_path_name(path):

@@ -11,8 +11,9 @@ a token keeps for as long as it stays local.  A :class:`Piece` holds what every 
 know about the current piece, per batch row: rows of a batch hold streams of their own
 lengths, each at its own place in its plan.
 
-The model's attention (``LLaMAAttention`` given a cache) applies these steps between its own
-projections; :mod:`EasyLM.models.llama.windowed_lm` drives the model piece by piece.
+The model's attention families (:mod:`EasyLM.models.llama.attention`) apply these steps
+between their own projections; :mod:`EasyLM.models.llama.windowed_lm` drives the model piece by
+piece.
 """
 import dataclasses
 from typing import Any, NamedTuple, Optional, Tuple
@@ -63,6 +64,19 @@ class LayerCache(NamedTuple):
     @property
     def has_memory(self):
         return self.mem_k is not None
+
+    @property
+    def memory_capacity(self):
+        """Memory entries the buffers hold (0 without a memory)."""
+        return self.mem_k.shape[1] if self.has_memory else 0
+
+    def with_memory_capacity(self, capacity):
+        """The cache with its memory buffers grown to ``capacity`` entries (new entries are
+        zeros, past every row's valid ones); a cache without a memory is returned as is."""
+        if capacity <= self.memory_capacity or not self.has_memory:
+            return self
+        extra = ((0, 0), (0, capacity - self.memory_capacity), (0, 0), (0, 0))
+        return self._replace(mem_k=jnp.pad(self.mem_k, extra), mem_v=jnp.pad(self.mem_v, extra))
 
 
 class Piece(NamedTuple):

@@ -1,10 +1,11 @@
 """Cross-batch attention on a device mesh: every device attends for its own rows only.
 
-A memory layer's inputs are sharded over rows (the batch axes ``dp, fsdp``) and often over
-heads (``mp``).  Left to the SPMD partitioner, cross-batch attention gathers the whole batch
-on every device: a Pallas kernel is a custom call the partitioner cannot split, and the
-reference's gather of neighbouring rows becomes an all-gather.  :func:`sharded_cross_batch`
-runs the attention under ``shard_map`` instead, in one of two layouts:
+A memory layer's inputs are sharded over rows (the mesh axes of the logical axis ``batch``,
+:mod:`FoT.logical_axes`) and often over heads (those of ``heads``).  Left to the SPMD
+partitioner, cross-batch attention gathers the whole batch on every device: a Pallas kernel is
+a custom call the partitioner cannot split, and the reference's gather of neighbouring rows
+becomes an all-gather.  :func:`sharded_cross_batch` runs the attention under ``shard_map``
+instead, in one of two layouts:
 
 * ``"rows"`` (halo): row ``b`` reads rows ``b - 1 .. b - C``, so with rows split contiguously a
   device only lacks the memory keys and values of the last ``h`` rows before its own (``h``
@@ -33,12 +34,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as PS
 
 from FoT.cross_batch import cross_batch_core
+from FoT.logical_axes import mesh_axes
 
 LAYOUTS = ("auto", "rows", "heads")
-# The model's mesh axes (EasyLM.jax_utils.MESH_AXES, which the tests check these against),
-# named here because FoT sits below EasyLM and imports nothing from it.
-BATCH_AXES = ("dp", "fsdp")  # rows
-HEAD_AXIS = "mp"  # heads: the tensor-parallel axis
 
 
 def sharded_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping=False,
@@ -49,8 +47,8 @@ def sharded_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_st
     Same arguments and result as ``cross_batch_core`` (``core_options`` are passed on:
     ``implementation``, ``block_size``, kernel options ...), plus ``layout`` (``"auto"``,
     ``"rows"`` or ``"heads"``) and ``mesh`` (default: the mesh set by ``jax.set_mesh``).
-    Inputs are expected sharded as the model shards them: rows over ``dp, fsdp``, heads over
-    ``mp``.
+    Inputs are expected sharded as the model shards them: ``[batch, length, heads, head_dim]``
+    (:mod:`FoT.logical_axes`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown cross-batch layout {layout!r}; choose one of {LAYOUTS}")
@@ -98,19 +96,21 @@ class _MeshPlan:
         if mesh is None or mesh.empty or mesh.size == 1:
             return None
         sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-        batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
+        batch_axes = tuple(a for a in mesh_axes("batch") if a in sizes)
         batch_devices = int(np.prod([sizes[a] for a in batch_axes]))
         if q_shape[0] % batch_devices:
             raise ValueError(f"a batch of {q_shape[0]} rows does not split over the "
                              f"{batch_devices} devices of mesh axes {batch_axes}")
-        # Heads split over mp only if both query and key/value heads do (GQA groups stay
-        # whole); otherwise every mp device computes all heads of its rows.
-        mp = sizes.get(HEAD_AXIS, 1)
-        head_axis = (HEAD_AXIS if HEAD_AXIS in sizes and q_shape[2] % mp == kv_shape[2] % mp == 0
+        # Heads split over their axis (the rules give key/value heads the same one) only if
+        # both query and key/value heads do (GQA groups stay whole); otherwise every device of
+        # that axis computes all heads of its rows.
+        head = mesh_axes("heads")
+        parts = sizes.get(head, 1)
+        head_axis = (head if head in sizes and q_shape[2] % parts == kv_shape[2] % parts == 0
                      else None)
-        if batch_devices == 1 and (mp == 1 or head_axis is None):
+        if batch_devices == 1 and (parts == 1 or head_axis is None):
             return None
-        return cls(batch_axes, batch_devices, head_axis, mp if head_axis else 1)
+        return cls(batch_axes, batch_devices, head_axis, parts if head_axis else 1)
 
 
 def _rows_body(plan, global_rows, args):

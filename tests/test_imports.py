@@ -142,11 +142,35 @@ def test_no_import_cycles():
         visit(module)
 
 
-def test_fot_names_the_models_mesh_axes():
-    # FoT.sharded cannot import them from EasyLM (FoT is the lower layer).
-    from EasyLM.jax_utils import BATCH_AXES, MESH_AXES
-    from FoT import sharded
-    assert sharded.BATCH_AXES == BATCH_AXES and sharded.HEAD_AXIS in MESH_AXES
+def test_mesh_axes_are_named_only_in_the_logical_axes_table():
+    # The model, its attention families and FoT's sharded attention name logical axes; a mesh
+    # axis spelled out among them would escape the one table that maps the two.
+    from FoT.logical_axes import MESH_AXES
+    spelled = []
+    for module, path in sorted(project_modules().items()):
+        if module == "FoT.logical_axes" or not module.startswith(
+                ("FoT", "EasyLM.models", "EasyLM.jax_utils")):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        spelled += [f"{module}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and node.value in MESH_AXES]
+    assert not spelled, f"mesh axes named outside FoT.logical_axes: {spelled}"
+
+
+ATTENTION = "EasyLM.models.llama.attention"
+
+
+def test_attention_families_sit_below_the_decoder():
+    # Families use the shared projections, rotary embedding, sharding helpers and FoT's
+    # attention; the decoder and what runs it import them, never the other way round.
+    allowed = {"EasyLM.jax_utils", "EasyLM.models.llama.rope"}
+    families = [m for m in GRAPH if m == ATTENTION or m.startswith(ATTENTION + ".")]
+    assert f"{ATTENTION}.interface" in families
+    above = sorted((module, target) for module in families for target in GRAPH[module]
+                   if not (target in allowed or target.split(".")[0] == "FoT"
+                           or target.startswith(ATTENTION)))
+    assert not above, f"attention families importing the decoder or above: {above}"
 
 
 def test_packages_import_only_their_layer_or_lower():

@@ -15,9 +15,10 @@ from EasyLM.checkpoint import load_llama_config, load_params, save_params
 from EasyLM.jax_utils import (get_jax_mesh, match_partition_rules, named_shardings,
                               parse_mesh_dim)
 from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
+from EasyLM.models.llama.attention.fot_memory import FoTMemoryAttention
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
-                                             LLaMAAttention, LLaMAConfig, get_partition_rules,
-                                             layer_segments, with_cross_batch)
+                                             LLaMAConfig, get_partition_rules, layer_segments,
+                                             with_cross_batch)
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,11 +121,11 @@ def test_memory_layer_attention_matches_per_row_loop():
     from test_cross_batch import loop_cross_batch
     config = tiny_config(cross_batch_range=3, cross_batch_stepping=True, dataset_packing=2,
                          rope_theta=1e6)
-    attention = LLaMAAttention(config, is_memory_layer=True)
+    attention = FoTMemoryAttention(config)
     hidden = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 32))
     positions = jnp.broadcast_to(jnp.arange(8), (6, 8)) + 5
     variables = attention.init(jax.random.PRNGKey(1), hidden, positions, None)
-    ours = attention.apply(variables, hidden, positions, None)
+    ours = attention.apply(variables, hidden, positions, None).hidden
     p = variables["params"]
     q = (hidden @ p["wq"]["kernel"]).reshape(6, 8, 4, 8)
     k = (hidden @ p["wk"]["kernel"]).reshape(6, 8, 2, 8)

@@ -1,13 +1,15 @@
-"""LLaMA with FoT memory layers: config, Flax modules and partition rules.
+"""LLaMA with FoT memory layers: config, the decoder's Flax modules and partition rules.
 
 The parameter tree follows EasyLM's names (``transformer/h/<i>/attention/wq/kernel`` ...), so
-sharding rules and converters address parameters by regex on those paths.  Memory layers
-(``mem_layers``) have the same parameters as ordinary layers; only their attention differs:
-with ``cross_batch_range > 0`` they run cross-batch attention (:mod:`FoT.cross_batch`).
+sharding rules and converters address parameters by regex on those paths.  Each layer's
+attention is a family of :mod:`EasyLM.models.llama.attention` (memory layers, ``mem_layers``:
+FoT memory; the others: softmax), chosen there from the config; the decoder calls every family
+the same way.  Arrays are sharded by logical axis names (:mod:`FoT.logical_axes`).
 
-Given per-layer caches and a :class:`~FoT.inference.Piece`, the same modules run one piece of
+Given per-layer states and a :class:`~FoT.inference.Piece`, the same modules run one piece of
 windowed inference (FOT_SPEC 5): every attention layer attends over its local window and, in
-memory layers, its memory, and returns its updated cache (see :mod:`FoT.inference`).
+memory layers, its memory, and returns its updated state (see :mod:`FoT.inference`).  Every
+module returns a :class:`~EasyLM.models.llama.attention.interface.LayerOutput` in every mode.
 """
 import dataclasses
 import json
@@ -18,22 +20,23 @@ from typing import Any, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as PS
 
-from EasyLM.jax_utils import BATCH_AXES, with_sharding_constraint
+from EasyLM.jax_utils import with_logical_constraint
 from EasyLM.legacy_keys import translate_model_fields
-from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first, inverse_frequencies
-from FoT.cross_batch import FALLBACK_ORDER, MASK_VALUE
+from EasyLM.models.llama.attention import attention_family, layer_attention_types
+from EasyLM.models.llama.attention.interface import LayerOutput, dense_layer
+from EasyLM.models.llama.attention.softmax import ATTENTION_IMPLEMENTATIONS
+from EasyLM.models.llama.rope import inverse_frequencies
+# Re-exported: the benchmarks and tests read the implementation choices here.
+from EasyLM.models.llama.attention.fot_memory import (  # noqa: F401
+    resolve_cross_batch_implementation)
+from EasyLM.models.llama.attention.softmax import resolve_attention_implementation  # noqa: F401
 from FoT.cross_batch import IMPLEMENTATIONS as CROSS_BATCH_IMPLEMENTATIONS
-from FoT.cross_batch import attend, cross_batch_core
-from FoT.cross_batch import check_supported as check_cross_batch_support
-from FoT.sharded import sharded_cross_batch
+from FoT.logical_axes import logical_spec
 from FoT.slots import check_whole_groups
 
-# The residual stream is sharded over rows only: it is what every tensor-parallel (mp) shard
-# needs whole, and constraining its hidden axis to "mp" also miscompiled on XLA:CPU.
-RESIDUAL_SPEC = PS(BATCH_AXES, None, None)
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# The residual stream's layout (FoT.logical_axes says why its width is not split).
+RESIDUAL_AXES = ("batch", "length", "activation_embed")
 # Primitives whose outputs are an attention's result and softmax statistics: the fused
 # kernels' forward (Pallas, cuDNN).  Saving them spares re-running the kernel in the backward.
 ATTENTION_PRIMITIVES = ("pallas_call", "dot_product_attention_fwd")
@@ -342,22 +345,22 @@ STANDARD_CONFIGS = {
 
 
 def get_partition_rules():
-    """Regex on parameter paths -> PartitionSpec over the ``(dp, fsdp, mp)`` mesh."""
+    """Regex on parameter paths -> PartitionSpec of the parameter's logical axes."""
     return (
-        ("transformer/wte/embedding", PS("mp", "fsdp")),
-        ("attention/(wq|wk|wv)/kernel", PS("fsdp", "mp")),
-        ("attention/wo/kernel", PS("mp", "fsdp")),
-        ("feed_forward/(w1|w3)/kernel", PS("fsdp", "mp")),
-        ("feed_forward/w2/kernel", PS("mp", "fsdp")),
-        ("(attention_norm|ffn_norm|ln_f)/kernel", PS(None)),
-        ("lm_head/kernel", PS("fsdp", "mp")),
+        ("transformer/wte/embedding", logical_spec("vocab", "embed")),
+        ("attention/(wq|wk|wv)/kernel", logical_spec("embed", "heads")),
+        ("attention/wo/kernel", logical_spec("heads", "embed")),
+        ("feed_forward/(w1|w3)/kernel", logical_spec("embed", "mlp")),
+        ("feed_forward/w2/kernel", logical_spec("mlp", "embed")),
+        ("(attention_norm|ffn_norm|ln_f)/kernel", logical_spec(None)),
+        ("lm_head/kernel", logical_spec("embed", "vocab")),
     )
 
 
 class CausalLMOutput(NamedTuple):
     logits: Any
     hidden_states: Any = None
-    caches: Any = None  # windowed inference: every layer's updated LayerCache
+    caches: Any = None  # windowed inference: every layer's updated state
 
 
 class RMSNorm(nn.Module):
@@ -373,153 +376,6 @@ class RMSNorm(nn.Module):
         return (normed * weight.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(features, config, dtype, param_dtype, name):
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
-
-
-def resolve_cross_batch_implementation(config, length, dtype=jnp.float32, padded=False):
-    """The cross-batch variant a memory layer runs on rows of ``length`` tokens in ``dtype``
-    (``padded``: with a padding mask).
-
-    ``auto`` walks :data:`~FoT.cross_batch.FALLBACK_ORDER` (on CPU only the reference;
-    ``scan_cross_batch`` puts blockwise first) and takes the first variant whose declaration,
-    :func:`FoT.cross_batch.check_supported`, accepts the inputs.  An explicit choice is kept;
-    only padded rows, which the kernel cannot take, move it down the same order.
-    """
-    configured = config.cross_batch_implementation
-    if configured == "auto":
-        order = FALLBACK_ORDER if jax.default_backend() in ("gpu", "tpu") else ("reference",)
-        if config.scan_cross_batch:
-            order = ("blockwise",) + tuple(name for name in order if name != "blockwise")
-    elif padded:
-        order = FALLBACK_ORDER[FALLBACK_ORDER.index(configured):]
-    else:
-        return configured
-    for name in order[:-1]:
-        try:
-            check_cross_batch_support(name, length=length, head_dim=config.head_dim,
-                                      dtype=dtype, padded=padded,
-                                      block_size=config.cross_batch_block_size)
-        except NotImplementedError:
-            continue
-        return name
-    return order[-1]  # every order ends with the reference, which runs any input
-
-
-def resolve_attention_implementation(config, dtype):
-    if config.attention_implementation != "auto":
-        return config.attention_implementation
-    # cuDNN's fused attention takes half-precision inputs only.
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-
-
-class LLaMAAttention(nn.Module):
-    config: LLaMAConfig
-    is_memory_layer: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden, position_ids, attention_mask, cache=None, piece=None):
-        """The attention's output; given a ``cache`` (a :class:`~FoT.inference.LayerCache`)
-        and the ``piece`` it runs, ``(output, updated cache)`` of windowed inference."""
-        cfg = self.config
-        batch, length, _ = hidden.shape
-        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(heads * head_dim, cfg, self.dtype, self.param_dtype, "wq")(hidden)
-        k = _dense(kv_heads * head_dim, cfg, self.dtype, self.param_dtype, "wk")(hidden)
-        v = _dense(kv_heads * head_dim, cfg, self.dtype, self.param_dtype, "wv")(hidden)
-        q = q.reshape(batch, length, heads, head_dim)
-        k = k.reshape(batch, length, kv_heads, head_dim)
-        v = v.reshape(batch, length, kv_heads, head_dim)
-        head_spec = PS(BATCH_AXES, None, "mp", None)
-        q, k, v = (with_sharding_constraint(x, head_spec) for x in (q, k, v))
-        inv_freq = inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
-        if cache is not None:
-            out, cache = _windowed_attention(q, k, v, position_ids, cache, piece, inv_freq)
-        else:
-            q_rot = apply_rope(q, position_ids, inv_freq)
-            k_rot = apply_rope(k, position_ids, inv_freq)
-            bias = _padding_bias(attention_mask, length)
-            if self.is_memory_layer and cfg.cross_batch_range > 0:
-                k_mem = apply_rope_as_first(k, position_ids, inv_freq)
-                out = self._cross_batch(q_rot, k_rot, k_mem, v, bias)
-            else:
-                out = causal_attention(q_rot, k_rot, v, bias,
-                                       resolve_attention_implementation(cfg, self.dtype))
-        out = with_sharding_constraint(out, head_spec)
-        out = out.reshape(batch, length, heads * head_dim)
-        out = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "wo")(out)
-        return out if cache is None else (out, cache)
-
-    def _cross_batch(self, q, k_loc, k_mem, v, bias):
-        cfg = self.config
-        implementation = resolve_cross_batch_implementation(cfg, q.shape[1], q.dtype,
-                                                            padded=bias is not None)
-        # Each device attends for its own rows (FoT.sharded); flip_sharding_in_cross_batch
-        # asks for the all-to-all over heads instead of the halo of neighbouring rows.
-        return sharded_cross_batch(q, k_loc, k_mem, v, cross_batch_range=cfg.cross_batch_range,
-                                   cross_batch_stepping=cfg.cross_batch_stepping,
-                                   dataset_packing=cfg.dataset_packing, local_bias=bias,
-                                   implementation=implementation,
-                                   block_size=cfg.cross_batch_block_size,
-                                   layout="heads" if cfg.flip_sharding_in_cross_batch else "auto")
-
-
-def _windowed_attention(q, k, v, query_positions, cache, piece, inv_freq):
-    """FOT_SPEC 5 for one layer: the piece's queries over the local window (after the planned
-    eviction and the piece's entry) and, with a memory, over the memory in the same softmax;
-    returns the output and the updated cache."""
-    batch, length = q.shape[:2]
-    local_k, local_v = piece.enter(cache.local_k, k), piece.enter(cache.local_v, v)
-    keys, values, visible = local_k, local_v, piece.local_visible(length)
-    key_positions = piece.key_positions(batch)
-    positional = not cache.has_memory or piece.mem_positionals
-    if positional:
-        q = apply_rope(q, query_positions, inv_freq)
-        keys = apply_rope(keys, key_positions, inv_freq)
-    if not cache.has_memory:
-        return attend(q, keys, values, visible), cache._replace(local_k=local_k, local_v=local_v)
-    # An eviction takes the whole window as it was before the piece.
-    evicted_k = cache.local_k
-    if positional:
-        evicted_k = apply_rope_as_first(evicted_k, key_positions, inv_freq)
-    mem_k = piece.remember(cache.mem_k, evicted_k)
-    mem_v = piece.remember(cache.mem_v, cache.local_v)
-    capacity = mem_k.shape[1]
-    keys = jnp.concatenate([mem_k.astype(keys.dtype), keys], axis=1)
-    values = jnp.concatenate([mem_v.astype(values.dtype), values], axis=1)
-    memory_visible = jnp.broadcast_to(piece.memory_visible(capacity)[:, None],
-                                      (batch, length, capacity))
-    visible = jnp.concatenate([memory_visible, visible], axis=2)
-    out = attend(q, keys, values, visible, chunks=piece.attention_grouping)
-    return out, cache._replace(local_k=local_k, local_v=local_v, mem_k=mem_k, mem_v=mem_v)
-
-
-def _padding_bias(attention_mask, length):
-    """Additive ``[B, 1, L, L]`` causal + key-padding bias, or ``None`` for plain causal."""
-    if attention_mask is None:
-        return None
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    allowed = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
-
-
-def causal_attention(q, k, v, bias=None, implementation="xla"):
-    """Ordinary causal self-attention ``[B, L, H, D]`` (GQA allowed).
-
-    ``"xla"`` is the reference: cross-batch attention with no other rows.  ``"cudnn"`` is the
-    fused kernel behind ``jax.nn.dot_product_attention``.
-    """
-    if implementation == "cudnn":
-        mask = None if bias is None else bias > -1.0
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bias is None,
-                                            implementation="cudnn")
-    return cross_batch_core(q, k, k, v, cross_batch_range=0, local_bias=bias)
-
-
 class LLaMAMLP(nn.Module):
     config: LLaMAConfig
     dtype: Any = jnp.float32
@@ -528,45 +384,45 @@ class LLaMAMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w1")(x)
-        up = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w3")(x)
-        hidden = with_sharding_constraint(nn.silu(gate) * up, PS(BATCH_AXES, None, "mp"))
-        return _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "w2")(hidden)
+        gate = dense_layer(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w1")(x)
+        up = dense_layer(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "w3")(x)
+        hidden = with_logical_constraint(nn.silu(gate) * up, "batch", "length", "mlp")
+        return dense_layer(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "w2")(hidden)
 
 
 class LLaMABlock(nn.Module):
+    """One decoder layer: its attention family (``attention_type``, a name registered in
+    :mod:`EasyLM.models.llama.attention`) and the MLP, each behind a pre-norm residual."""
     config: LLaMAConfig
-    is_memory_layer: bool = False
+    attention_type: str = "softmax"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, position_ids, attention_mask, cache=None, piece=None):
-        """The layer's output; with a ``cache`` (windowed inference) also its updated cache."""
+    def __call__(self, hidden, position_ids, attention_mask, state=None, piece=None):
+        """The layer's output and, with a ``state`` (windowed inference), its updated state."""
         cfg = self.config
         norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="attention_norm")
-        attended = LLaMAAttention(cfg, self.is_memory_layer, self.dtype, self.param_dtype,
-                                  name="attention")(norm(hidden), position_ids, attention_mask,
-                                                    cache, piece)
-        if cache is not None:
-            attended, cache = attended
+        attention = attention_family(self.attention_type)(cfg, self.dtype, self.param_dtype,
+                                                          name="attention")
+        attended, state = attention(norm(hidden), position_ids, attention_mask, state, piece)
         hidden = hidden + attended
         norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ffn_norm")
         hidden = hidden + LLaMAMLP(cfg, self.dtype, self.param_dtype, name="feed_forward")(
             norm(hidden))
-        hidden = with_sharding_constraint(hidden, RESIDUAL_SPEC)
-        return hidden if cache is None else (hidden, cache)
+        return LayerOutput(with_logical_constraint(hidden, *RESIDUAL_AXES), state)
 
 
 class LLaMABlockCollection(nn.Module):
     """The decoder layers, named ``h/<i>`` as in EasyLM checkpoints.
 
-    With ``scan_layers`` each maximal run of consecutive ordinary (non-memory) layers is one
-    ``lax.scan`` over its layers' parameters, stacked from the per-layer tree on the fly, so
-    checkpoints and converters keep the unrolled layout.  Memory layers run on their own.
-    Initialisation always runs unrolled (it creates the parameters), and so does windowed
-    inference (``caches``: one :class:`~FoT.inference.LayerCache` per layer), which returns
-    ``(hidden, updated caches)``.
+    With ``scan_layers`` each maximal run of consecutive layers of one family that allows it
+    (``AttentionLayer.scannable``: ordinary layers, not memory layers) is one ``lax.scan`` over
+    its layers' parameters, stacked from the per-layer tree on the fly, so checkpoints and
+    converters keep the unrolled layout; the other layers run on their own.  Initialisation
+    always runs unrolled (it creates the parameters), and so does windowed inference
+    (``states``: one per layer, as its family declares), whose result carries the updated
+    states.
     """
     config: LLaMAConfig
     block_class: Any = LLaMABlock
@@ -575,47 +431,56 @@ class LLaMABlockCollection(nn.Module):
     remat_policy: Optional[str] = None
 
     @nn.compact
-    def __call__(self, hidden, position_ids, attention_mask, caches=None, piece=None):
+    def __call__(self, hidden, position_ids, attention_mask, states=None, piece=None):
         cfg = self.config
-        if caches is not None:
-            return self._windowed(hidden, position_ids, caches, piece)
+        types = layer_attention_types(cfg)
+        if states is not None:
+            return self._windowed(hidden, position_ids, types, states, piece)
         if cfg.scan_layers and not self.is_initializing():
-            return self._scanned(hidden, position_ids, attention_mask)
-        for i in range(cfg.num_hidden_layers):
-            hidden = self.block_class(cfg, i in cfg.mem_layers, self.dtype, self.param_dtype,
-                                      name=str(i))(hidden, position_ids, attention_mask)
-        return hidden
+            return LayerOutput(self._scanned(hidden, position_ids, attention_mask, types))
+        for i, attention_type in enumerate(types):
+            hidden = self.block_class(cfg, attention_type, self.dtype, self.param_dtype,
+                                      name=str(i))(hidden, position_ids, attention_mask).hidden
+        return LayerOutput(hidden)
 
-    def _windowed(self, hidden, position_ids, caches, piece):
+    def _windowed(self, hidden, position_ids, types, states, piece):
         # The plain block class: rematerialisation only matters for gradients.
-        cfg, updated = self.config, []
-        for i, cache in enumerate(caches):
-            hidden, cache = LLaMABlock(cfg, i in cfg.mem_layers, self.dtype, self.param_dtype,
-                                       name=str(i))(hidden, position_ids, None, cache, piece)
-            updated.append(cache)
-        return hidden, tuple(updated)
+        updated = []
+        for i, (attention_type, state) in enumerate(zip(types, states)):
+            hidden, state = LLaMABlock(self.config, attention_type, self.dtype, self.param_dtype,
+                                       name=str(i))(hidden, position_ids, None, state, piece)
+            updated.append(state)
+        return LayerOutput(hidden, tuple(updated))
 
-    def _scanned(self, hidden, position_ids, attention_mask):
+    def _scanned(self, hidden, position_ids, attention_mask, types):
         cfg = self.config
         params = self.variables["params"]
-        plain = LLaMABlock(cfg, False, self.dtype, self.param_dtype)
+        bodies = {}  # one scan body per family
 
-        def body(carry, layer_params):
-            out = plain.apply({"params": layer_params}, carry, position_ids, attention_mask)
-            return out, None
+        def scan_body(attention_type):
+            plain = LLaMABlock(cfg, attention_type, self.dtype, self.param_dtype)
 
-        if self.remat_policy:
-            body = jax.checkpoint(body, policy=remat_policy(self.remat_policy))
-        for start, stop in layer_segments(cfg.num_hidden_layers, cfg.mem_layers):
+            def body(carry, layer_params):
+                out = plain.apply({"params": layer_params}, carry, position_ids, attention_mask)
+                return out.hidden, None
+
+            if self.remat_policy:
+                body = jax.checkpoint(body, policy=remat_policy(self.remat_policy))
+            return body
+
+        alone = [i for i, name in enumerate(types) if not attention_family(name).scannable]
+        for start, stop in layer_segments(cfg.num_hidden_layers, alone, types):
             if stop - start == 1:
-                hidden = self.block_class(cfg, start in cfg.mem_layers, self.dtype,
-                                          self.param_dtype, name=str(start))(
-                    hidden, position_ids, attention_mask)
+                hidden = self.block_class(cfg, types[start], self.dtype, self.param_dtype,
+                                          name=str(start))(
+                    hidden, position_ids, attention_mask).hidden
                 continue
+            if types[start] not in bodies:
+                bodies[types[start]] = scan_body(types[start])
             stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
                                              *[self._for_compute(params[str(i)])
                                                for i in range(start, stop)])
-            hidden, _ = jax.lax.scan(body, hidden, stacked)
+            hidden, _ = jax.lax.scan(bodies[types[start]], hidden, stacked)
         return hidden
 
     def _for_compute(self, layer_params):
@@ -626,37 +491,36 @@ class LLaMABlockCollection(nn.Module):
             lambda p: p.astype(self.dtype) if p.ndim == 2 else p, layer_params)
 
 
-def layer_segments(num_layers, mem_layers):
-    """``[(start, stop), ...]``: each memory layer alone, and each maximal run of ordinary
-    layers between them, in order."""
-    segments, start = [], 0
+def layer_segments(num_layers, alone, attention_types=None):
+    """``[(start, stop), ...]`` in order: each layer of ``alone`` by itself, and each maximal
+    run of the other layers that share their attention type (``attention_types``, one per
+    layer; None: all alike)."""
+    segments = []
     for i in range(num_layers):
-        if i in mem_layers:
-            if start < i:
-                segments.append((start, i))
-            segments.append((i, i + 1))
-            start = i + 1
-    if start < num_layers:
-        segments.append((start, num_layers))
+        joins = (segments and i not in alone and i - 1 not in alone
+                 and (attention_types is None or attention_types[i] == attention_types[i - 1]))
+        segments.append((segments.pop()[0], i + 1) if joins else (i, i + 1))
     return segments
 
 
 class TokenEmbedding(nn.Embed):
     """``nn.Embed`` (same parameter) whose lookup partitions without gathering the batch.
 
-    The table is sharded (vocab over mp, hidden over fsdp) and the token ids over rows; left
+    The table is sharded (``vocab`` and ``embed`` axes) and the token ids over rows; left
     alone, the partitioner gathers every row's ids or embeddings onto every device.  Gathering
     the table's hidden axis first (what FSDP does for every other weight) leaves each device
-    a lookup of its own rows in its vocabulary shard, summed over mp.
+    a lookup of its own rows in its vocabulary shard, summed over the vocabulary's devices.
     """
 
     def __call__(self, inputs):
-        table = with_sharding_constraint(self.embedding.astype(self.dtype), PS("mp", None))
+        table = with_logical_constraint(self.embedding.astype(self.dtype), "vocab",
+                                        "activation_embed")
         return jnp.take(table, inputs, axis=0)
 
 
 class FlaxLLaMAModule(nn.Module):
-    """Embedding, decoder layers and final norm; returns hidden states ``[B, L, hidden]``."""
+    """Embedding, decoder layers and final norm: hidden states ``[B, L, hidden]`` and, in
+    windowed inference, the layers' updated states (a :class:`LayerOutput`)."""
     config: LLaMAConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -664,9 +528,8 @@ class FlaxLLaMAModule(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, caches=None,
                  piece=None):
-        """With ``caches`` and ``piece`` (windowed inference, :mod:`FoT.inference`) the input
-        is one piece, positions come from the piece, and the result is ``(hidden, updated
-        caches)``."""
+        """With ``caches`` (every layer's state) and ``piece`` (windowed inference,
+        :mod:`FoT.inference`) the input is one piece and positions come from the piece."""
         cfg = self.config
         if caches is None:
             check_whole_groups(input_ids.shape[0], cfg.dataset_packing)
@@ -678,18 +541,16 @@ class FlaxLLaMAModule(nn.Module):
                                param_dtype=self.param_dtype,
                                embedding_init=nn.initializers.normal(cfg.initializer_range),
                                name="wte")
-        hidden = with_sharding_constraint(embed(input_ids.astype(jnp.int32)), RESIDUAL_SPEC)
+        hidden = with_logical_constraint(embed(input_ids.astype(jnp.int32)), *RESIDUAL_AXES)
         block, policy = LLaMABlock, None
         if cfg.remat_block not in ("", "none"):
             policy = cfg.remat_block
             block = nn.remat(LLaMABlock, policy=remat_policy(policy), prevent_cse=True)
-        hidden = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, policy,
-                                      name="h")(hidden, position_ids, attention_mask, caches,
-                                                piece)
-        if caches is not None:
-            hidden, caches = hidden
+        hidden, caches = LLaMABlockCollection(cfg, block, self.dtype, self.param_dtype, policy,
+                                              name="h")(hidden, position_ids, attention_mask,
+                                                        caches, piece)
         hidden = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(hidden)
-        return hidden if caches is None else (hidden, caches)
+        return LayerOutput(hidden, caches)
 
 
 class FlaxLLaMAForCausalLMModule(nn.Module):
@@ -706,17 +567,16 @@ class FlaxLLaMAForCausalLMModule(nn.Module):
         windowed inference (:class:`FlaxLLaMAModule`); the result's ``caches`` are the
         updated ones."""
         cfg = self.config
-        hidden = FlaxLLaMAModule(cfg, self.dtype, self.param_dtype, name="transformer")(
+        hidden, caches = FlaxLLaMAModule(cfg, self.dtype, self.param_dtype, name="transformer")(
             input_ids, attention_mask, position_ids, caches, piece)
-        if caches is not None:
-            hidden, caches = hidden
         if not compute_logits and not self.is_initializing():
             return CausalLMOutput(None, hidden, caches)
         if cfg.tie_word_embeddings:
             embedding = self.variables["params"]["transformer"]["wte"]["embedding"]
             logits = hidden @ embedding.T.astype(self.dtype)
         else:
-            logits = _dense(cfg.vocab_size, cfg, self.dtype, self.param_dtype, "lm_head")(hidden)
+            logits = dense_layer(cfg.vocab_size, cfg, self.dtype, self.param_dtype,
+                                 "lm_head")(hidden)
         return CausalLMOutput(logits, hidden if return_hidden_states else None, caches)
 
 

@@ -5,8 +5,9 @@ run by the training model's own modules: the input is cut into pieces by
 :func:`~FoT.hf.windows_fot_llama.plan_windows` (the window rule of the
 :class:`~FoT.inference.MemoryOptions`), and each piece goes through
 :class:`~EasyLM.models.llama.llama_model.FlaxLLaMAForCausalLMModule` with every layer's
-:class:`~FoT.inference.LayerCache`, whose attention evicts its local window as planned and
-reads and extends its memory (:mod:`FoT.inference`).  Under the default ``"aligned"`` rule a
+state, as its attention family declares it (:mod:`EasyLM.models.llama.attention`): an FoT
+memory layer evicts its local window as planned and reads and extends its memory
+(:mod:`FoT.inference`).  Under the default ``"aligned"`` rule a
 token's logits equal the training model's with cross-batch attention over the windows of its
 document, however the input is split into calls.
 
@@ -27,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
+from EasyLM.models.llama.attention import attention_family, layer_attention_types
+from EasyLM.models.llama.attention.interface import StateShape
 from EasyLM.models.llama.inference_window import default_window
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from FoT.hf.windows_fot_llama import plan_windows
-from FoT.inference import LayerCache, MemoryOptions, Piece
+from FoT.inference import MemoryOptions, Piece
 
 
 def _score(logits, targets):
@@ -42,16 +45,17 @@ def _score(logits, targets):
 
 @dataclasses.dataclass
 class InferenceState:
-    """Device buffers (one :class:`~FoT.inference.LayerCache` per layer) and how many of
-    each row's entries are valid: int32 ``[B]`` on the host, where the pieces are planned."""
+    """Device buffers (one state per layer, as its attention family declares it) and how
+    many of each row's entries are valid: int32 ``[B]`` on the host, where the pieces are
+    planned."""
     caches: tuple
     local_length: np.ndarray
     memory_length: np.ndarray
 
     @property
     def capacity(self):
-        memories = [cache.mem_k for cache in self.caches if cache.has_memory]
-        return memories[0].shape[1] if memories else 0
+        """Memory entries every memory holds (0 without memories)."""
+        return max((cache.memory_capacity for cache in self.caches), default=0)
 
 
 class WindowedLM:
@@ -60,7 +64,7 @@ class WindowedLM:
     def __init__(self, params, config, options):
         self.params = jax.device_put(params.get("params", params))
         self.config, self.options = config, options
-        self.memory_layers = tuple(sorted(config.mem_layers)) if options.use_memory else ()
+        self.attention_families = tuple(map(attention_family, layer_attention_types(config)))
         model = FlaxLLaMAForCausalLMModule(config, jnp.dtype(options.dtype))
         # The caches are donated: each piece updates them in place instead of holding the old
         # and the new memory at once.
@@ -116,19 +120,14 @@ class WindowedLM:
 
     def new_state(self, batch_size, capacity=0):
         """Empty state; ``capacity`` memory tokens are allocated up front."""
-        cfg = self.config
-        local = (batch_size, self.options.local_capacity, cfg.num_key_value_heads, cfg.head_dim)
-        dtype = jnp.dtype(self.options.dtype)
-        mem_dtype = jnp.dtype(self.options.mem_dtype or self.options.dtype)
-        memory = (batch_size, self._round_capacity(capacity)) + local[2:]
-        caches = []
-        for i in range(cfg.num_hidden_layers):
-            kept = [jnp.zeros(local, dtype), jnp.zeros(local, dtype)]
-            if i in self.memory_layers:
-                kept += [jnp.zeros(memory, mem_dtype), jnp.zeros(memory, mem_dtype)]
-            caches.append(LayerCache(*kept))
+        options = self.options
+        shape = StateShape(batch_size, options.local_capacity,
+                           self._round_capacity(capacity) if options.use_memory else None,
+                           jnp.dtype(options.dtype), jnp.dtype(options.mem_dtype or options.dtype))
+        caches = tuple(family.empty_state(self.config, shape)
+                       for family in self.attention_families)
         empty = np.zeros(batch_size, np.int32)
-        return InferenceState(tuple(caches), empty, empty.copy())
+        return InferenceState(caches, empty, empty.copy())
 
     def _round_capacity(self, tokens):
         # Powers of two windows, so that growing memory recompiles only log-many times.
@@ -136,13 +135,11 @@ class WindowedLM:
         return self.options.last_context_length * 2 ** math.ceil(math.log2(windows))
 
     def _reserve(self, state, tokens):
-        """Grow the memory to hold ``tokens`` entries of the fullest row."""
-        if not self.memory_layers or tokens <= state.capacity:
+        """Grow the memories to hold ``tokens`` entries of the fullest row."""
+        if tokens <= state.capacity:
             return
-        extra = ((0, 0), (0, self._round_capacity(tokens) - state.capacity), (0, 0), (0, 0))
-        state.caches = tuple(
-            cache._replace(mem_k=jnp.pad(cache.mem_k, extra), mem_v=jnp.pad(cache.mem_v, extra))
-            if cache.has_memory else cache for cache in state.caches)
+        capacity = self._round_capacity(tokens)
+        state.caches = tuple(cache.with_memory_capacity(capacity) for cache in state.caches)
 
     def step(self, state, tokens, mask=None, last_only=False):
         """Feed ``tokens`` ``[B, n]``; return their logits ``[B, n, V]`` (on device), or with

@@ -1,0 +1,94 @@
+"""The attention interface: every registered family implements it, returns one type in every
+mode and keeps the state it declares, and its one-token decoding equals the training model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from EasyLM.models.llama.attention import (ATTENTION_FAMILIES, attention_family,
+                                           layer_attention_types)
+from EasyLM.models.llama.attention.interface import AttentionLayer, LayerOutput, StateShape
+from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
+from EasyLM.models.llama.windowed_lm import WindowedLM
+from FoT.inference import MemoryOptions, Piece
+from helpers import tiny_config
+
+WINDOW = 8
+# A tiny model whose every layer runs the family: a new family adds its line here.
+EVERY_LAYER = {
+    "softmax": dict(mem_layers=()),
+    "fot_memory": dict(mem_layers=(0, 1, 2)),
+}
+FAMILIES = sorted(ATTENTION_FAMILIES)
+
+
+def family_config(name):
+    assert name in EVERY_LAYER, f"family {name!r}: add the config of a model of only such " \
+        f"layers to EVERY_LAYER"
+    config = tiny_config(max_sequence_length=WINDOW, **EVERY_LAYER[name])
+    assert set(layer_attention_types(config)) == {name}
+    return config
+
+
+def test_layers_take_their_family_from_the_config():
+    config = tiny_config(num_hidden_layers=4, mem_layers=(1, 3))
+    assert layer_attention_types(config) == ("softmax", "fot_memory", "softmax", "fot_memory")
+    assert attention_family("fot_memory") is ATTENTION_FAMILIES["fot_memory"]
+    with pytest.raises(ValueError, match="unknown attention family 'fox'; registered"):
+        attention_family("fox")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_implements_the_interface_in_every_mode(name):
+    family = attention_family(name)
+    assert issubclass(family, AttentionLayer)
+    for method in ("attend", "attend_window", "empty_state"):
+        assert getattr(family, method) is not getattr(AttentionLayer, method), method
+    config = family_config(name)
+    layer = family(config)
+    batch = 2
+    hidden = jax.random.normal(jax.random.PRNGKey(0), (batch, WINDOW, config.hidden_size))
+    positions = jnp.broadcast_to(jnp.arange(WINDOW), (batch, WINDOW))
+    variables = layer.init(jax.random.PRNGKey(1), hidden, positions)
+    assert set(variables["params"]) >= {"wq", "wk", "wv", "wo"}  # the LLaMA layer's tree
+
+    out = layer.apply(variables, hidden, positions)
+    assert isinstance(out, LayerOutput) and out.state is None
+    assert out.hidden.shape == hidden.shape
+
+    shape = StateShape(batch, WINDOW, 2 * WINDOW, jnp.float32, jnp.float32)
+    state = family.empty_state(config, shape)
+    grown = state.with_memory_capacity(4 * WINDOW)
+    assert grown.memory_capacity in (0, 4 * WINDOW)
+    assert state.with_memory_capacity(state.memory_capacity) is state
+    for width in (WINDOW, 1):  # one window, one token
+        ones = jnp.ones(batch, jnp.int32)
+        piece = Piece(ones * WINDOW, ones * 0, ones * width, ones * WINDOW, 2 * WINDOW, WINDOW)
+        out = layer.apply(variables, hidden[:, :width], piece.query_positions(batch, width),
+                          None, state, piece)
+        assert isinstance(out, LayerOutput) and out.hidden.shape == (batch, width,
+                                                                      config.hidden_size)
+        assert jax.tree_util.tree_structure(out.state) == jax.tree_util.tree_structure(state)
+        assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(out.state)] == \
+            [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_token_decoding_equals_the_training_model(name):
+    # Windows of a stream as batch rows, each later row attending to the earlier ones as
+    # memory (cross-batch, C = windows - 1): what windowed inference computes token by token.
+    config = family_config(name)
+    windows = 3
+    variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, WINDOW), jnp.int32))
+    tokens = np.random.default_rng(0).integers(0, 61, size=(1, windows * WINDOW))
+    training = FlaxLLaMAForCausalLMModule(config.replace(cross_batch_range=windows - 1))
+    expected = np.asarray(training.apply(
+        variables, jnp.asarray(tokens.reshape(windows, WINDOW))).logits).reshape(1, -1, 61)
+    model = WindowedLM(variables, config, MemoryOptions(WINDOW))
+    np.testing.assert_allclose(model.logits(tokens), expected, atol=1e-5)
+    state = model.new_state(1)
+    stepped = [model.step(state, jnp.asarray(tokens[:, i:i + 1]))
+               for i in range(tokens.shape[1])]
+    np.testing.assert_allclose(np.concatenate([np.asarray(x) for x in stepped], axis=1),
+                               expected, atol=1e-5)
