@@ -19,7 +19,9 @@ EVERY_LAYER = {
     "softmax": dict(mem_layers=()),
     "fot_memory": dict(mem_layers=(0, 1, 2)),
 }
-FAMILIES = sorted(ATTENTION_FAMILIES)
+# The memory family's checks take seconds each (its modes compile the memory paths): full run.
+FAMILIES = [pytest.param(name, marks=pytest.mark.slow) if name == "fot_memory" else name
+            for name in sorted(ATTENTION_FAMILIES)]
 
 
 def family_config(name):
