@@ -15,7 +15,9 @@ what a hook puts in ``info.record`` is logged at that step, in one record with t
 - the caller's own hooks;
 - :class:`LogRecords`: each step's record to the metrics files (JSON lines, TensorBoard,
   Weights & Biases) and as a console line, and the run's summary;
-- :class:`SaveCheckpoints`: rolling and milestone checkpoints and the one of the last step.
+- :class:`SaveCheckpoints`: rolling and milestone checkpoints and the one of the last step;
+- :class:`ProfileSteps`, when ``profile_steps`` is set: a ``jax.profiler`` trace of a range of
+  steps.
 """
 import dataclasses
 import os
@@ -246,3 +248,61 @@ class SaveCheckpoints(Hook):
         self.checkpointing.checkpointer.wait()
         if self.last_saved:
             info.outputs.append(self.last_saved)
+
+
+def parse_profile_steps(text, total_steps):
+    """``'FIRST,LAST'`` -> ``(FIRST, LAST)``: trace the steps after step FIRST up to step LAST
+    (``0 <= FIRST < LAST <= total_steps``); ``''`` -> ``None``.  ValueError says what is
+    wrong."""
+    if not text:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"profile_steps={text!r}: give 'FIRST,LAST', two step numbers, e.g. "
+                         f"'10,15' traces steps 11 to 15") from None
+    if not 0 <= first < last <= total_steps:
+        raise ValueError(f"profile_steps={text!r}: need 0 <= FIRST < LAST <= total_steps "
+                         f"({total_steps})")
+    return first, last
+
+
+class ProfileSteps(Hook):
+    """A ``jax.profiler`` trace (TensorBoard's profile plugin, Perfetto) of the steps after
+    step ``first`` up to step ``last``, written under ``directory``.  It pauses training where
+    it starts and stops, so the traced steps form a window of their own in the train metrics
+    (tracing slows them) and the steps around them keep their timings.  A run resumed inside
+    the range traces what is left of it; one stopped inside it ends the trace there."""
+    pauses_training = True
+
+    def __init__(self, directory, first, last):
+        self.directory, self.first, self.last = directory, first, last
+        self.tracing, self.written = False, False
+
+    def due(self, info):
+        return info.step in (self.first, self.last)
+
+    def start(self, info):
+        if self.first <= info.step < self.last:
+            self._start()
+
+    def __call__(self, info):
+        if info.step == self.first and not self.tracing:
+            self._start()
+        elif info.step == self.last and self.tracing:
+            self._stop(info)
+
+    def end(self, info):
+        if self.tracing:
+            self._stop(info)
+        if self.written:
+            info.outputs.append(self.directory)
+
+    def _start(self):
+        jax.profiler.start_trace(self.directory)
+        self.tracing = True
+
+    def _stop(self, info):
+        jax.block_until_ready(info.state)  # the traced steps' device work inside the trace
+        jax.profiler.stop_trace()
+        self.tracing, self.written = False, True

@@ -15,7 +15,7 @@ count of the whole batch, so the update equals the one of a single step over the
 """
 import dataclasses
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 from EasyLM.flops import flops_per_step, peak_flops_per_device
 from EasyLM.jax_utils import (BATCH_AXES, float_dtype, match_partition_rules, named_shardings,
                               with_sharding_constraint)
-from EasyLM.hooks import Evaluation, LogRecords, SaveCheckpoints, StepInfo, TrainMetrics
+from EasyLM.hooks import (Evaluation, LogRecords, ProfileSteps, SaveCheckpoints, StepInfo,
+                          TrainMetrics)
 from EasyLM.logging_utils import ConsoleProgress
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_sums
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
@@ -214,6 +215,10 @@ class LoopSettings:
     peak_flops_per_device: Optional[float] = None
     # A tqdm bar, shown only when stderr is a terminal; the per-step lines are always logged.
     show_progress: bool = True
+    # (first, last): a jax.profiler trace of the steps after ``first`` up to ``last``, written
+    # to ``profile_dir`` (:class:`EasyLM.hooks.ProfileSteps`).
+    profile_steps: Optional[Tuple[int, int]] = None
+    profile_dir: str = ""
 
 
 def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpointing=None,
@@ -226,6 +231,7 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
     checkpoint and the last step; evaluation runs at step 0 of a fresh run and every
     ``eval_freq`` steps; ``checkpointing`` (:class:`EasyLM.hooks.Checkpointing`) saves after
     the step's record is logged, so a checkpoint at step S has every record up to S written.
+    ``profile_steps`` traces a range of steps into ``profile_dir``.
     ``hooks``: more :class:`EasyLM.hooks.Hook`s, run after evaluation and before the record is
     written (what they put in ``info.record`` is logged at that step).
 
@@ -253,6 +259,10 @@ def fit(trainer, state, train_data, settings, logger, eval_data=None, checkpoint
         if checkpointing is not None:
             registered.append(SaveCheckpoints(checkpointing, train_data, s.save_model_freq,
                                               s.save_milestone_freq))
+        if s.profile_steps is not None:
+            # Last: it starts tracing after the step's saving and ends first, so the run's
+            # summary names the trace.
+            registered.append(ProfileSteps(s.profile_dir, *s.profile_steps))
         return run_loop(trainer, state, train_data, s.total_steps, registered, stop)
 
 

@@ -54,7 +54,8 @@ def test_family_implements_the_interface_in_every_mode(name):
     variables = layer.init(jax.random.PRNGKey(1), hidden, positions)
     assert set(variables["params"]) >= {"wq", "wk", "wv", "wo"}  # the LLaMA layer's tree
 
-    out = layer.apply(variables, hidden, positions)
+    # Compiled, as the model runs it (one compilation instead of op-by-op dispatch).
+    out = jax.jit(layer.apply)(variables, hidden, positions)
     assert isinstance(out, LayerOutput) and out.state is None
     assert out.hidden.shape == hidden.shape
 
@@ -66,8 +67,8 @@ def test_family_implements_the_interface_in_every_mode(name):
     for width in (WINDOW, 1):  # one window, one token
         ones = jnp.ones(batch, jnp.int32)
         piece = Piece(ones * WINDOW, ones * 0, ones * width, ones * WINDOW, 2 * WINDOW, WINDOW)
-        out = layer.apply(variables, hidden[:, :width], piece.query_positions(batch, width),
-                          None, state, piece)
+        out = jax.jit(lambda v, h, p, s: layer.apply(v, h, p, None, s, piece))(
+            variables, hidden[:, :width], piece.query_positions(batch, width), state)
         assert isinstance(out, LayerOutput) and out.hidden.shape == (batch, width,
                                                                       config.hidden_size)
         assert jax.tree_util.tree_structure(out.state) == jax.tree_util.tree_structure(state)
@@ -75,6 +76,7 @@ def test_family_implements_the_interface_in_every_mode(name):
             [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_one_token_decoding_equals_the_training_model(name):
     # Windows of a stream as batch rows, each later row attending to the earlier ones as

@@ -52,7 +52,8 @@ def exported(request, tmp_path_factory):
     return variables, config, root
 
 
-@pytest.mark.parametrize("use_memory", [True, False], ids=["memory", "no_memory"])
+@pytest.mark.parametrize("use_memory", [pytest.param(True, marks=pytest.mark.slow), False],
+                         ids=["memory", "no_memory"])
 def test_pytorch_logits_equal_jax_windowed_inference(exported, use_memory):
     variables, config, root = exported
     overrides = {} if use_memory else {"mem_layers": []}

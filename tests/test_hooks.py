@@ -3,11 +3,12 @@ compilation): each fires at its frequency, at step 0 and the last step where the
 so; train metrics are logged before a hook that pauses training; a run stopped for a signal
 ends without the summary; a hook of one's own can be registered and its metrics logged."""
 import logging
+import os
 
 import numpy as np
 import pytest
 
-from EasyLM.hooks import Checkpointing, Hook
+from EasyLM.hooks import Checkpointing, Hook, parse_profile_steps
 from EasyLM.trainer import LoopSettings, fit
 
 import helpers
@@ -158,3 +159,34 @@ def test_a_registered_hook_runs_at_its_frequency_and_its_metrics_are_logged(paus
     expected = {2: 1.5, 4: 3.5, 5: 5.0} if pauses_training else {5: 3.0}
     assert train_steps(records) == expected
     np.testing.assert_equal(sorted(records), [2, 4, 5])
+
+
+def test_profile_steps_trace_their_range_in_a_window_of_their_own(tmp_path):
+    directory = str(tmp_path / "profile")
+    records, _, _ = train(6, log_freq=6, profile_steps=(2, 4), profile_dir=directory)
+    traces = [os.path.join(root, name) for root, _, names in os.walk(directory)
+              for name in names if name.endswith(".xplane.pb")]
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+    # Steps 3-4 (traced) are a window of their own, between steps 1-2 and 5-6.
+    assert train_steps(records) == {2: 1.5, 4: 3.5, 6: 5.5}
+
+
+def test_a_run_resumed_or_stopped_inside_the_profiled_range_traces_what_it_ran(tmp_path):
+    resumed = str(tmp_path / "resumed")
+    train(6, start=3, log_freq=6, profile_steps=(2, 5), profile_dir=resumed)
+    stopped = str(tmp_path / "stopped")
+    _, _, final = train(10, stop=lambda: True, log_freq=6, profile_steps=(0, 5),
+                        profile_dir=stopped)
+    assert final == 1
+    for directory in (resumed, stopped):
+        assert any(name.endswith(".xplane.pb") for _, _, names in os.walk(directory)
+                   for name in names), directory
+
+
+@pytest.mark.parametrize("text, message", [
+    ("5", "give 'FIRST,LAST'"), ("a,b", "give 'FIRST,LAST'"),
+    ("4,4", "0 <= FIRST < LAST <= total_steps"), ("2,11", "total_steps \\(10\\)")])
+def test_bad_profile_steps_say_what_to_give(text, message):
+    with pytest.raises(ValueError, match=f"profile_steps={text!r}: .*{message}"):
+        parse_profile_steps(text, 10)
+    assert parse_profile_steps("", 10) is None and parse_profile_steps("0,10", 10) == (0, 10)

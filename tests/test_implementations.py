@@ -56,6 +56,7 @@ def oracle(case):
     pytest.param(name, marks=[pytest.mark.slow] if name in ("pallas", "reference") else [])
     for name in IMPLEMENTATIONS])
 @pytest.mark.parametrize("case", [CASES[0], pytest.param(CASES[1], marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_matches_the_per_row_loop(implementation, case):
     assert set(BLOCK_OPTIONS) == set(IMPLEMENTATIONS)
     B, L, H, KV, D, C, stepping, packing = case

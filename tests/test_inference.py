@@ -21,6 +21,7 @@ def tiny():
     return variables, config, WindowedLM(variables, config, MemoryOptions(WINDOW))
 
 
+@pytest.mark.slow
 def test_full_windows_equal_cross_batch_training_model(tiny):
     # The windows of one document as batch rows, each attending to all earlier rows with keys
     # rotated as if first: FOT_SPEC section 2 with C = windows - 1 is section 5's memory.
@@ -62,6 +63,7 @@ def test_token_losses_and_step_by_step_state(tiny):
     assert state.capacity >= state.memory_length  # grown on demand, in whole windows
 
 
+@pytest.mark.slow
 def test_generation_modes(tiny):
     _, _, model = tiny
     prompt = np.random.default_rng(3).integers(0, 61, size=(2, WINDOW + 3))

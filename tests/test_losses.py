@@ -36,10 +36,11 @@ def test_chunked_sums_and_gradients_equal_full_logits(chunk_tokens):
         loss, correct, count = chunked_token_sums(h, w, targets, masks, chunk_tokens)
         return loss, (correct, count)
 
-    (loss, (correct, count)), grads = jax.value_and_grad(full, (0, 1), has_aux=True)(
+    # Compiled, as the train step runs it (and one compilation instead of op-by-op dispatch).
+    (loss, (correct, count)), grads = jax.jit(jax.value_and_grad(full, (0, 1), has_aux=True))(
         hidden, kernel)
-    (c_loss, (c_correct, c_count)), c_grads = jax.value_and_grad(
-        chunked, (0, 1), has_aux=True)(hidden, kernel)
+    (c_loss, (c_correct, c_count)), c_grads = jax.jit(jax.value_and_grad(
+        chunked, (0, 1), has_aux=True))(hidden, kernel)
     np.testing.assert_allclose(c_loss, loss, rtol=1e-6)
     assert c_correct == correct and c_count == count == float(jnp.sum(masks > 0))
     for got, want in zip(c_grads, grads):
@@ -54,7 +55,7 @@ def test_bf16_chunks_stay_close_to_float32_and_keep_float32_kernel_gradient():
     def loss_fn(dtype):
         def f(h, w):
             return chunked_token_sums(h.astype(dtype), w, targets, masks, 32, dtype)[0]
-        return jax.value_and_grad(f, (0, 1))(hidden, kernel)
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(hidden, kernel)
 
     (loss32, (dh32, dw32)), (loss16, (dh16, dw16)) = loss_fn(jnp.float32), loss_fn(jnp.bfloat16)
     assert dw16.dtype == jnp.float32  # accumulated over chunks in float32

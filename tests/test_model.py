@@ -101,6 +101,7 @@ def test_unsupported_hf_architecture_fails_clearly(tmp_path):
         convert_hf_to_easylm.convert(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_memory_layer_with_range_zero_equals_plain_model():
     plain = tiny_config(mem_layers=())
     fot = tiny_config(mem_layers=(0, 2), cross_batch_range=0)

@@ -66,7 +66,7 @@ def test_run_flags_reach_the_train_and_eval_models(monkeypatch):
 @pytest.mark.parametrize("flag, value", [
     ("cross_batch_implementation", "fast"), ("attention_implementation", "flash"),
     ("remat_block", "dots_only"), ("cross_batch_block_size", 0),
-    ("train_cross_batch_range", -1), ("eval_cross_batch_range", -2),
+    ("train_cross_batch_range", -1), ("eval_cross_batch_range", -2), ("profile_steps", "3"),
 ])
 def test_bad_run_flags_name_the_flag(flag, value):
     _, train = split_config(build_config(["--config", SETUP, f"--{flag}={value}"]))

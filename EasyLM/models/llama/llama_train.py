@@ -20,6 +20,7 @@ from EasyLM import checkpoint, logging_utils, optimizers, run
 from EasyLM import tokenizer as tokenizer_lib
 from EasyLM.config import ConfigDict, ConfigError, JsonObject, Option, check_ranges, parse_object
 from EasyLM.data import DatasetFactory, read_pipeline
+from EasyLM.hooks import parse_profile_steps
 from EasyLM.jax_utils import float_dtype, get_jax_mesh, parse_mesh_dim
 from EasyLM.legacy_keys import translate_model_fields
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS
@@ -63,6 +64,9 @@ def get_default_config(updates=None):
                               "process 0"),
         skip_nonfinite_steps=Option(False, "drop updates whose loss or gradient norm is not "
                                     "finite (counted as train/skipped_steps)"),
+        profile_steps=Option("", "'FIRST,LAST': a jax.profiler trace of the steps after FIRST "
+                             "up to LAST into RUN/profile/ (TensorBoard's profile plugin, "
+                             "Perfetto); '' = none"),
         peak_flops_per_device=Option(0.0, "peak FLOP/s of one device, for MFU; 0 = look the "
                                      "device up in EasyLM/flops.py's table"),
         train_cross_batch_range=Option(1, "FoT cross-batch range C of the train model: memory "
@@ -183,6 +187,10 @@ def validate(config):
                  eval_steps=">= 0", save_model_freq=">= 0", save_milestone_freq=">= 0",
                  loss_chunk_tokens=">= 0", peak_flops_per_device=">= 0")
     check_ranges(config.checkpointer, "checkpointer.", keep_last=">= 0")
+    try:
+        parse_profile_steps(config.profile_steps, config.total_steps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _check_run_settings(config)
     shards = dims[0] * dims[1]
     mesh_key = f"mesh_dim={config.mesh_dim!r}"
@@ -316,7 +324,9 @@ def main(config):
         total_steps=config.total_steps, log_freq=config.train_log_freq,
         eval_freq=config.eval_freq, eval_steps=config.eval_steps,
         save_model_freq=config.save_model_freq, save_milestone_freq=config.save_milestone_freq,
-        peak_flops_per_device=config.peak_flops_per_device or None)
+        peak_flops_per_device=config.peak_flops_per_device or None,
+        profile_steps=parse_profile_steps(config.profile_steps, config.total_steps),
+        profile_dir=os.path.join(run_dir, "profile"))
     return run.train(
         trainer, llama, train_data, settings, run_dir=run_dir, resume_from=resume_from,
         start=run.StartFrom(config.load_checkpoint, config.load_dataset_state, config.seed),
