@@ -12,8 +12,11 @@
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
 ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``; ``encode`` adds BOS/EOS only when
 ``add_bos_token`` / ``add_eos_token`` say so (the data pipeline's text processor adds them
-itself, so keep both off for training).  Both can be pickled, which parallel tokenization
-needs.
+itself, so keep both off for training).  ``prepends_bos`` says whether the model's own
+tokenizer starts a text with BOS (LLaMA's do; SmolLM2's and other byte-level BPE ones, whose
+BOS is a chat marker, do not): evaluation prompts follow it, so that the same model gets the
+same prompt whichever way its tokenizer was read.  Both can be pickled, which parallel
+tokenization needs.
 """
 import os
 
@@ -50,6 +53,8 @@ class SentencePieceTokenizer:
         self.eos_token_id = self._processor.eos_id()
         pad = self._processor.pad_id()
         self.pad_token_id = pad if pad >= 0 else 0
+        # LLaMA's SentencePiece convention: every text starts with BOS.
+        self.prepends_bos = self.bos_token_id >= 0
 
     @property
     def vocab_size(self):
@@ -83,6 +88,11 @@ class HuggingFaceTokenizer:
         self.eos_token_id = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0
+        # What the tokenizer itself does with special tokens on (its post-processor): a BOS
+        # token that is only a chat-turn marker is defined but not put before texts.
+        own = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.prepends_bos = bool(own) and self.bos_token_id is not None and (
+            own[0] == self.bos_token_id)
         for flag, token_id, name in ((add_bos_token, self.bos_token_id, "BOS"),
                                      (add_eos_token, self.eos_token_id, "EOS")):
             if flag and token_id is None:

@@ -48,10 +48,11 @@ def state_partition_specs(state_shapes):
 def data_split(mesh):
     """``(index, count)``: which consecutive block of batch rows this process feeds.
 
-    Rows are sharded over the mesh axes ``dp, fsdp``; processes whose devices hold the same
-    rows (e.g. model-parallel peers) feed the same block.
+    Rows are sharded over the mesh axes of the logical ``batch`` axis (``BATCH_AXES``);
+    processes whose devices hold the same rows (e.g. model-parallel peers) feed the same
+    block.
     """
-    shards = mesh.shape["dp"] * mesh.shape["fsdp"]
+    shards = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
     sharding = NamedSharding(mesh, PS(BATCH_AXES))
     held = sorted({idx[0].indices(shards)[:2]
                    for idx in sharding.addressable_devices_indices_map((shards,)).values()})

@@ -181,8 +181,11 @@ def _tokenizer_file(model_dir):
 
 
 def encode(tokenizer, text, bos=True):
-    """Token ids of ``text``, after the tokenizer's BOS when ``bos`` and it has one."""
+    """Token ids of ``text``, after BOS when ``bos`` and the model's tokenizer starts texts
+    with one (``prepends_bos`` of :mod:`EasyLM.tokenizer`): a LLaMA prompt starts with BOS, a
+    SmolLM2 one does not, however the tokenizer was read (``--tokenizer DIR``,
+    ``tokenizer.json``, an export)."""
     ids = list(tokenizer.encode(text))
-    if bos and tokenizer.bos_token_id is not None and tokenizer.bos_token_id >= 0:
+    if bos and tokenizer.prepends_bos:
         ids = [tokenizer.bos_token_id] + ids
     return ids

@@ -26,9 +26,9 @@ COMMAND_LINE_ONLY = (
 # JAX reads either name (the second is the newer) and refuses both at once, so a value already
 # in the environment is the user's and stays alone.
 MEMORY_FRACTION_VARIABLES = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
-# JAX's own default (75%) stops at 59.4 GiB of an H100's 79.6, and the README's best 1b FoT
-# setting needs 62.8. The CUDA context, library handles and NCCL buffers live outside this
-# pool, hence not 1.0. The benchmarks' subprocesses start JAX with it too.
+# JAX's own default (75%) stops at 59.4 GiB of an H100's 79.6, and the best 1b FoT setting
+# of docs/benchmarks.md needs 62.8. The CUDA context, library handles and NCCL buffers live
+# outside this pool, hence not 1.0. The benchmarks' subprocesses start JAX with it too.
 DEFAULT_GPU_MEMORY_FRACTION = 0.95
 
 

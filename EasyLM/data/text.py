@@ -34,7 +34,9 @@ class TextProcessor:
             fields_from_example=Option("", "name of an example field holding that example's "
                                        "fields spec (instead of fields)"),
             subfield_separator=Option(" ", "text between the parts of an 'a+b' field"),
-            add_bos_token=Option(True, "start each document with BOS (no loss)"),
+            add_bos_token=Option("auto", "start each document with BOS (no loss): true, false, "
+                                 "or auto: as the model's tokenizer does by itself (LLaMA's: "
+                                 "yes; SmolLM2's, whose BOS is a chat marker: no)"),
             add_eos_token=Option(True, "end each document with EOS (with loss)"),
             prepend_text=Option("", "text put before the first text field"),
             base64_token_dtype=Option("i4", "numpy dtype of the tokens in '{name}' fields"),
@@ -50,7 +52,19 @@ class TextProcessor:
         if not self.config.fields and not self.config.fields_from_example:
             raise ConfigError(f"set {name}.fields (e.g. 'text') or {name}.fields_from_example")
         self.tokenizer = tokenizer
+        self.add_bos = self._add_bos(self.config.add_bos_token, tokenizer, name)
         self._parsed = {}
+
+    @staticmethod
+    def _add_bos(value, tokenizer, name):
+        text = str(value).strip().lower()
+        if text == "auto":
+            return bool(getattr(tokenizer, "prepends_bos", True))
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}.add_bos_token={value!r}: give true, false or auto")
 
     def _fields(self, spec):
         """``[(kind, name, mask)]`` with kind ``bos``, ``eos``, ``base64`` or ``text``; a
@@ -101,7 +115,7 @@ class TextProcessor:
         spec = (self._field(example, self.config.fields_from_example)
                 if self.config.fields_from_example else self.config.fields)
         tokens, masks = [], []
-        if self.config.add_bos_token:
+        if self.add_bos:
             tokens.append([self.tokenizer.bos_token_id])
             masks.append([0.0])
         prefix = self.config.prepend_text

@@ -22,8 +22,8 @@ from FoT.kernels import tiles
 from FoT.kernels.plan import BlockSizes, pad_pow2
 
 
-# Tiles, warps and stages per input itemsize.  The bf16 ones won a sweep on an H200 (see the
-# kernel section of the README); float32 tiles are twice the bytes, and the bf16 choice
+# Tiles, warps and stages per input itemsize.  The bf16 ones won a sweep on an H200 (see
+# docs/kernels.md); float32 tiles are twice the bytes, and the bf16 choice
 # with three pipeline stages overflows shared memory, so they are halved (correctness path).
 _TUNED = {2: (BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128),
               (8, 8, 8), (3, 3, 4)),

@@ -328,8 +328,8 @@ def _size(hidden, intermediate, layers, heads, kv=None, max_len=2048, **extra):
 STANDARD_CONFIGS = {
     "debug": _size(128, 256, 2, 4, max_len=1024),
     "debug_fot": _size(128, 256, 2, 4, max_len=1024, mem_layers=(0,)),
-    # Small FoT models of the "Does FoT work?" experiments (README); memory layers at about
-    # the same depths as LongLLaMA 3B's 6, 12, 18 of 26.
+    # Small FoT models of the "Does FoT work?" experiments (docs/experiments.md); memory
+    # layers at about the same depths as LongLLaMA 3B's 6, 12, 18 of 26.
     "25m_FoT": _size(512, 1408, 8, 8, mem_layers=(2, 4, 6)),
     "100m_FoT": _size(768, 2048, 12, 12, mem_layers=(3, 6, 9)),
     "1b": _size(2048, 5504, 22, 16),
