@@ -36,6 +36,23 @@ jax.config.update("jax_default_matmul_precision", "highest")
 FAST_TEST_CPU_SECONDS = 5.0
 
 
+@pytest.fixture(scope="session")
+def docs_page_run(tmp_path_factory):
+    """``run(path) -> (checkout, completed process)``: the ``cpu`` blocks of a README or docs
+    page run once per session in a fresh copy of the checkout
+    (``test_readme_commands.run_page``), for every test that reads what they wrote."""
+    runs = {}
+
+    def run(path):
+        path = os.path.abspath(path)
+        if path not in runs:
+            from test_readme_commands import run_page
+
+            runs[path] = run_page(path, tmp_path_factory.mktemp("docs_page"))
+        return runs[path]
+    return run
+
+
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":
         return

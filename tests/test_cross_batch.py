@@ -141,6 +141,7 @@ def test_blockwise_never_builds_the_full_score_tensor():
     assert full not in hlo and f"{(C + 1) * L}" not in hlo.split("while")[0]
 
 
+@pytest.mark.slow
 def test_c_zero_is_causal_attention():
     q, k, v = random_qkv(1, 2, 8, 2, 2, 8)
     out = cross_batch_core(q, k, jnp.zeros_like(k), v, cross_batch_range=0)

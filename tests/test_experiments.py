@@ -5,7 +5,6 @@ end."""
 import base64
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -313,36 +312,7 @@ def test_dictionary_report_table_and_figure(tmp_path):
 
 # The recipes end to end, tiny.
 
-TINY_MODEL = ('{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, '
-              '"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2, '
-              '"mem_layers": [1]}')
-WINDOW = 32
-
-
-def runner_overrides(window):
-    return [f"--train_dataset.json_dataset.seq_length={window}",
-            f"--eval_dataset.json_dataset.seq_length={window}",
-            "--train_dataset.json_dataset.batch_size=8", "--eval_dataset.json_dataset.batch_size=8",
-            f"--update_llama_config={TINY_MODEL}", "--total_steps=20", "--eval_freq=10",
-            "--save_model_freq=20", "--dtype=fp32", "--train_log_freq=10",
-            "--logging.tensorboard=false", "--logging.plot=false"]
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def run_script(script, args, cache, **variables):
-    """Runs an experiment script on one CPU device (as tests/test_runner.py runs the runner)."""
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **variables)
-    result = subprocess.run(["bash", os.path.join("experiments", script), *args], env=env,
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+WINDOW = 32  # DICT_WINDOW / CODE_WINDOW of the page's cpu blocks
 
 
 def read_json(path):
@@ -350,16 +320,22 @@ def read_json(path):
         return json.load(f)
 
 
+def page_outputs(docs_page_run, directory):
+    """``directory`` (relative, as the page's commands name it) of the checkout where the cpu
+    blocks of docs/experiments.md ran: the page's CPU-sized runs of the experiment scripts
+    are the runs these tests read."""
+    checkout, done = docs_page_run(os.path.join(REPO, "docs", "experiments.md"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return checkout / directory
+
+
+DICT_OUT = "runs/dictionary_cpu"  # as docs/experiments.md's cpu block names them
+CODE_OUT = "runs/code_cpu"
+
+
 @pytest.fixture(scope="module")
-def dictionary_run(tmp_path_factory, compilation_cache):
-    out = tmp_path_factory.mktemp("dictionary")
-    run_script("dictionary_lookup.sh", runner_overrides(WINDOW), compilation_cache,
-               DICT_OUT=str(out), DICT_WINDOW=str(WINDOW),
-               DICT_DATA_ARGS="--train_docs 300 --eval_docs 60 --num_keys 256 --num_values 32 "
-                              "--pairs 8",
-               DICT_EVAL_ARGS="--memory_windows 1,2,4 --num_docs 20 --batch_size 4",
-               DICT_HF_EVAL_ARGS="--memory_windows 1,4")
-    return out
+def dictionary_run(docs_page_run):
+    return page_outputs(docs_page_run, DICT_OUT)
 
 
 @pytest.mark.slow
@@ -384,9 +360,10 @@ def test_dictionary_script_writes_data_evaluations_figures_and_table(dictionary_
         for accuracy in result["accuracy_with_memory"] + [result["accuracy_without_memory"]]:
             assert accuracy * far == pytest.approx(round(accuracy * far))  # hits / far lookups
         assert (out / f"eval_{name}" / "dictionary_lookup.png").read_bytes()[:8] == PNG_MAGIC
-    assert results["fot"]["model"].startswith("trainstate::" + str(out / "fot"))
+    # The paths as the page's command gave them, relative to the checkout.
+    assert results["fot"]["model"].startswith(f"trainstate::{DICT_OUT}/fot")
     assert results["fot"]["model"].endswith("checkpoints/step_20")
-    assert results["fot_hf"]["model"] == str(out / "hf_fot")
+    assert results["fot_hf"]["model"] == f"{DICT_OUT}/hf_fot"
     assert (out / "dictionary_lookup.png").read_bytes()[:8] == PNG_MAGIC
     table = (out / "dictionary_lookup.md").read_text()
     assert "| model | memory 1 | memory 2 | memory 4 | no memory |" in table
@@ -409,6 +386,7 @@ def test_dictionary_export_scores_like_the_checkpoint_with_distractors(dictionar
 
     out = dictionary_run
     checkpoint = json.loads((out / "eval_fot" / "dictionary_lookup.json").read_text())["model"]
+    checkpoint = checkpoint.replace(f"::{DICT_OUT}", f"::{out}")  # relative to the checkout
     jax_model = load_model(checkpoint, last_context_length=WINDOW)
     torch_model = TorchWindowedLM(str(out / "hf_fot"), device="cpu")
     assert torch_model.last_context_length == WINDOW
@@ -427,20 +405,8 @@ def test_dictionary_export_scores_like_the_checkpoint_with_distractors(dictionar
 
 
 @pytest.fixture(scope="module")
-def code_run(tmp_path_factory, compilation_cache):
-    out = tmp_path_factory.mktemp("code")
-    run_script("code_memory.sh", ["fot", *runner_overrides(WINDOW),
-                                  "--train_dataset.json_dataset.tokenizer_processes=1",
-                                  "--eval_dataset.json_dataset.tokenizer_processes=1"],
-               compilation_cache, CODE_OUT=str(out), CODE_WINDOW=str(WINDOW),
-               CODE_DATA_ARGS="--max_train_chars 400000 --max_heldout_chars 200000 "
-                              "--tokenizer_sample_chars 300000 --vocab_size 512 --threads 1 "
-                              # 512 pieces cannot hold every character of whatever packages
-                              # are installed: rare ones are spelled in bytes.
-                              "--character_coverage 0.995",
-               CODE_EVAL_ARGS="--min_length 129 --max_length 512 --max_docs 4 "
-                              "--bucket_size 32 --context_windows 1,4,16")
-    return out
+def code_run(docs_page_run):
+    return page_outputs(docs_page_run, CODE_OUT)
 
 
 @pytest.mark.slow

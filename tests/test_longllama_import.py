@@ -87,6 +87,7 @@ def test_longllama_checkpoint_imports_with_memory_layers_and_window(tmp_path):
     assert exported["mem_layers"] == [1] and exported["last_context_length"] == WINDOW
 
 
+@pytest.mark.slow
 def test_longllama_without_memory_positionals_is_refused(tmp_path):
     _, _, directory = longllama_directory(tmp_path, mem_positionals=False)
     with pytest.raises(ValueError, match="mem_positionals=false"):

@@ -24,7 +24,9 @@ def test_chunk_length_divides_the_sequence_within_the_token_budget():
     assert chunk_length(1, 100, 10 ** 6) == 100
 
 
-@pytest.mark.parametrize("chunk_tokens", [4, 8, 20, 48, 10 ** 6])
+# The smallest chunk (the most chunk steps) is the slowest to compile: full suite only.
+@pytest.mark.parametrize("chunk_tokens", [pytest.param(4, marks=pytest.mark.slow), 8, 20, 48,
+                                          10 ** 6])
 def test_chunked_sums_and_gradients_equal_full_logits(chunk_tokens):
     hidden, kernel, targets, masks = inputs()
 
@@ -49,6 +51,7 @@ def test_chunked_sums_and_gradients_equal_full_logits(chunk_tokens):
     assert np.all(np.asarray(c_grads[0])[np.asarray(masks) == 0] == 0)
 
 
+@pytest.mark.slow
 def test_bf16_chunks_stay_close_to_float32_and_keep_float32_kernel_gradient():
     hidden, kernel, targets, masks = inputs(rows=2, length=64, width=32, vocab=300)
 

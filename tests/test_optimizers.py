@@ -30,6 +30,7 @@ def test_warmup_then_cosine_and_linear_decay_to_end_lr():
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_excluded_parameters():
     params = {"transformer": {"ln_f": {"kernel": jnp.ones(4)},
                               "wte": {"embedding": jnp.ones((3, 4))}},

@@ -141,9 +141,11 @@ def script(path, directory):
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", documents(), ids=os.path.basename)
-def test_cpu_commands_run_as_written_in_a_fresh_checkout(path, tmp_path):
+def run_page(path, tmp_path):
+    """Runs the ``cpu`` blocks of ``path`` in order in a fresh copy of the checkout under
+    ``tmp_path``; ``(checkout, completed process)``.  Through the session fixture
+    ``docs_page_run`` (conftest.py) each page runs once: this module checks that it ran, and
+    tests of what its commands wrote (tests/test_experiments.py) read the same outputs."""
     checkout = tmp_path / "checkout"
     checkout_copy(checkout)
     steps = script(os.path.join(checkout, os.path.relpath(path, REPO)), checkout)
@@ -155,5 +157,12 @@ def test_cpu_commands_run_as_written_in_a_fresh_checkout(path, tmp_path):
     env.pop("XLA_FLAGS", None)  # as a user's shell has it: commands that want devices say so
     done = subprocess.run(["bash", "-c", steps], cwd=checkout, env=env, capture_output=True,
                           text=True, timeout=1500)
+    return checkout, done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", documents(), ids=os.path.basename)
+def test_cpu_commands_run_as_written_in_a_fresh_checkout(path, docs_page_run):
+    checkout, done = docs_page_run(path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
