@@ -36,9 +36,11 @@ for stage in $stages; do
   data)
     [ -f $out/data/heldout.jsonl ] || python -m experiments.code_corpus --output_dir $out/data \
       --extensions .py,.md,.rst,.txt --min_chars 6000 --tokenizer none ${PRETRAINED_DATA_ARGS:-}
+    # Recipe v3: 80% of the files, cut into pieces of 12,000 characters (about the span of a
+    # row group, 4 x 1024 tokens), carry 6-16 statements, 30% of them recalled at the end.
+    mix_args=${PRETRAINED_MIX_ARGS:---fraction 0.8 --chunk_chars 12000 --min_facts 6 --max_facts 16 --recall_share 0.3 --min_chars 3000}
     [ -f $out/data/train_recall.jsonl ] || python -m experiments.recall_data \
-      --input $out/data/train.jsonl --output $out/data/train_recall.jsonl \
-      ${PRETRAINED_MIX_ARGS:-} ;;
+      --input $out/data/train.jsonl --output $out/data/train_recall.jsonl $mix_args ;;
   train)
     python -m running_utils.runner --config $config "${runner_args[@]}" ;;
   export)
@@ -57,7 +59,7 @@ for stage in $stages; do
     python -m eval.passkey --load_checkpoint "$checkpoint" --tokenizer $out/tokenizer \
       --dtype bf16 --last_context_length $window "${passkey[@]}" --no_memory \
       --output_dir $out/eval/passkey_fot_no_memory
-    eval_args=${PRETRAINED_EVAL_ARGS:---min_length 65537 --max_length 65536 --max_docs 32 --bucket_size 1024}
+    eval_args=${PRETRAINED_EVAL_ARGS:---min_length 16384 --max_length 16384 --max_docs 16 --bucket_size 1024}
     python -m eval.loss_by_position --load_checkpoint "$checkpoint" --tokenizer $out/tokenizer \
       --data $out/data/heldout.jsonl --last_context_length $window --context_windows 1,4,16,64 \
       --dtype bf16 --output_dir $out/eval/loss_fot $eval_args

@@ -241,6 +241,7 @@ def _passkey_columns(lengths=(4096, 8192, 16384, 32768, 65536, 131072, 262144)):
 DICTIONARY = f"{EXPERIMENTS}/dictionary_lookup_h100_2026-11-24"
 CODE = f"{EXPERIMENTS}/code_memory_h100_2026-11-24"
 SMOLLM2 = f"{EXPERIMENTS}/pretrained_smollm2_h200_2026-12-02"
+SMOLLM2_V3 = f"{EXPERIMENTS}/pretrained_smollm2_h100_2026-12-06"
 H100 = "one NVIDIA H100 80GB HBM3, jax 0.11.2, CUDA 13"
 H200 = "one NVIDIA H200, jax 0.11.2, CUDA 13"
 
@@ -375,6 +376,25 @@ SECTIONS = [
                   ("FoT, JAX WindowedLM, memory", "pk_jax.json"),
                   ("FoT, JAX, no memory", "pk_nomem.json")]),
               _passkey_columns()),
+        Table("SmolLM2-135M, recipe v3 (documents without BOS, denser facts, lr 1e-4, 2,213 "
+              "steps): loss / perplexity past the first 1024-token window (16 held-out files "
+              "of 8,192 tokens)",
+              f"{SMOLLM2_V3}/loss.json", H100 + ", torch 2.11",
+              "python -m eval.loss_by_position --load_checkpoint CKPT --tokenizer TOK --data "
+              "heldout.jsonl --min_length 8192 --max_length 8192 --max_docs 16 --bucket_size "
+              "1024 --context_windows 1,4,8 --last_context_length 1024 --dtype bf16",
+              _past_first_window_rows([("FoT v3, 2,213 steps", f"{SMOLLM2_V3}/loss.json")]),
+              _past_first_window_columns(reads=(1, 4, 8))),
+        Table("SmolLM2-135M, recipe v3: passkey accuracy by prompt length (5 depths)",
+              SMOLLM2_V3, H100 + ", torch 2.11",
+              "python -m eval.passkey --lengths 2048,4096,16384 --depths 0,0.25,0.5,0.75,1 "
+              "--trials 2 --dtype bf16 [--load_checkpoint CKPT --last_context_length 1024 "
+              "[--no_memory] | --hf_model BASE]",
+              _passkey_rows(SMOLLM2_V3, [
+                  ("base model, Hugging Face, full attention", "pk_base.json"),
+                  ("FoT v3, JAX WindowedLM, memory", "pk_fot.json"),
+                  ("FoT v3, JAX, no memory", "pk_fot_no_memory.json")]),
+              _passkey_columns(lengths=(2048, 4096, 16384))),
     ]),
 ]
 
