@@ -139,6 +139,11 @@ def main(argv=None):
     with cli.user_errors(parser.prog):
         if args.data is not None:
             cli.input_file("--data", args.data)
+        if args.min_length > args.max_length:
+            raise cli.UsageError(f"--min_length {args.min_length} is above --max_length "
+                                 f"{args.max_length}: documents are cut to --max_length tokens, "
+                                 f"so none could qualify; give --min_length {args.max_length} "
+                                 f"for documents that fill every position")
         if args.context_windows and args.hf_model:
             raise cli.UsageError("--context_windows needs a toolkit checkpoint "
                                  "(--load_checkpoint): the exported PyTorch model has no "

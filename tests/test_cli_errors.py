@@ -87,6 +87,8 @@ def evaluation_cases(model, tmp_path):
          "--data:", "set --text_field"),
         (loss_by_position, jax_model + ["--data", data, "--min_length", "1000"], "--data:",
          "lower --min_length"),
+        (loss_by_position, jax_model + ["--data", data, "--min_length", "1025", "--max_length",
+                                        "1024"], "--min_length 1025", "is above --max_length"),
         (loss_by_position, ["--hf_model", hf_dir, "--random_tokens", "--context_windows", "2"],
          "--context_windows", "needs a toolkit checkpoint"),
         (dictionary_lookup, jax_model + ["--data", str(tmp_path / "none.jsonl")], "--data:",
