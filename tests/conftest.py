@@ -5,7 +5,8 @@ The lanes (markers declared in pytest.ini):
 
 - ``python -m pytest -m "not slow" tests``: the developers' quick check, under a minute on
   2 cores (42 s of pytest, 2026-12-06).  It still builds, trains, converts and decodes tiny
-  models, reads data and checks the command-line errors; what takes seconds per test is left to the full run.
+  models, reads data and checks the command-line errors; what takes seconds per test is left
+  to the full run.
 - ``python -m pytest tests``: everything (CI, ``.ci/run``).
 - ``@pytest.mark.slow`` (or a module's ``pytestmark``) sits on the test where it is defined:
   subprocess runs of the runner, benchmarks or scripts, Pallas kernels in interpret mode,
