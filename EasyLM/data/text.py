@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from EasyLM.config import ConfigDict, ConfigError, Option
+from EasyLM.config import ConfigDict, ConfigError, Option, coerce_like
 
 
 class DocumentError(ValueError):
@@ -57,14 +57,12 @@ class TextProcessor:
 
     @staticmethod
     def _add_bos(value, tokenizer, name):
-        text = str(value).strip().lower()
-        if text == "auto":
+        if str(value).strip().lower() == "auto":
             return bool(getattr(tokenizer, "prepends_bos", True))
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{name}.add_bos_token={value!r}: give true, false or auto")
+        try:  # the config's own reading of booleans
+            return coerce_like(True, value, f"{name}.add_bos_token")
+        except ConfigError:
+            raise ConfigError(f"{name}.add_bos_token={value!r}: give true, false or auto") from None
 
     def _fields(self, spec):
         """``[(kind, name, mask)]`` with kind ``bos``, ``eos``, ``base64`` or ``text``; a
