@@ -11,7 +11,9 @@ while it is local).  Two kinds of state:
   A memory layer keeps one buffer per row, ``[memory | local window]``: memory entries
   un-rotated, local keys rotated at their local position, so that attention reads one
   contiguous slice; an un-rotated copy of the local keys replaces the rotated ones when the
-  window moves to memory (no copy of the memory, ever).
+  window moves to memory (no copy of the memory, ever).  A forgetting-attention (FoX) layer
+  keeps its window the same way, plus what its decay and kv-shift carry from token to token
+  (:class:`ForgettingLayer`).
 * :class:`AutogradLayer` (training).  Nothing that attention saved for backward may be written
   again, so the memory grows by concatenation and gradients flow into earlier windows' keys
   and values, as in the cross-batch training model.  All rows hold the same tokens.
@@ -99,6 +101,56 @@ class InferenceLayer:
                 setattr(self, name, buffer.index_select(0, index))
 
 
+class ForgettingLayer(InferenceLayer):
+    """A forgetting-attention (FoX) layer's inference buffers: the local window's keys and
+    values as attention reads them (kv-shifted, normalised; rotated at their local position
+    with RoPE), each entry's cumulative log forget gate ``decay`` ``[B, H, capacity]``
+    (float32), and per row the running sum ``decay_sum`` ``[B, H]`` and the un-shifted key
+    and value of the row's last token ``[B, KV, D]`` (what the next token's kv-shift reads).
+    """
+
+    def __init__(self, rotated, dtype, num_heads):
+        super().__init__(False, rotated, dtype)
+        self.num_heads = num_heads
+        self.decay = self.decay_sum = self.previous_keys = self.previous_values = None
+
+    def reserve(self, like, capacity, local_capacity):
+        super().reserve(like, capacity, local_capacity)
+        if self.decay is None:
+            batch, kv_heads, _, head_dim = like.shape
+            self.decay = torch.zeros(batch, self.num_heads, local_capacity,
+                                     dtype=torch.float32, device=like.device)
+            self.decay_sum = self.decay.new_zeros(batch, self.num_heads)
+            self.previous_keys = like.new_zeros(batch, kv_heads, head_dim)
+            self.previous_values = like.new_zeros(batch, kv_heads, head_dim)
+
+    def to_memory(self, row, memory_length, local_length):
+        """A FoX layer has no memory: the leaving window is forgotten, and the next one starts
+        afresh (no decay summed yet, no previous token to shift from), as a training row
+        does."""
+        if local_length:
+            for state in (self.decay_sum, self.previous_keys, self.previous_values):
+                state[row] = 0
+
+    def enter(self, row, offset, keys, values, decay, raw_keys, raw_values):
+        """Store a piece's entries (``[KV, P, D]`` and ``decay`` ``[H, P]``, or with a batch
+        axis and ``row=None``) at ``offset`` of the window; its last token's sum and
+        un-shifted key and value are the row's running ones."""
+        rows = slice(None) if row is None else row
+        self.write(row, offset, offset, keys, None, values)
+        self.decay[rows, :, offset:offset + decay.shape[-1]] = decay
+        self.decay_sum[rows] = decay[..., -1]
+        self.previous_keys[rows] = raw_keys[..., -1, :]
+        self.previous_values[rows] = raw_values[..., -1, :]
+
+    def select_rows(self, index):
+        super().select_rows(index)
+        for name in ("decay", "decay_sum", "previous_keys", "previous_values"):
+            buffer = getattr(self, name)
+            if buffer is not None:
+                setattr(self, name, buffer.index_select(0, index))
+
+
 class AutogradLayer:
     """Local window (un-rotated keys) and memory of one layer under autograd."""
 
@@ -136,12 +188,13 @@ class FoTCache:
 
     ``use_memory=False`` gives memory layers no memory, so they act as ordinary local layers
     (the "without memory" baseline of the evaluations).  The cache takes the inference or the
-    autograd form on first use, from whether autograd is on; it keeps that form.
-    ``local_lengths``/``memory_lengths`` are per row (python ints); ``seen_tokens`` counts
-    the input columns consumed, padding included (what ``generate`` slices inputs by).
+    autograd form on first use, from whether autograd is on; it keeps that form (a model
+    with FoX layers has the inference form only).  ``local_lengths``/``memory_lengths`` are
+    per row (python ints); ``seen_tokens`` counts the input columns consumed, padding
+    included (what ``generate`` slices inputs by).
     ``static_decode``: one-token steps through :class:`StaticDecoder` (``None``: on CUDA when
     ``config.decode_graphs``, replayed as a CUDA graph; ``True`` also elsewhere, without a
-    graph; ``False``: never).
+    graph; ``False``: never; never with FoX layers).
     """
 
     is_compileable = False
@@ -157,6 +210,11 @@ class FoTCache:
         self.memory_layers = [use_memory and i in config.mem_layers
                               for i in range(config.num_hidden_layers)]
         self.rotated = [not memory or config.mem_positionals for memory in self.memory_layers]
+        forgetting = config.forgetting_layers()
+        self.forgetting_layers = [i in forgetting for i in range(config.num_hidden_layers)]
+        for i in forgetting:
+            self.rotated[i] = config.forgetting_use_rope
+        self.num_heads = config.num_attention_heads
         self.static_decode = static_decode
         self.decoder = self.rope = None
         self.layers = None
@@ -168,12 +226,19 @@ class FoTCache:
         """Take the inference or autograd form for ``batch`` rows (on first use)."""
         if self.layers is None:
             self.autograd = autograd
+            if autograd and any(self.forgetting_layers):
+                raise ValueError("forgetting-attention (FoX) layers run without autograd only: "
+                                 "call the model under torch.no_grad() (training in PyTorch "
+                                 "is not supported for models with FoX layers)")
             if autograd:
                 self.layers = [AutogradLayer(memory, self.mem_dtype)
                                for memory in self.memory_layers]
             else:
-                self.layers = [InferenceLayer(memory, rotated, self.mem_dtype)
-                               for memory, rotated in zip(self.memory_layers, self.rotated)]
+                self.layers = [
+                    ForgettingLayer(rotated, self.mem_dtype, self.num_heads) if forgetting
+                    else InferenceLayer(memory, rotated, self.mem_dtype)
+                    for memory, rotated, forgetting in zip(
+                        self.memory_layers, self.rotated, self.forgetting_layers)]
             self.local_lengths, self.memory_lengths = [0] * batch, [0] * batch
         elif autograd != self.autograd:
             raise ValueError("a FoTCache filled with autograd off cannot be continued with it "

@@ -1,11 +1,15 @@
-"""Configuration of a LLaMA model with Focused Transformer (FoT) memory layers.
+"""Configuration of a LLaMA model with Focused Transformer (FoT) memory layers and, optionally,
+forgetting-attention (FoX) layers.
 
-It is Hugging Face's ``LlamaConfig`` plus the memory fields, so every LLaMA field (RoPE
-parameters, GQA, tied embeddings ...) keeps its meaning.  This file is copied into exported
-model directories and must import nothing from the toolkit.
+It is Hugging Face's ``LlamaConfig`` plus the memory and FoX fields, so every LLaMA field (RoPE
+parameters, GQA, tied embeddings ...) keeps its meaning; the defaults are those of exports
+made before FoX layers existed.  This file is copied into exported model directories and must
+import nothing from the toolkit.
 """
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
+
+ATTENTION_TYPES = ("softmax", "forgetting")
 
 
 @strict
@@ -37,6 +41,16 @@ class FoTLlamaConfig(LlamaConfig):
         one window at a time.
     torch_attention (`bool`): use ``torch.nn.functional.scaled_dot_product_attention``;
         ``False`` uses an explicit float32 softmax (slower, a reference).
+    attention_type (`list[str]`): the family of every layer outside ``mem_layers``:
+        ``"softmax"`` or ``"forgetting"`` (forgetting attention, FoX:
+        ``forgetting_fot_llama``); one name stands for every layer.  Memory layers are FoT
+        memory layers whatever their entry.  Default: all ``"softmax"``.
+    forgetting_use_rope (`bool`): FoX layers rotate queries and keys (default: no RoPE).
+    forgetting_kv_shift (`bool`): FoX layers mix each key and value with the previous
+        token's (gates ``kshift``, ``vshift``).
+    forgetting_qk_norm (`bool`): FoX layers RMS-normalise queries and keys per head.
+    forgetting_output_gate (`bool`): FoX layers normalise each head's output and gate it
+        (``o_norm``, ``ogate``) before ``o_proj``.
     """
 
     model_type = "fot_llama"
@@ -51,10 +65,19 @@ class FoTLlamaConfig(LlamaConfig):
     decode_graphs: bool = True
     prefill_chunk_tokens: int = 8192
     torch_attention: bool = True
+    attention_type: list[str] | tuple[str, ...] | str | None = None
+    forgetting_use_rope: bool = False
+    forgetting_kv_shift: bool = False
+    forgetting_qk_norm: bool = False
+    forgetting_output_gate: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.mem_layers = [int(i) for i in self.mem_layers or ()]
+        types = self.attention_type or "softmax"
+        if isinstance(types, str):
+            types = [types] * self.num_hidden_layers
+        self.attention_type = list(types)
         if self.last_context_length is None:
             self.last_context_length = self.max_position_embeddings
         if self.mem_attention_grouping is not None:
@@ -82,3 +105,13 @@ class FoTLlamaConfig(LlamaConfig):
         if grouping is not None and (len(grouping) != 2 or min(grouping) < 1):
             raise ValueError(f"mem_attention_grouping must be two positive integers "
                              f"(heads, queries), got {grouping}")
+        types = self.attention_type
+        if len(types) != self.num_hidden_layers or not set(types) <= set(ATTENTION_TYPES):
+            raise ValueError(f"attention_type must name one of {ATTENTION_TYPES} for each of "
+                             f"the {self.num_hidden_layers} layers, got {types}")
+
+    def forgetting_layers(self):
+        """Indices of the FoX layers: those of ``attention_type`` "forgetting" that are not
+        memory layers."""
+        return [i for i, name in enumerate(self.attention_type)
+                if name == "forgetting" and i not in self.mem_layers]

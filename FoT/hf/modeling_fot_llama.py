@@ -7,7 +7,10 @@ depends only on the tokens before it).  Every layer attends causally within its 
 at positions relative to the window's start.  Memory layers also attend, in the same softmax,
 to the memory: keys (rotated as if at position 0) and values of all tokens that left the local
 window.  Weights use Hugging Face Llama names and RoPE layout, so this model and a plain
-``LlamaForCausalLM`` load the same tensors.
+``LlamaForCausalLM`` load the same tensors.  Layers that ``config.attention_type`` names
+``"forgetting"`` are forgetting-attention (FoX) layers (:mod:`forgetting_fot_llama`, their own
+gates beside those tensors); they run in inference only, window by window (no chunked prefill,
+no static decoding step).
 
 Padding: without autograd, zeros in ``attention_mask`` (left, right or anywhere) mark columns
 that are not tokens; each row consumes only its own tokens, so a padded batch gives every
@@ -33,6 +36,7 @@ from .attention_fot_llama import FoTLlamaAttention, windowed_attention  # noqa: 
 from .cache_fot_llama import FoTCache
 from .configuration_fot_llama import FoTLlamaConfig
 from .decode_fot_llama import StaticDecoder, fused_rms_norm, rotate
+from .forgetting_fot_llama import FoTLlamaForgettingAttention
 from .prefill_fot_llama import Chunk, chunk_attention, chunk_windows
 
 
@@ -74,9 +78,11 @@ class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
     cache state: :meth:`LayerCache.advance` and ``push`` run outside it) is recomputed in
     backward from the same local and memory tensors."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
-        self.self_attn = FoTLlamaAttention(config)
+        forgetting = layer_idx in config.forgetting_layers()
+        self.self_attn = (FoTLlamaForgettingAttention if forgetting
+                          else FoTLlamaAttention)(config)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -161,8 +167,8 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         super().__init__(config)
         config.validate_fot()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(FoTLlamaDecoderLayer(config)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(FoTLlamaDecoderLayer(config, i)
+                                    for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.post_init()
@@ -213,7 +219,8 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         use = cache.static_decode
         if use is None:
             use = self.config.decode_graphs and rope.cos.is_cuda
-        if not use or cache.layers is None:
+        # FoX layers take the eager piece path (their state is not in the static step).
+        if not use or cache.layers is None or any(cache.forgetting_layers):
             return False
         if cache.decoder is None:
             cache.decoder = StaticDecoder(self, cache, rope, use_graph=rope.cos.is_cuda)
@@ -269,7 +276,9 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         with an empty local window (``whole``: one chunk for :meth:`_chunk_pieces`, at most
         ``most`` windows long; none when ``most`` is 0), or single other pieces."""
         window = cache.window
-        fits = most and cache.rule == "aligned" and cache.local_capacity == window
+        # FoX layers have no chunk form: they run window by window.
+        fits = (most and cache.rule == "aligned" and cache.local_capacity == window
+                and not any(cache.forgetting_layers))
         local, groups = cache.local_lengths[0], []
         for piece in plan:
             start, end, evict = piece
