@@ -3,6 +3,7 @@ rows, and the peak FLOP/s of a device, for MFU in the training loop and the benc
 import jax
 import numpy as np
 
+from EasyLM.models.llama.attention import attention_family, layer_attention_types
 from FoT.slots import allowed_slots
 
 # Dense bf16 peak FLOP/s of one JAX device, matched against ``device.device_kind`` in order.
@@ -35,14 +36,16 @@ def flops_per_step(config, batch_size, seq_length, training=True):
     """Model FLOPs of one step (forward; x3 for forward + backward), written out:
 
     - matmuls: ``2 * P * B * L`` for ``P`` parameters used in matmuls (all but the input
-      embedding lookup; a tied head counts the embedding once);
-    - attention: :func:`attention_flops` per layer, with one slot per row in ordinary layers
-      (and in memory layers when ``cross_batch_range`` is 0).
+      embedding lookup; a tied head counts the embedding once; each layer's attention
+      projections as its family counts them, e.g. a forgetting layer's gates);
+    - attention: :func:`attention_flops` per layer, with one slot per row in ordinary and
+      forgetting layers (whose decay adds no matmul) and in memory layers when
+      ``cross_batch_range`` is 0.
     """
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * config.head_dim
-    layer = h * h * 2 + 2 * h * kv + 3 * h * i
-    params = config.num_hidden_layers * layer + h * v
+    families = [attention_family(name) for name in layer_attention_types(config)]
+    params = sum(family.projection_parameters(config) + 3 * h * i for family in families)
+    params += h * v
     local = np.ones(batch_size, np.int32)
     memory = local
     if config.cross_batch_range > 0:

@@ -13,7 +13,8 @@ Learning-rate schedule, shared by both optimizers (``step`` = optimizer updates 
 
 ``lr_decay_steps`` counts from step 0 (warmup included), as in EasyLM; 0 keeps ``lr`` constant
 after warmup.  Weight decay is decoupled (AdamW) and skips parameters whose path matches one of
-the comma-separated regexes in ``weight_decay_exclusions`` (default: the RMSNorm scales).
+the comma-separated regexes in ``weight_decay_exclusions`` (default: the RMSNorm scales and the
+gate biases of forgetting layers, which decay would pull towards strong forgetting).
 ``clip_gradient > 0`` clips the global gradient norm before the update.
 """
 import re
@@ -39,9 +40,11 @@ def _schedule_defaults():
                               "end_lr ends; 0 keeps lr after warmup"),
         lr_schedule=Option("cosine", "decay shape: cosine or linear"),
         weight_decay=Option(0.0, "decoupled weight decay per step, times the learning rate"),
-        weight_decay_exclusions=Option(r"(attention_norm|ffn_norm|ln_f)/kernel",
+        weight_decay_exclusions=Option(r"(attention_norm|ffn_norm|ln_f|q_norm|k_norm|o_norm)"
+                                       r"/kernel,(fgate|kshift|vshift)/bias",
                                        "comma-separated regexes of parameter paths without "
-                                       "weight decay (default: the RMSNorm scales)"),
+                                       "weight decay (default: the RMSNorm scales and the "
+                                       "forgetting layers' gate biases)"),
         clip_gradient=Option(1.0, "clip the global gradient norm to this; 0 = no clipping"),
     )
 

@@ -149,16 +149,19 @@ def _reference(q, k_loc, k_mem, v, cross_batch_range, n_slots, local_bias, mask_
                   mask_value=mask_value, precision=precision)
 
 
-def attend(q, keys, values, visible, *, bias=None, chunks=None, mask_value=MASK_VALUE,
-           precision=None):
+def attend(q, keys, values, visible, *, bias=None, decay=None, chunks=None,
+           mask_value=MASK_VALUE, precision=None):
     """Softmax attention of ``q [B, n, H, D]`` over ``keys, values [B, S, KV, D]`` (query
     head ``h`` reads key head ``h // (H / KV)``): one float32 softmax per query.
 
     ``visible`` (bool, broadcastable to ``[B, n, S]``) says which keys each query sees; the
     others score ``mask_value``.  ``bias`` (broadcastable to ``[B, n, S]``) is added to the
-    scores before that.  ``chunks = (heads, queries)`` computes that many heads and queries
-    at a time, bounding the scores' memory (FOT_SPEC 5's ``attention_grouping``).  Returns
-    ``[B, n, H, D]`` in ``q.dtype``.
+    scores before that, and so is, per head, ``decay = (query_c [B, n, H], key_c [B, S, H])``
+    (float32): ``query_c[b, i, h] - key_c[b, j, h]``, forgetting attention's decay (the
+    cumulative log forget gates of query and key), formed per block of queries so that no
+    ``[B, H, n, S]`` bias is held.  ``chunks = (heads, queries)`` computes that many heads and
+    queries at a time, bounding the scores' memory (FOT_SPEC 5's ``attention_grouping``).
+    Returns ``[B, n, H, D]`` in ``q.dtype``.
     """
     batch, length, num_heads, head_dim = q.shape
     group = num_heads // keys.shape[2]
@@ -179,6 +182,8 @@ def attend(q, keys, values, visible, *, bias=None, chunks=None, mask_value=MASK_
                                 preferred_element_type=jnp.float32) / math.sqrt(head_dim)
             if bias is not None:
                 scores = scores + _query_rows(bias, i0, size)[:, None, None]
+            if decay is not None:
+                scores = scores + _head_decay(decay, h0, h1, shared, i0, size)
             scores = jnp.where(_query_rows(visible, i0, size)[:, None, None], scores,
                                mask_value)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
@@ -200,6 +205,19 @@ def attend(q, keys, values, visible, *, bias=None, chunks=None, mask_value=MASK_
             parts.append(query_block(whole, length - whole))
         per_head.append(jnp.concatenate(parts, axis=1))
     return jnp.concatenate(per_head, axis=2).astype(q.dtype)
+
+
+def _head_decay(decay, h0, h1, shared, start, size):
+    """``[B, KV', G, size, S]`` (the scores' layout): ``query_c - key_c`` of heads ``h0:h1``,
+    grouped ``shared`` query heads to a key head, for ``size`` queries from ``start``."""
+    query_c, key_c = (c[:, :, h0:h1].astype(jnp.float32) for c in decay)
+    query_c = lax.dynamic_slice_in_dim(query_c, start, size, axis=1)
+
+    def heads_first(c):  # [B, T, heads] -> [B, KV', G, T]
+        batch, length = c.shape[:2]
+        return jnp.moveaxis(c.reshape(batch, length, (h1 - h0) // shared, shared), 1, 3)
+
+    return heads_first(query_c)[..., :, None] - heads_first(key_c)[..., None, :]
 
 
 def _query_rows(table, start, size):

@@ -18,17 +18,25 @@ WINDOW = 8
 EVERY_LAYER = {
     "softmax": dict(mem_layers=()),
     "fot_memory": dict(mem_layers=(0, 1, 2)),
+    "forgetting": dict(mem_layers=(), attention_type="forgetting"),
+}
+# Variants of a family whose switches change its parameters or state: checked as families.
+VARIANTS = {
+    "forgetting_pro_rope": ("forgetting", dict(
+        EVERY_LAYER["forgetting"], forgetting_kv_shift=True, forgetting_qk_norm=True,
+        forgetting_output_gate=True, forgetting_use_rope=True)),
 }
 # The memory family's checks take seconds each (its modes compile the memory paths): full run.
 FAMILIES = [pytest.param(name, marks=pytest.mark.slow) if name == "fot_memory" else name
-            for name in sorted(ATTENTION_FAMILIES)]
+            for name in sorted(ATTENTION_FAMILIES) + sorted(VARIANTS)]
 
 
 def family_config(name):
-    assert name in EVERY_LAYER, f"family {name!r}: add the config of a model of only such " \
+    family, updates = VARIANTS.get(name, (name, EVERY_LAYER.get(name)))
+    assert updates is not None, f"family {name!r}: add the config of a model of only such " \
         f"layers to EVERY_LAYER"
-    config = tiny_config(max_sequence_length=WINDOW, **EVERY_LAYER[name])
-    assert set(layer_attention_types(config)) == {name}
+    config = tiny_config(max_sequence_length=WINDOW, **updates)
+    assert set(layer_attention_types(config)) == {family}
     return config
 
 
@@ -42,7 +50,7 @@ def test_layers_take_their_family_from_the_config():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_implements_the_interface_in_every_mode(name):
-    family = attention_family(name)
+    family = attention_family(VARIANTS.get(name, (name,))[0])
     assert issubclass(family, AttentionLayer)
     for method in ("attend", "attend_window", "empty_state"):
         assert getattr(family, method) is not getattr(AttentionLayer, method), method
@@ -51,7 +59,7 @@ def test_family_implements_the_interface_in_every_mode(name):
     batch = 2
     hidden = jax.random.normal(jax.random.PRNGKey(0), (batch, WINDOW, config.hidden_size))
     positions = jnp.broadcast_to(jnp.arange(WINDOW), (batch, WINDOW))
-    variables = layer.init(jax.random.PRNGKey(1), hidden, positions)
+    variables = jax.jit(layer.init)(jax.random.PRNGKey(1), hidden, positions)
     assert set(variables["params"]) >= {"wq", "wk", "wv", "wo"}  # the LLaMA layer's tree
 
     # Compiled, as the model runs it (one compilation instead of op-by-op dispatch).

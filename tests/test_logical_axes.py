@@ -17,6 +17,10 @@ def test_parameters_and_activations_keep_their_layouts():
         ("feed_forward/w2/kernel", PS("mp", "fsdp")),
         ("(attention_norm|ffn_norm|ln_f)/kernel", PS(None)),
         ("lm_head/kernel", PS("fsdp", "mp")),
+        ("attention/(fgate|kshift|vshift)/kernel", PS("fsdp", None)),
+        ("attention/(fgate|kshift|vshift)/bias", PS(None)),
+        ("attention/ogate/kernel", PS("fsdp", "mp")),
+        ("attention/(q_norm|k_norm|o_norm)/kernel", PS(None)),
     )
     assert logical_spec("batch", "length", "heads", "head_dim") == PS(("dp", "fsdp"), None,
                                                                       "mp", None)

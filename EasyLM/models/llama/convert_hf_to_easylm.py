@@ -16,11 +16,22 @@ which appears at ``--output`` (new, or an empty directory) whole when it is writ
 to ``--tokenizer_output`` as a Hugging Face tokenizer directory (what ``tokenizer.vocab_file``
 and the evaluations' ``--tokenizer`` take), and ``--hf_output`` writes the whole model as a
 Hugging Face directory (float32) as well.
+
+Uptraining to forgetting attention (FoX, docs/forgetting.md): ``--attention_type forgetting``
+(or one family per layer, comma-separated) makes the layers outside ``--mem_layers`` FoX layers
+that compute what the pretrained ones did: RoPE stays on, the forget gates start constant at
+``sigmoid(--forget_gate_bias)`` (default: a decay below 1e-3 over the model's native context)
+and, with ``--forgetting_kv_shift``, the shift gates at ``sigmoid(--kv_shift_bias)``.
+
+    python -m EasyLM.models.llama.convert_hf_to_easylm --hf_model DIR --output PATH \
+        --attention_type forgetting [--forget_gate_bias B] [--forgetting_kv_shift]
 """
 import argparse
+import dataclasses
 import glob
 import json
 import os
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
@@ -29,8 +40,46 @@ from EasyLM import cli
 from EasyLM.checkpoint import save_params
 from EasyLM.jax_utils import DTYPE_NAMES, float_dtype
 from EasyLM.models.llama import gguf_import
+from EasyLM.models.llama.attention import layer_attention_types
+from EasyLM.models.llama.attention.forgetting import (NOT_UPTRAINABLE,
+                                                      UPTRAINING_KV_SHIFT_BIAS,
+                                                      default_forget_gate_bias,
+                                                      uptraining_gates)
 from EasyLM.models.llama.hf_layout import hf_to_native, insert
 from EasyLM.models.llama.llama_model import LLaMAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Uptraining:
+    """Pretrained layers turned into forgetting (FoX) layers that start as what they were:
+    ``attention_type`` (one family for the layers outside ``mem_layers``, or one per layer),
+    with RoPE kept (the pretrained weights rely on it), forget gates at
+    ``sigmoid(forget_gate_bias)`` (None: :func:`default_forget_gate_bias` of the native
+    context) and, with ``kv_shift``, shift gates at ``sigmoid(kv_shift_bias)``.  QK-norm and
+    the output gate cannot start as the pretrained model (:data:`NOT_UPTRAINABLE`)."""
+    attention_type: Any = "forgetting"
+    forget_gate_bias: Optional[float] = None
+    kv_shift: bool = False
+    kv_shift_bias: float = UPTRAINING_KV_SHIFT_BIAS
+
+    def config_overrides(self):
+        return dict(attention_type=self.attention_type, forgetting_use_rope=True,
+                    forgetting_kv_shift=self.kv_shift)
+
+    def add_gates(self, params, config, param_dtype):
+        """The gates of every forgetting layer of ``config`` into ``params`` (converted
+        pretrained weights)."""
+        bias = self.forget_gate_bias
+        if bias is None:
+            bias = default_forget_gate_bias(config.max_sequence_length)
+        gates = uptraining_gates(config, bias, self.kv_shift_bias)
+        for i, family in enumerate(layer_attention_types(config)):
+            if family != "forgetting":
+                continue
+            for name, arrays in gates.items():
+                for leaf, array in arrays.items():
+                    insert(params, ("transformer", "h", str(i), "attention", name, leaf),
+                           array.astype(float_dtype(param_dtype)))
 
 
 def iterate_hf_tensors(hf_dir):
@@ -52,18 +101,20 @@ def iterate_hf_tensors(hf_dir):
             yield name, shard.pop(name).to(torch.float32).numpy()
 
 
-def convert(hf_dir, mem_layers=None, param_dtype="fp32"):
-    """``(variables, LLaMAConfig)`` for the HF model in ``hf_dir``."""
+def convert(hf_dir, mem_layers=None, param_dtype="fp32", uptraining=None):
+    """``(variables, LLaMAConfig)`` for the HF model in ``hf_dir`` (``uptraining``: an
+    :class:`Uptraining` to forgetting layers)."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{hf_dir} has no config.json")
     with open(config_path) as f:
         hf_config = json.load(f)
-    return convert_tensors(hf_config, iterate_hf_tensors(hf_dir), mem_layers, param_dtype)
+    return convert_tensors(hf_config, iterate_hf_tensors(hf_dir), mem_layers, param_dtype,
+                           uptraining)
 
 
 def convert_gguf(path, mem_layers=None, param_dtype="fp32", tokenizer_output=None,
-                 hf_output=None):
+                 hf_output=None, uptraining=None):
     """``(variables, LLaMAConfig)`` for the LLaMA in GGUF file ``path``; writes its tokenizer
     directory to ``tokenizer_output`` and its Hugging Face directory to ``hf_output`` when
     given (replacing earlier ones).  A file that cannot work raises
@@ -74,13 +125,20 @@ def convert_gguf(path, mem_layers=None, param_dtype="fp32", tokenizer_output=Non
     if tokenizer_output:
         gguf_import.save_tokenizer(tokenizer, tokenizer_output)
     hf_config, tensors = gguf_import.config_and_tensors(model)
-    return convert_tensors(hf_config, tensors, mem_layers, param_dtype)
+    return convert_tensors(hf_config, tensors, mem_layers, param_dtype, uptraining)
 
 
-def convert_tensors(hf_config, tensors, mem_layers=None, param_dtype="fp32"):
-    """``(variables, LLaMAConfig)`` of a ``config.json`` dict and its ``(name, array)`` stream."""
+def model_overrides(mem_layers=None, uptraining=None):
+    """The ``LLaMAConfig`` fields that ``--mem_layers`` and the uptraining options set."""
     overrides = {} if mem_layers is None else {"mem_layers": tuple(mem_layers)}
-    config = LLaMAConfig.from_hf_config(hf_config, **overrides)
+    if uptraining is not None:
+        overrides.update(uptraining.config_overrides())
+    return overrides
+
+
+def convert_tensors(hf_config, tensors, mem_layers=None, param_dtype="fp32", uptraining=None):
+    """``(variables, LLaMAConfig)`` of a ``config.json`` dict and its ``(name, array)`` stream."""
+    config = LLaMAConfig.from_hf_config(hf_config, **model_overrides(mem_layers, uptraining))
     params = {}
     for name, tensor in tqdm(tensors, desc="converting", unit="tensor"):
         converted = hf_to_native(name, tensor, config)
@@ -90,6 +148,8 @@ def convert_tensors(hf_config, tensors, mem_layers=None, param_dtype="fp32"):
         array = array.astype(float_dtype(param_dtype))
         insert(params, path, array)
     _check_complete(params, config)
+    if uptraining is not None:
+        uptraining.add_gates(params, config, param_dtype)
     return {"params": params}, config
 
 
@@ -119,9 +179,17 @@ def parse_mem_layers(text):
                                          f"6,12,18, got {text!r}") from None
 
 
-def check_hf_model(hf_dir, mem_layers):
+def parse_attention_type(text):
+    """``"forgetting"`` -> that family for the layers outside ``--mem_layers``;
+    ``"softmax,forgetting,..."`` -> one family per layer (``--attention_type``'s type)."""
+    names = tuple(name.strip() for name in text.split(","))
+    return names[0] if len(names) == 1 else names
+
+
+def check_hf_model(hf_dir, mem_layers, uptraining=None):
     """Refuse, before any tensor is read, a ``--hf_model`` directory without a config and
-    weights, a config this toolkit cannot convert and ``--mem_layers`` it does not have."""
+    weights, a config this toolkit cannot convert, ``--mem_layers`` it does not have and an
+    ``--attention_type`` that does not fit it."""
     hf_config = cli.hf_model_directory("--hf_model", hf_dir)
     layers = hf_config.get("num_hidden_layers")
     bad = [i for i in mem_layers or () if layers is not None and not 0 <= i < layers]
@@ -129,10 +197,33 @@ def check_hf_model(hf_dir, mem_layers):
         raise cli.UsageError(f"--mem_layers: {bad} out of range: the model has {layers} "
                              f"layers, 0 to {layers - 1}")
     try:
-        LLaMAConfig.from_hf_config(hf_config, **({} if mem_layers is None
-                                                 else {"mem_layers": tuple(mem_layers)}))
+        LLaMAConfig.from_hf_config(hf_config, **model_overrides(mem_layers))
     except (ValueError, KeyError, TypeError) as error:
         raise cli.UsageError(f"--hf_model: {hf_dir}/config.json: {error}") from None
+    if uptraining is None:
+        return
+    try:
+        LLaMAConfig.from_hf_config(hf_config, **model_overrides(mem_layers, uptraining))
+    except ValueError as error:
+        raise cli.UsageError(f"--attention_type: {error}") from None
+
+
+def uptraining_from_args(args):
+    """The :class:`Uptraining` the flags ask for (None without ``--attention_type``), or a
+    :class:`~EasyLM.cli.UsageError` for a part that cannot start as the pretrained model."""
+    forgetting = ("forget_gate_bias", "forgetting_kv_shift", "forgetting_qk_norm",
+                  "forgetting_output_gate")
+    if args.attention_type is None:
+        given = [f"--{name}" for name in forgetting if getattr(args, name) not in (None, False)]
+        if given:
+            raise cli.UsageError(f"{', '.join(given)}: uptraining options; add "
+                                 f"--attention_type forgetting")
+        return None
+    for name in ("forgetting_qk_norm", "forgetting_output_gate"):
+        if getattr(args, name):
+            raise cli.UsageError(f"--{name}: {NOT_UPTRAINABLE}")
+    return Uptraining(args.attention_type, args.forget_gate_bias, args.forgetting_kv_shift,
+                      args.kv_shift_bias)
 
 
 def main(argv=None):
@@ -149,25 +240,49 @@ def main(argv=None):
                         "here, a Hugging Face tokenizer directory for tokenizer.vocab_file")
     parser.add_argument("--hf_output", help="with --gguf: also write the model here as a "
                         "Hugging Face directory (float32, with the tokenizer)")
+    fox = parser.add_argument_group("uptraining to forgetting attention (docs/forgetting.md)")
+    fox.add_argument("--attention_type", default=None, type=parse_attention_type,
+                     help="'forgetting': the layers outside --mem_layers become FoX layers "
+                     "(RoPE kept), initialised to compute what they did; or one family per "
+                     "layer, comma-separated (softmax, forgetting)")
+    fox.add_argument("--forget_gate_bias", default=None, type=float,
+                     help="initial forget-gate bias B (weight 0): every token keeps "
+                     "sigmoid(B) of the older keys' weight; default: the smallest tenth whose "
+                     "decay over max_position_embeddings tokens is below 1e-3 (14.6 for 2048)")
+    fox.add_argument("--forgetting_kv_shift", action="store_true",
+                     help="add the key/value shift, starting (nearly) off")
+    fox.add_argument("--kv_shift_bias", default=UPTRAINING_KV_SHIFT_BIAS, type=float,
+                     help="initial shift-gate bias (weight 0): sigmoid(-10) = 4.5e-5 of the "
+                     "previous token is mixed in, and its gradient can still open the shift")
+    fox.add_argument("--forgetting_qk_norm", action="store_true",
+                     help="refused: QK-norm cannot start as the pretrained model")
+    fox.add_argument("--forgetting_output_gate", action="store_true",
+                     help="refused: the output norm cannot start as the pretrained model")
     args = parser.parse_args(argv)
     if not args.gguf and (args.tokenizer_output or args.hf_output):
         parser.error("--tokenizer_output and --hf_output go with --gguf")
     with cli.user_errors(parser.prog, gguf_import.GGUFError):
+        uptraining = uptraining_from_args(args)
         cli.new_directory("--output", args.output)
         if args.gguf:
             for flag in ("--tokenizer_output", "--hf_output"):
                 if getattr(args, flag[2:]):
                     cli.new_directory(flag, getattr(args, flag[2:]))
             variables, config = convert_gguf(args.gguf, args.mem_layers, args.param_dtype,
-                                             args.tokenizer_output, args.hf_output)
+                                             args.tokenizer_output, args.hf_output, uptraining)
         else:
-            check_hf_model(args.hf_model, args.mem_layers)
+            check_hf_model(args.hf_model, args.mem_layers, uptraining)
             with cli.reading("--hf_model", args.hf_model):
-                variables, config = convert(args.hf_model, args.mem_layers, args.param_dtype)
+                variables, config = convert(args.hf_model, args.mem_layers, args.param_dtype,
+                                            uptraining)
         with cli.written_directory(args.output) as tmp:
             save_params(tmp, variables, config)
+    families = ""
+    if uptraining is not None:
+        families = f", attention {', '.join(layer_attention_types(config))}"
     print(f"wrote params::{os.path.abspath(args.output)} "
-          f"({config.num_hidden_layers} layers, mem_layers={list(config.mem_layers)})")
+          f"({config.num_hidden_layers} layers, mem_layers={list(config.mem_layers)}"
+          f"{families})")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ import jax.numpy as jnp
 
 from EasyLM.jax_utils import with_logical_constraint
 from EasyLM.legacy_keys import translate_model_fields
-from EasyLM.models.llama.attention import attention_family, layer_attention_types
-from EasyLM.models.llama.attention.interface import LayerOutput, dense_layer
+from EasyLM import forgetting
+from EasyLM.models.llama.attention import (attention_family, check_attention_types,
+                                           layer_attention_types)
+from EasyLM.models.llama.attention.interface import LayerOutput, RMSNorm, dense_layer
 from EasyLM.models.llama.attention.softmax import ATTENTION_IMPLEMENTATIONS
 from EasyLM.models.llama.rope import inverse_frequencies
 # Re-exported: the benchmarks and tests read the implementation choices here.
@@ -59,6 +61,11 @@ def remat_policy(name):
     return EXTRA_REMAT_POLICIES.get(name) or getattr(jax.checkpoint_policies, name)
 
 
+# The architecture's switches of forgetting (FoX) layers.
+FORGETTING_SWITCHES = ("forgetting_use_rope", "forgetting_kv_shift", "forgetting_qk_norm",
+                       "forgetting_output_gate")
+
+
 def _run_setting(default, meaning, set_by=None):
     """A field that says how a run executes the model, not what the model is: a run sets it
     from ``set_by`` (by default the run flag of the field's name, declared from ``meaning``),
@@ -86,6 +93,15 @@ class LLaMAConfig:
     eos_token_id: int = 2
     # FoT memory layers (FOT_SPEC section 2).
     mem_layers: tuple = ()
+    # The attention family of the other layers (a name of attention.ATTENTION_FAMILIES), or
+    # a list of one family per layer (a memory layer's entry: softmax or fot_memory).
+    attention_type: Any = "softmax"
+    # Forgetting attention (FoX) layers: RoPE (off as in FoX; on for a model uptrained from a
+    # LLaMA that relies on it) and the parts of the "Pro" block (attention/forgetting.py).
+    forgetting_use_rope: bool = False
+    forgetting_kv_shift: bool = False
+    forgetting_qk_norm: bool = False
+    forgetting_output_gate: bool = False
     # Cross-batch training: the train and eval models of one run differ here.
     cross_batch_range: int = _run_setting(
         0, "FoT cross-batch range C: memory layers also attend to the C previous rows",
@@ -111,6 +127,10 @@ class LLaMAConfig:
     attention_implementation: str = _run_setting(
         "auto", "ordinary layers' attention: auto (cuDNN fused on GPU, XLA elsewhere), xla, "
         "cudnn")
+    forgetting_implementation: str = _run_setting(
+        "auto", "forgetting (FoX) layers' attention: auto (the first of the fallback order "
+        "that takes the rows: pallas on GPU/TPU, blockwise, reference), "
+        + ", ".join(forgetting.IMPLEMENTATIONS))
     remat_block: str = _run_setting(
         "", "jax.checkpoint policy of each decoder layer ('' = none): nothing_saveable, "
         "dots_saveable, dots_and_attention_saveable (also keeps fused attention outputs), ...")
@@ -123,6 +143,8 @@ class LLaMAConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.mem_layers = tuple(int(i) for i in (self.mem_layers or ()))
+        if isinstance(self.attention_type, (list, tuple)):
+            self.attention_type = tuple(self.attention_type)
         self.validate()
 
     @property
@@ -141,6 +163,16 @@ class LLaMAConfig:
             raise ValueError(f"mem_layers {list(self.mem_layers)}: indices {bad} are out of "
                              f"range for a model of {self.num_hidden_layers} layers "
                              f"(valid: 0..{self.num_hidden_layers - 1})")
+        if not isinstance(self.attention_type, (str, tuple)):
+            raise ValueError(f"attention_type {self.attention_type!r}: give a family name or a "
+                             f"list of one per layer")
+        check_attention_types(self.attention_type, self.num_hidden_layers, self.mem_layers)
+        for name in FORGETTING_SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be true or false")
+        if self.forgetting_implementation not in ("auto",) + forgetting.IMPLEMENTATIONS:
+            raise ValueError(f"forgetting_implementation {self.forgetting_implementation!r}: "
+                             f"choose one of {('auto',) + forgetting.IMPLEMENTATIONS}")
         for name, least in (("cross_batch_range", 0), ("dataset_packing", 1),
                             ("cross_batch_block_size", 1)):
             if getattr(self, name) < least:
@@ -183,6 +215,8 @@ class LLaMAConfig:
         for name in self.run_settings():
             del out[name]
         out["mem_layers"] = list(self.mem_layers)
+        if isinstance(self.attention_type, tuple):
+            out["attention_type"] = list(self.attention_type)
         return out
 
     def to_json_file(self, path):
@@ -325,14 +359,30 @@ def _size(hidden, intermediate, layers, heads, kv=None, max_len=2048, **extra):
                 max_sequence_length=max_len, **extra)
 
 
+# Forgetting attention in every layer outside mem_layers (no RoPE), and the "Pro" block.
+_FOX = dict(attention_type="forgetting")
+_FOX_PRO = dict(_FOX, forgetting_kv_shift=True, forgetting_qk_norm=True,
+                forgetting_output_gate=True)
+
 STANDARD_CONFIGS = {
     "debug": _size(128, 256, 2, 4, max_len=1024),
     "debug_fot": _size(128, 256, 2, 4, max_len=1024, mem_layers=(0,)),
+    "debug_fox": _size(128, 256, 2, 4, max_len=1024, **_FOX),
+    "debug_fox_pro": _size(128, 256, 2, 4, max_len=1024, **_FOX_PRO),
     # Small FoT models of the "Does FoT work?" experiments (docs/experiments.md); memory
-    # layers at about the same depths as LongLLaMA 3B's 6, 12, 18 of 26.
+    # layers at about the same depths as LongLLaMA 3B's 6, 12, 18 of 26.  The plain sizes
+    # are their baselines without memory, beside the same sizes with FoX layers.
+    "25m": _size(512, 1408, 8, 8),
     "25m_FoT": _size(512, 1408, 8, 8, mem_layers=(2, 4, 6)),
+    "25m_fox": _size(512, 1408, 8, 8, **_FOX),
+    "25m_fox_pro": _size(512, 1408, 8, 8, **_FOX_PRO),
+    "100m": _size(768, 2048, 12, 12),
     "100m_FoT": _size(768, 2048, 12, 12, mem_layers=(3, 6, 9)),
+    "100m_fox": _size(768, 2048, 12, 12, **_FOX),
+    "100m_fox_pro": _size(768, 2048, 12, 12, **_FOX_PRO),
     "1b": _size(2048, 5504, 22, 16),
+    "1b_fox": _size(2048, 5504, 22, 16, **_FOX),
+    "1b_fox_pro": _size(2048, 5504, 22, 16, **_FOX_PRO),
     "3b": _size(3200, 8640, 26, 32),
     "3b_FoT": _size(3200, 8640, 26, 32, mem_layers=(6, 12, 18)),
     "7b": _size(4096, 11008, 32, 32),
@@ -354,6 +404,12 @@ def get_partition_rules():
         ("feed_forward/w2/kernel", logical_spec("mlp", "embed")),
         ("(attention_norm|ffn_norm|ln_f)/kernel", logical_spec(None)),
         ("lm_head/kernel", logical_spec("embed", "vocab")),
+        # Forgetting layers.  A gate's outputs (a few per head) stay whole: a mesh's mp need
+        # not divide the number of heads.
+        ("attention/(fgate|kshift|vshift)/kernel", logical_spec("embed", None)),
+        ("attention/(fgate|kshift|vshift)/bias", logical_spec(None)),
+        ("attention/ogate/kernel", logical_spec("embed", "heads")),
+        ("attention/(q_norm|k_norm|o_norm)/kernel", logical_spec(None)),
     )
 
 
@@ -361,19 +417,6 @@ class CausalLMOutput(NamedTuple):
     logits: Any
     hidden_states: Any = None
     caches: Any = None  # windowed inference: every layer's updated state
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("kernel", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * weight.astype(jnp.float32)).astype(self.dtype)
 
 
 class LLaMAMLP(nn.Module):

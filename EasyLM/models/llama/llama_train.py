@@ -250,7 +250,9 @@ def build_llama_config(config, tokenizer, overrides=None):
 
 # The LLaMAConfig fields that decide the parameter shapes.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings",
+                "attention_type", "forgetting_kv_shift", "forgetting_qk_norm",
+                "forgetting_output_gate")
 
 
 def check_checkpoint_fits(config, llama, expected_params, spec, what):

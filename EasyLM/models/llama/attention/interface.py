@@ -21,6 +21,7 @@ its methods.
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from EasyLM.jax_utils import with_logical_constraint
@@ -49,6 +50,22 @@ def dense_layer(features, config, dtype, param_dtype, name):
     """The bias-free projection of every LLaMA weight matrix."""
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis with a learnable scale ``kernel``, in float32: the
+    decoder's norms and the per-head norms some families apply (their scale shared across
+    heads)."""
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("kernel", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight.astype(jnp.float32)).astype(self.dtype)
 
 
 class AttentionLayer(nn.Module):
@@ -88,6 +105,13 @@ class AttentionLayer(nn.Module):
     def empty_state(cls, config, shape):
         """The state of one layer before the first piece, sized by a :class:`StateShape`."""
         raise NotImplementedError(f"{cls.__name__} does not declare its inference state")
+
+    @classmethod
+    def projection_parameters(cls, config):
+        """Weights of the layer's matmuls, each used once per token (FLOP accounting):
+        ``wq``, ``wk``, ``wv``, ``wo``; a family with more adds its own."""
+        kv = config.num_key_value_heads * config.head_dim
+        return 2 * config.hidden_size * (config.hidden_size + kv)
 
     # The shared LLaMA projections.
 
