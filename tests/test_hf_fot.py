@@ -27,19 +27,34 @@ VOCAB = 61
 
 
 def tiny_fot_checkpoint(path, kv_heads=2, mem_layers=(1,), vocab_size=VOCAB, seed=0,
-                        init_scale=1.0):
+                        init_scale=1.0, **architecture):
     """A random 3-layer FoT model built in JAX and saved as ``params::path``.
 
     ``init_scale`` widens the random weights so that logits have clear maxima (greedy
-    decoding then cannot flip on float noise between frameworks).
+    decoding then cannot flip on float noise between frameworks).  ``architecture``: more
+    ``LLaMAConfig`` fields, e.g. forgetting-attention layers, whose gate biases and per-head
+    norm scales (initialised to 0 and 1) are drawn at random, so that an exporter that drops
+    or misplaces them is seen.
     """
     config = tiny_config(vocab_size=vocab_size, num_key_value_heads=kv_heads,
                          max_sequence_length=WINDOW, mem_layers=mem_layers, rms_norm_eps=1e-5,
-                         initializer_range=0.02 * init_scale)
+                         initializer_range=0.02 * init_scale, **architecture)
     tokens = jnp.zeros((1, WINDOW), jnp.int32)
     variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(seed), tokens)
+    variables = _randomise_gates_and_norms(variables, np.random.default_rng(seed))
     save_params(str(path), variables, config)
     return variables, config, f"params::{path}"
+
+
+def _randomise_gates_and_norms(variables, rng):
+    """``variables`` with every bias and norm scale inside an attention drawn around its
+    initial value (an attention of a LLaMA layer has neither: nothing changes there)."""
+    def draw(path, x):
+        names = [str(getattr(key, "key", key)) for key in path]
+        inside = "attention" in names and names[-1] in ("bias", "kernel") and (
+            names[-1] == "bias" or names[-2].endswith("norm"))
+        return x + rng.normal(0, 0.5, x.shape).astype(x.dtype) if inside else x
+    return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 # GQA exports run in the full suite; the fast lane has them in tests/test_hf_windows.py.

@@ -1,6 +1,7 @@
-"""lm-evaluation-harness on the exported PyTorch FoT model (trust_remote_code): the tiny local
-tasks of tests/lm_eval_task (log-likelihood multiple choice, rolling perplexity, greedy
-generation) give the same per-sample results at batch size 4 as at batch size 1.
+"""lm-evaluation-harness on the exported PyTorch FoT model (trust_remote_code), with memory
+layers only and with forgetting-attention (FoX) layers beside them: the tiny local tasks of
+tests/lm_eval_task (log-likelihood multiple choice, rolling perplexity, greedy generation)
+give the same per-sample results at batch size 4 as at batch size 1.
 
 lm-eval is an optional extra (requirements-eval.txt): without it the file is skipped.  It is
 reached through ``pytest.importorskip`` only, never an import statement, so it is no import of
@@ -27,10 +28,19 @@ TASKS = ["fot_tiny_mc", "fot_tiny_ppl", "fot_tiny_gen"]
 ATOL = 1e-5  # log-likelihood sums of up to ~190 tokens in float32
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_eval_model")
-    _, _, spec = tiny_fot_checkpoint(root / "ckpt", vocab_size=512)
+# The FoT model, and one whose other layers are FoX layers with every switch on.
+ARCHITECTURES = {
+    "fot": {},
+    "fox": dict(attention_type="forgetting", forgetting_kv_shift=True, forgetting_qk_norm=True,
+                forgetting_output_gate=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def export_dir(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"lm_eval_{request.param}")
+    _, _, spec = tiny_fot_checkpoint(root / "ckpt", vocab_size=512,
+                                     **ARCHITECTURES[request.param])
     convert_easylm_to_hf.main(["--load_checkpoint", spec, "--output_dir", str(root / "fot"),
                                "--tokenizer_path", TINY_SP, "--last_context_length", "16"])
     return str(root / "fot")

@@ -122,7 +122,7 @@ class FoTLlamaForgettingAttention(FoTLlamaAttention):
         local window (``layer``, a :class:`~cache_fot_llama.ForgettingLayer`) behind the
         entries there, continuing the window's running sum of log forget gates and its
         kv-shift, and attends to the window."""
-        batch, length, _ = hidden.shape
+        length = hidden.shape[1]
         q, k, v, log_forget, raw_k, raw_v = self.features(hidden, layer.previous_keys,
                                                           layer.previous_values)
         decay = layer.decay_sum[:, :, None] + log_forget.cumsum(dim=2)

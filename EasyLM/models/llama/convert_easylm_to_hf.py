@@ -10,7 +10,9 @@ config comes from it.  A plain LLaMA becomes a ``LlamaForCausalLM``.  A FoT mode
 ``mem_layers``) becomes a ``FoTLlamaForCausalLM`` with memory: the modelling files of
 :mod:`FoT.hf` are copied beside the weights and ``config.json`` maps the Auto classes to them,
 so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it;
-``--no_memory`` writes it as a plain ``LlamaForCausalLM`` instead (same tensors).  Weights are
+``--no_memory`` writes it as a plain ``LlamaForCausalLM`` instead (same tensors).  A model
+with forgetting-attention (FoX) layers is always a ``FoTLlamaForCausalLM``, memory layers or
+not: that class runs them (:func:`forgetting_fields`).  Weights are
 written as safetensors shards of at most ``--max_shard_size`` bytes with an index, the
 tokenizer (a SentencePiece ``.model`` file or a Hugging Face tokenizer directory) beside them.
 The directory is written under a temporary name beside ``DIR`` and moved into place at the
@@ -29,7 +31,9 @@ import torch
 from EasyLM import cli
 from EasyLM.checkpoint import load_llama_config, load_params, parse_checkpoint_spec
 from EasyLM.jax_utils import DTYPE_NAMES, dtype_name
+from EasyLM.models.llama.attention import layer_attention_types
 from EasyLM.models.llama.hf_layout import native_to_hf
+from EasyLM.models.llama.llama_model import FORGETTING_SWITCHES
 from EasyLM.models.llama.inference_window import default_window
 from EasyLM.tokenizer import tokenizer_from_json
 from FoT.hf import MODEL_FILES, fot_config_dict
@@ -152,10 +156,17 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     _, path = parse_checkpoint_spec(load_checkpoint)
     config = load_llama_config(path)
     hf_config, extra_files = config.to_hf_dict(), ()
-    if config.mem_layers and not no_memory:  # checked before the weights are read
+    forgetting = forgetting_fields(config)
+    if forgetting and no_memory:  # checked before the weights are read
+        raise cli.UsageError("--no_memory: the model has forgetting-attention (FoX) layers, "
+                             "which LlamaForCausalLM cannot run; export it without "
+                             "--no_memory (and load it with mem_layers=[] to run its memory "
+                             "layers without memory)")
+    if (config.mem_layers or forgetting) and not no_memory:
         options = {k: v for k, v in memory_options.items() if v is not None}
         options.setdefault("last_context_length", default_window(path, config))
-        hf_config["max_position_embeddings"] = FOT_MAX_POSITION_EMBEDDINGS
+        hf_config = dict(hf_config, max_position_embeddings=FOT_MAX_POSITION_EMBEDDINGS,
+                         **forgetting)
         hf_config = fot_config_dict(hf_config, config.mem_layers, **options)
         extra_files = MODEL_FILES
 
@@ -167,6 +178,20 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     export(tensors(), hf_config, output_dir, dtype, tokenizer_path, max_shard_size,
            extra_files)
     return config
+
+
+def forgetting_fields(config):
+    """The ``config.json`` fields of a model's forgetting-attention (FoX) layers (none without
+    such layers, so that other exports stay as they were): the family of every layer
+    (``mem_layers`` are FoT memory layers whatever their entry says, ``softmax`` here) and the
+    FoX switches.  Only the FoT model class runs FoX layers: such a model is exported as one
+    even without memory layers, and runs in windows as the JAX ``WindowedLM`` does."""
+    types = layer_attention_types(config)
+    if "forgetting" not in types:
+        return {}
+    return dict(attention_type=["forgetting" if name == "forgetting" else "softmax"
+                                for name in types],
+                **{name: getattr(config, name) for name in FORGETTING_SWITCHES})
 
 
 def is_export(directory):

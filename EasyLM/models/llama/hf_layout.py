@@ -2,6 +2,8 @@
 
 A Hugging Face LLaMA tensor ``[out, in]`` becomes a Flax kernel ``[in, out]``; q/k rows are
 un-permuted from HF's half-rotation layout to the native pair layout (FOT_SPEC section 1).
+The export also writes the parameters of forgetting-attention (FoX) layers, which only the
+exported FoT model reads; the import takes LLaMA tensors only.
 """
 import re
 
@@ -66,11 +68,31 @@ def native_to_hf(params, config):
         yield prefix + "mlp.gate_proj.weight", np.asarray(mlp["w1"]["kernel"]).T
         yield prefix + "mlp.up_proj.weight", np.asarray(mlp["w3"]["kernel"]).T
         yield prefix + "mlp.down_proj.weight", np.asarray(mlp["w2"]["kernel"]).T
+        for name, array in _forgetting_tensors(attn):
+            yield prefix + "self_attn." + name, array
         yield prefix + "input_layernorm.weight", layer["attention_norm"]["kernel"]
         yield prefix + "post_attention_layernorm.weight", layer["ffn_norm"]["kernel"]
     yield "model.norm.weight", transformer["ln_f"]["kernel"]
     if not config.tie_word_embeddings:
         yield "lm_head.weight", np.asarray(params["lm_head"]["kernel"]).T
+
+
+def _forgetting_tensors(attn):
+    """``(name, array)`` of a forgetting (FoX) layer's own parameters, those it has, under the
+    names of ``FoT.hf.forgetting_fot_llama``: gates as ``Linear`` weights ``[out, in]`` (and
+    biases), norm scales as they are, the query and key norms' in the half layout the q/k
+    rows take (they scale the rows' features)."""
+    for gate in ("fgate", "kshift", "vshift", "ogate"):
+        if gate in attn:
+            yield gate + ".weight", np.asarray(attn[gate]["kernel"]).T
+            if "bias" in attn[gate]:
+                yield gate + ".bias", attn[gate]["bias"]
+    for norm in ("q_norm", "k_norm"):
+        if norm in attn:
+            yield norm + ".weight", native_to_hf_rows(np.asarray(attn[norm]["kernel"])[:, None],
+                                                      1)[:, 0]
+    if "o_norm" in attn:
+        yield "o_norm.weight", attn["o_norm"]["kernel"]
 
 
 def insert(tree, path, value):
