@@ -183,6 +183,25 @@ def test_sharded_fox_forward_and_gradients_match_single_device():
                            sharded_grads, grads)
 
 
+@pytest.mark.slow
+def test_fox_layers_scanned_equal_them_unrolled():
+    # Layers 2-4 run as one scan over their stacked gates and norms; layer 1 is a memory layer.
+    config = tiny_config(**dict(PRO, mem_layers=(1,)), num_hidden_layers=5, cross_batch_range=1)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 61)
+    variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
+
+    def loss_and_grads(model_config):
+        def loss(params):
+            logits = FlaxLLaMAForCausalLMModule(model_config).apply(params, tokens).logits
+            return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+        return jax.jit(jax.value_and_grad(loss))(variables)
+
+    unrolled, scanned = loss_and_grads(config), loss_and_grads(config.replace(scan_layers=True))
+    np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           scanned[1], unrolled[1])
+
+
 def test_flops_count_the_gates_and_the_attention_of_fox_layers():
     b, length = 4, 16
     plain = tiny_config(mem_layers=())

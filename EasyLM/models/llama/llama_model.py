@@ -3,8 +3,9 @@
 The parameter tree follows EasyLM's names (``transformer/h/<i>/attention/wq/kernel`` ...), so
 sharding rules and converters address parameters by regex on those paths.  Each layer's
 attention is a family of :mod:`EasyLM.models.llama.attention` (memory layers, ``mem_layers``:
-FoT memory; the others: softmax), chosen there from the config; the decoder calls every family
-the same way.  Arrays are sharded by logical axis names (:mod:`FoT.logical_axes`).
+FoT memory; the others: ``attention_type``, softmax by default, or forgetting attention),
+chosen there from the config; the decoder calls every family the same way.  Arrays are
+sharded by logical axis names (:mod:`FoT.logical_axes`).
 
 Given per-layer states and a :class:`~FoT.inference.Piece`, the same modules run one piece of
 windowed inference (FOT_SPEC 5): every attention layer attends over its local window and, in
