@@ -286,6 +286,8 @@ def test_declared_support():
      "implementation='blockwise'"),
     ((1, 64, 2, 1, 64), dict(implementation="fast"), ValueError, "choose one of"),
     ((1, 64, 2, 1, 64), dict(skip_threshold=1.5), ValueError, r"in \(0, 1\)"),
+    ((1, 64, 2, 1, 64), dict(implementation="reference", skip_threshold=0), ValueError,
+     r"in \(0, 1\)"),
     ((1, 64, 2, 1, 64), dict(implementation="blockwise", block_size=24), NotImplementedError,
      "multiple of its block size"),
     ((1, 48, 2, 1, 64), dict(implementation="pallas", block_q=32), NotImplementedError,

@@ -20,6 +20,7 @@ from EasyLM.forgetting.blockwise import (DEFAULT_BLOCK_SIZE, blockwise_forgettin
                                          check_blockwise)
 from EasyLM.forgetting.reference import (check_shapes, cumulative_log_forget,
                                          reference_forgetting_attention)
+from EasyLM.forgetting.skipping import check_skip_threshold
 
 IMPLEMENTATIONS = ("reference", "blockwise", "pallas")
 # Fastest first; a caller choosing automatically takes the first that accepts its inputs.  The
@@ -95,6 +96,7 @@ def forgetting_attention(q, k, v, log_f, key_mask=None, implementation="auto", *
         them.
     """
     check_shapes(q, k, v, log_f)
+    check_skip_threshold(skip_threshold)
     if implementation == "auto":
         implementation = resolve_implementation(
             "auto", length=q.shape[1], head_dim=q.shape[3], dtype=q.dtype,
