@@ -24,7 +24,9 @@ RUNTIME_ONLY = {"tensorboard": "tensorboard --logdir", "gcsfs": "gs://",
 CI_TOOLS = {"ruff": "ruff check ."}
 # Imported only when a setting asks for them, not installed by requirements.txt: the README
 # text that tells how to install them.
-OPTIONAL = {"wandb": "pip install wandb"}
+# Imported by code that runs only where the package is present: the W&B logger, and the
+# forgetting-attention benchmark's PyTorch peer (fla-core, whose Triton kernels need a GPU).
+OPTIONAL = {"wandb": "pip install wandb", "fla": "fla-core"}
 
 
 def canonical(name):
