@@ -27,11 +27,12 @@ def accuracy_heatmap(path, accuracy, lengths, depths, title):
 
 
 def loss_curves(path, positions, curves, title, window=None):
-    """One line per ``curves`` entry (label -> mean loss per bucket starting at ``positions``);
-    dotted lines mark multiples of the local ``window`` (when there are few enough)."""
+    """One line per ``curves`` entry (label -> mean loss per bucket starting at ``positions``;
+    a curve of shorter documents has fewer buckets and stops early); dotted lines mark
+    multiples of the local ``window`` (when there are few enough)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, values in curves.items():
-        ax.plot(positions, values, marker=".", label=label)
+        ax.plot(positions[:len(values)], values, marker=".", label=label)
     if window and max(positions) <= 32 * window:
         for x in range(window, int(max(positions)) + 1, window):
             ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)

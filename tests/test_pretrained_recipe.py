@@ -5,40 +5,13 @@ this checkout's files, trains a few steps, exports and runs every evaluation of 
 import json
 import os
 import subprocess
-import sys
 
-import gguf
 import numpy as np
 import pytest
-from test_gguf import random_model, write_gguf
+from helpers import REPO
+from tiny_pretrained import CORPUS_ARGS, runner_args, write_tiny_pretrained
 
 from eval.loss_by_position import loss_by_position
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# transformers' reading of a GGUF byte-level tokenizer adds <|endoftext|> when it is missing.
-SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-MERGES = ["Ġ t", "h e", "Ġt he"]
-
-
-def byte_symbols():
-    """The 256 one-character symbols of a byte-level BPE vocabulary (GPT-2's spelling): bytes
-    that print stand for themselves, the others for characters from 256 on."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(
-        range(0xAE, 0x100))
-    symbols, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            symbols.append(chr(byte))
-        else:
-            symbols.append(chr(256 + extra))
-            extra += 1
-    return symbols
-
-
-def byte_vocabulary():
-    tokens = SPECIAL + byte_symbols() + [merge.replace(" ", "") for merge in MERGES]
-    types = [3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL))
-    return tokens, types, MERGES
 
 
 class _FakeModel:
@@ -63,28 +36,12 @@ def test_the_all_tokens_loss_is_the_mean_over_every_token_of_every_document():
 
 @pytest.mark.slow
 def test_the_recipe_runs_end_to_end_on_a_tiny_pretrained_gqa_model(tmp_path):
-    tokens, _, _ = byte_vocabulary()
-    model = random_model(tied=True, vocab_size=len(tokens), max_position_embeddings=256)
-    path = tmp_path / "tiny.gguf"
-    write_gguf(path, model, gguf.GGMLQuantizationType.F32, vocabulary=byte_vocabulary())
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "EasyLM.models.llama.convert_hf_to_easylm",
-                    "--gguf", str(path), "--output", str(out / "fot_init"), "--mem_layers", "1",
-                    "--tokenizer_output", str(out / "tokenizer"), "--hf_output", str(out / "hf")],
-                   check=True, cwd=REPO)
-    runner = ("--total_steps=4 --train_dataset.json_dataset.batch_size=8 "
-              "--train_dataset.json_dataset.seq_length=64 --eval_dataset.json_dataset.batch_size=8 "
-              "--eval_dataset.json_dataset.seq_length=64 --dtype=fp32 --eval_freq=2 --eval_steps=1 "
-              "--save_model_freq=2 --train_log_freq=1 "
-              "--train_dataset.json_dataset.tokenizer_processes=1 "
-              "--eval_dataset.json_dataset.tokenizer_processes=1 "
-              "--optimizer.adamw_optimizer.lr_warmup_steps=1 "
-              "--optimizer.adamw_optimizer.lr_decay_steps=4")
+    write_tiny_pretrained(out, max_position_embeddings=256)
     env = dict(os.environ, PRETRAINED_OUT=str(out), PRETRAINED_WINDOW="64",
-               PRETRAINED_DATA_ARGS=f"--roots {REPO} --heldout_fraction 0.3 --min_chars 3000 "
-                                    "--max_train_chars 2000000 --max_heldout_chars 600000",
+               PRETRAINED_DATA_ARGS=CORPUS_ARGS,
                PRETRAINED_MIX_ARGS="--fraction 0.5 --chunk_chars 3000 --min_chars 1000",
-               PRETRAINED_RUNNER_ARGS=runner, PRETRAINED_LENGTHS="512,1024",
+               PRETRAINED_RUNNER_ARGS=runner_args(64), PRETRAINED_LENGTHS="512,1024",
                PRETRAINED_TRIALS="1",
                PRETRAINED_EVAL_ARGS="--min_length 1024 --max_length 1024 --max_docs 2 "
                                     "--bucket_size 256",

@@ -1,0 +1,84 @@
+"""The FoX uptraining recipe (docs/forgetting.md, ``experiments/uptrain_fox.sh``) end to end on
+CPU: a tiny random GQA LLaMA with tied embeddings and a byte-level tokenizer, imported from a
+GGUF file as SmolLM2 is, converted to FoX, trained a few steps on this checkout's files and
+evaluated by position against its base model; and the ``position`` report it ends with."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from helpers import REPO, cpu_env
+from tiny_pretrained import CORPUS_ARGS, runner_args, write_tiny_pretrained
+
+from EasyLM.checkpoint import load_llama_config
+from experiments import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NATIVE, LONG, BUCKET = 128, 512, 64  # the tiny model's context, the long documents, buckets
+
+
+def loss_result(curve, counts, bucket_size=2, num_docs=1):
+    return dict(model="m", bucket_size=bucket_size, num_docs=num_docs,
+                bucket_starts=[bucket_size * i for i in range(len(curve))], with_memory=curve,
+                tokens_per_bucket=counts)
+
+
+def test_the_position_report_splits_the_loss_at_a_bucket_boundary(tmp_path, capsys):
+    paths = [tmp_path / "long.json", tmp_path / "short.json"]
+    paths[0].write_text(json.dumps(loss_result([1.0, 2.0, 4.0, 8.0], [1, 2, 2, 2], num_docs=2)))
+    paths[1].write_text(json.dumps(loss_result([3.0, 5.0], [1, 2])))
+    out = tmp_path / "out"
+    report.main(["position", "--split", "4", "--labels", "long docs,short docs",
+                 "--output_dir", str(out), *map(str, paths)])
+    assert (out / "position_loss.md").read_text() == (
+        "| model | documents | loss before 4 | loss from 4 |\n| --- | --- | --- | --- |\n"
+        "| long docs | 2 | 1.6667 | 6.0000 |\n| short docs | 1 | 4.3333 | - |\n")
+    assert (out / "position_loss.png").read_bytes()[:8] == PNG_MAGIC
+    for argv, message in [(["--split", "3"], "--split 3 is not a multiple of the results' "
+                                             "bucket size 2"),
+                          ([], "position needs it"),
+                          (["--split", "4", "--labels", "one"], "--labels names 1 models for 2")]:
+        with pytest.raises(SystemExit):
+            report.main(["position", *argv, "--output_dir", str(out), *map(str, paths)])
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_end_to_end_on_a_tiny_pretrained_gqa_model(tmp_path):
+    out = tmp_path / "run"
+    write_tiny_pretrained(out, max_position_embeddings=NATIVE)
+    env = cpu_env(UPTRAIN_OUT=str(out), UPTRAIN_DATA_ARGS=CORPUS_ARGS,
+                  UPTRAIN_RUNNER_ARGS=runner_args(NATIVE), UPTRAIN_NATIVE=str(NATIVE),
+                  UPTRAIN_LONG=str(LONG), UPTRAIN_DTYPE="fp32",
+                  UPTRAIN_EVAL_ARGS=f"--max_docs 2 --bucket_size {BUCKET}",
+                  # The converted and the trained model's evaluations compile the same program.
+                  JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    subprocess.run(["bash", "experiments/uptrain_fox.sh"], check=True, cwd=REPO, env=env)
+
+    init = load_llama_config(str(out / "fox_init"))
+    assert init.attention_type == "forgetting" and init.mem_layers == ()
+    assert init.forgetting_use_rope and init.forgetting_kv_shift
+    assert list((out / "fox").glob("*/checkpoints/step_4"))
+    results = {path.parent.name: json.loads(path.read_text())
+               for path in (out / "eval" / "fox").glob("*/loss_by_position.json")}
+    assert sorted(results) == ["base_long", "base_native", "fox_long", "fox_native",
+                               "init_native"]
+    for name, result in results.items():
+        length = LONG if name.endswith("long") else NATIVE
+        assert result["num_docs"] == 2 and sum(result["tokens_per_bucket"]) == 2 * (length - 1)
+        assert np.isfinite(result["with_memory"]).all(), name
+        assert np.isfinite(result["loss_all_tokens"]["with memory"]), name
+    # The base model's window is its native context; the FoX model reads the whole document.
+    assert results["base_long"]["last_context_length"] == NATIVE
+    assert results["fox_long"]["last_context_length"] == LONG
+    # Before training the converted model computes what the base model did; training moved it.
+    np.testing.assert_allclose(results["init_native"]["with_memory"],
+                               results["base_native"]["with_memory"], rtol=1e-4)
+    assert results["fox_native"]["with_memory"] != results["init_native"]["with_memory"]
+    table = (out / "eval" / "fox" / "report" / "position_loss.md").read_text()
+    for label in (f"base on {NATIVE}", f"FoX init on {NATIVE}", f"FoX on {LONG}"):
+        assert f"| {label} | 2 |" in table
+    assert (out / "eval" / "fox" / "report" / "position_loss.png").read_bytes()[:8] == PNG_MAGIC
