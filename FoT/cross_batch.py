@@ -60,6 +60,19 @@ def check_supported(implementation, *, length, head_dim, dtype, padded=False, bl
                          f"choose one of {IMPLEMENTATIONS}")
 
 
+def first_supported(order, check):
+    """The first name of a fallback ``order`` that ``check(name)`` accepts (returns instead of
+    raising ``NotImplementedError``); the last name, which must run every input, otherwise.
+    Forgetting attention's variants fall back the same way."""
+    for name in order[:-1]:
+        try:
+            check(name)
+        except NotImplementedError:
+            continue
+        return name
+    return order[-1]
+
+
 def _check_blockwise(length, block_size):
     if length % min(block_size, length) != 0:
         raise NotImplementedError(f"blockwise cross-batch needs the sequence length ({length}) "

@@ -52,11 +52,17 @@ def parse_args(argv=None):
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per mode")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--json", help="also write the results here")
-    for flag in KERNEL_FLAGS:
-        p.add_argument("--" + flag.replace("_", "-"),
-                       help="pallas kernel option (warps/stages: N or fwd,dq,dkv)")
+    add_kernel_flags(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def add_kernel_flags(parser):
+    """The Pallas kernels' tile and Triton settings as flags (this benchmark's and
+    bench_forgetting's: both kernels take the same ones)."""
+    for flag in KERNEL_FLAGS:
+        parser.add_argument("--" + flag.replace("_", "-"),
+                            help="pallas kernel option (warps/stages: N or fwd,dq,dkv)")
 
 
 def kernel_options(args):

@@ -45,6 +45,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; benchmarks run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.bench_attention import add_kernel_flags, kernel_options  # noqa: E402
 from benchmarks.device_memory import subprocess_environment  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,6 @@ VARIANTS = ("pallas", "cudnn", "fla")
 WORKERS = {"pallas": "benchmarks.forgetting_jax_worker", "pallas-skip":
            "benchmarks.forgetting_jax_worker", "cudnn": "benchmarks.forgetting_jax_worker",
            "fla": "benchmarks.forgetting_fla_worker"}
-KERNEL_FLAGS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages")
 MODES = ("fwd", "fwd+bwd")
 # --smoke: one tiny shape that the Pallas interpreter runs in seconds on a CPU.
 SMOKE = dict(lengths="64", head_dims="64", tokens=128, width=128, min_time=0.0)
@@ -80,24 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
                    help="directory of the JSON and PNG")
     p.add_argument("--smoke", action="store_true", help="one tiny shape, for CPU tests")
-    for flag in KERNEL_FLAGS:
-        p.add_argument("--" + flag.replace("_", "-"),
-                       help="pallas kernel option (warps/stages: N or fwd,dq,dkv)")
+    add_kernel_flags(p)
     args = p.parse_args(argv)
     if args.smoke:
         for name, value in SMOKE.items():
             setattr(args, name, value)
     return args
-
-
-def kernel_options(args):
-    options = {}
-    for flag in KERNEL_FLAGS:
-        value = getattr(args, flag)
-        if value is not None:
-            numbers = tuple(int(x) for x in value.split(","))
-            options[flag] = numbers if len(numbers) > 1 else numbers[0]
-    return options
 
 
 def shapes(args):

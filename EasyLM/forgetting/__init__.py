@@ -21,6 +21,7 @@ from EasyLM.forgetting.blockwise import (DEFAULT_BLOCK_SIZE, blockwise_forgettin
 from EasyLM.forgetting.reference import (check_shapes, cumulative_log_forget,
                                          reference_forgetting_attention)
 from EasyLM.forgetting.skipping import check_skip_threshold
+from FoT.cross_batch import first_supported
 
 IMPLEMENTATIONS = ("reference", "blockwise", "pallas")
 # Fastest first; a caller choosing automatically takes the first that accepts its inputs.  The
@@ -69,14 +70,9 @@ def resolve_implementation(configured, *, length, head_dim, dtype, padded,
         order = FALLBACK_ORDER[FALLBACK_ORDER.index(configured):]
     else:
         return configured
-    for name in order[:-1]:
-        try:
-            check_supported(name, length=length, head_dim=head_dim, dtype=dtype, padded=padded,
-                            block_size=block_size, skip_threshold=skip_threshold)
-        except NotImplementedError:
-            continue
-        return name
-    return order[-1]
+    return first_supported(order, lambda name: check_supported(
+        name, length=length, head_dim=head_dim, dtype=dtype, padded=padded,
+        block_size=block_size, skip_threshold=skip_threshold))
 
 
 def forgetting_attention(q, k, v, log_f, key_mask=None, implementation="auto", *,

@@ -15,7 +15,7 @@ from FoT.kernels.plan import BlockSizes, check_blocks, check_inputs, make_plan
 from FoT.kernels.triton_lowering import TritonOptions
 
 BACKENDS = ("triton", "mosaic")
-_NATIVE_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
+NATIVE_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
 _LOWERINGS = {"triton": triton_lowering, "mosaic": mosaic_lowering}
 
 
@@ -44,13 +44,11 @@ def flash_cross_batch(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_step
       num_warps, num_stages: Triton only; an int for all three kernels or a tuple
         ``(forward, dq, dkv)``; ``None`` takes the tuned default for the input dtype.
     """
-    backend = _backend(backend)
+    backend = pick_backend(backend)
     if interpret is None:
-        interpret = jax.default_backend() != _NATIVE_PLATFORM[backend]
-    if backend == "mosaic" and (num_warps is not None or num_stages is not None):
-        raise ValueError("num_warps and num_stages are Triton settings; the mosaic backend "
-                         "takes block sizes only")
-    blocks = _blocks(backend, q.dtype, q.shape[1], dict(
+        interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
+    check_triton_settings(backend, num_warps, num_stages)
+    blocks = choose_blocks(_LOWERINGS[backend].default_blocks(q.dtype), q.shape[1], dict(
         block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv))
     plan = make_plan(q, k_loc, k_mem, v, cross_batch_range=cross_batch_range,
                      cross_batch_stepping=cross_batch_stepping,
@@ -66,17 +64,19 @@ def check_supported(length, head_dim, dtype, *, backend=None, interpret=False):
     ``head_dim`` in ``dtype``; otherwise ``NotImplementedError`` with the reason, so that a
     caller can fall back to another variant.  Without ``interpret`` the backend's hardware
     must be present: elsewhere the kernel only runs in the (slow) Pallas interpreter."""
-    backend = _backend(backend)
-    platform = jax.default_backend()
-    if not interpret and platform != _NATIVE_PLATFORM[backend]:
-        raise NotImplementedError(f"the {backend} lowering compiles for "
-                                  f"{_NATIVE_PLATFORM[backend]}; on {platform} the kernel only "
-                                  f"runs in the Pallas interpreter")
+    backend = pick_backend(backend)
+    if not interpret:
+        check_compiled(backend, "the cross-batch kernel")
     check_inputs(head_dim, dtype)
-    check_blocks(length, _blocks(backend, dtype, length, {}))
+    check_blocks(length, choose_blocks(_LOWERINGS[backend].default_blocks(dtype), length, {}))
 
 
-def _backend(backend):
+# The choices both fused kernels (this one and forgetting attention's,
+# EasyLM.forgetting.kernels) make the same way.
+
+def pick_backend(backend):
+    """``backend`` checked, or for ``None`` the platform's: ``"mosaic"`` on TPU, otherwise
+    ``"triton"`` (on CPU the Triton plan runs in the interpreter)."""
     if backend is None:
         return "mosaic" if jax.default_backend() == "tpu" else "triton"
     if backend not in BACKENDS:
@@ -84,12 +84,27 @@ def _backend(backend):
     return backend
 
 
-def _blocks(backend, dtype, length, chosen):
-    """The tiles of ``chosen`` (name -> size or None), the lowering's defaults for ``dtype``
-    (capped at ``length``) where it has none."""
-    defaults = dataclasses.asdict(_LOWERINGS[backend].default_blocks(dtype))
+def check_compiled(backend, kernel):
+    """``NotImplementedError`` unless ``backend``'s hardware is present: elsewhere ``kernel``
+    only runs in the (slow) Pallas interpreter."""
+    platform = jax.default_backend()
+    if platform != NATIVE_PLATFORM[backend]:
+        raise NotImplementedError(f"the {backend} lowering of {kernel} compiles for "
+                                  f"{NATIVE_PLATFORM[backend]}; on {platform} it only runs in "
+                                  f"the Pallas interpreter")
+
+
+def check_triton_settings(backend, num_warps, num_stages):
+    if backend == "mosaic" and (num_warps is not None or num_stages is not None):
+        raise ValueError("num_warps and num_stages are Triton settings; the mosaic backend "
+                         "takes block sizes only")
+
+
+def choose_blocks(defaults, length, chosen):
+    """The tiles of ``chosen`` (name -> size or None), the lowering's ``defaults``
+    (:class:`BlockSizes`, capped at ``length``) where it has none."""
     return BlockSizes(**{name: min(size, length) if chosen.get(name) is None else chosen[name]
-                         for name, size in defaults.items()})
+                         for name, size in dataclasses.asdict(defaults).items()})
 
 
 @dataclasses.dataclass(frozen=True)

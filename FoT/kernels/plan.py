@@ -155,27 +155,26 @@ def pad_pow2(values):
 # The kernel's limits.  Both checks return None or raise NotImplementedError saying why, so
 # that a caller able to run another variant can catch it and fall back.
 
-def check_inputs(head_dim, dtype):
-    """Whether the kernel takes heads of ``head_dim`` in ``dtype``."""
+def check_inputs(head_dim, dtype, kernel="the cross-batch kernel"):
+    """Whether ``kernel`` (this one, or another sharing its tile maths) takes heads of
+    ``head_dim`` in ``dtype``."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise NotImplementedError(f"the cross-batch kernel supports head dims "
-                                  f"{SUPPORTED_HEAD_DIMS}, got {head_dim}; use "
-                                  f"implementation='blockwise' for other sizes")
+        raise NotImplementedError(f"{kernel} supports head dims {SUPPORTED_HEAD_DIMS}, got "
+                                  f"{head_dim}; use implementation='blockwise' for other sizes")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize not in SUPPORTED_ITEMSIZES:
-        raise NotImplementedError(f"the cross-batch kernel takes 16- or 32-bit floats, got "
-                                  f"{dtype}")
+        raise NotImplementedError(f"{kernel} takes 16- or 32-bit floats, got {dtype}")
 
 
-def check_blocks(length, blocks):
+def check_blocks(length, blocks, kernel="the cross-batch kernel"):
     """Whether ``blocks`` tiles rows of ``length`` tokens."""
     for name, size in dataclasses.asdict(blocks).items():
         if size < 16 or size & (size - 1):
             raise NotImplementedError(f"{name}={size} must be a power of two >= 16")
         if length % size != 0:
-            raise NotImplementedError(f"the cross-batch kernel needs the sequence length "
-                                      f"({length}) to be a multiple of {name}={size}; pad the "
-                                      f"sequence or pick a block size dividing it")
+            raise NotImplementedError(f"{kernel} needs the sequence length ({length}) to be a "
+                                      f"multiple of {name}={size}; pad the sequence or pick a "
+                                      f"block size dividing it")
 
 
 def make_plan(q, k_loc, k_mem, v, *, cross_batch_range, cross_batch_stepping, dataset_packing,

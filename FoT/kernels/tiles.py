@@ -33,10 +33,12 @@ def init_softmax(block_q, head_dim):
             jnp.zeros((block_q, head_dim), jnp.float32))
 
 
-def softmax_step(carry, q, k, v, score_scale, mask=None):
-    """Folds one key/value tile into the online softmax of a query tile."""
+def softmax_step(carry, q, k, v, score_scale, mask=None, bias=None):
+    """Folds one key/value tile into the online softmax of a query tile.  ``bias`` (base 2,
+    broadcasting to the score tile) is added to the scores: the decay of forgetting attention's
+    kernel, which shares these tiles."""
     m, l, acc = carry
-    s = _dot(q, k, _NT) * score_scale
+    s = _scores(q, k, score_scale, bias)
     if mask is not None:
         s = jnp.where(mask, s, MASKED_SCORE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -53,11 +55,17 @@ def finish_softmax(carry):
     return acc / l, m + jnp.log2(l)
 
 
-def _probabilities_and_dscores(a, b, da, db, lse, delta, score_scale, mask):
-    """Recomputed probabilities ``P = exp2(a b^T * scale - lse)`` and
+def _scores(a, b, score_scale, bias):
+    s = _dot(a, b, _NT) * score_scale
+    return s if bias is None else s + bias
+
+
+def probabilities_and_dscores(a, b, da, db, lse, delta, score_scale, mask, bias=None):
+    """Recomputed probabilities ``P = exp2(a b^T * scale + bias - lse)`` and
     ``dS = P * (da db^T - delta)`` of one tile pair, in whichever orientation (query-major
-    or key-major) the operands are given."""
-    p = jnp.exp2(_dot(a, b, _NT) * score_scale - lse)
+    or key-major) the operands are given.  Masked pairs are selected to 0 after ``exp2``, so
+    a positive bias above the diagonal never sends an inf into the products."""
+    p = jnp.exp2(_scores(a, b, score_scale, bias) - lse)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     return p, p * (_dot(da, db, _NT) - delta)
@@ -66,7 +74,7 @@ def _probabilities_and_dscores(a, b, da, db, lse, delta, score_scale, mask):
 def dq_step(dq, q, k, v, do, lse, delta, score_scale, mask=None):
     """Adds one key tile's contribution to ``dQ / scale`` of a query tile (query-major:
     ``lse``/``delta`` are ``[block_q, 1]`` columns, ``mask`` is ``[block_q, block_k]``)."""
-    _, ds = _probabilities_and_dscores(q, k, do, v, lse, delta, score_scale, mask)
+    _, ds = probabilities_and_dscores(q, k, do, v, lse, delta, score_scale, mask)
     return dq + _dot(ds.astype(k.dtype), k, _NN)
 
 
@@ -75,7 +83,7 @@ def dkv_step(carry, q, k, v, do, lse, delta, score_scale, mask=None):
     so that no probability tile needs a transpose: scores are ``[block_k, block_q]``,
     ``lse``/``delta`` are ``[1, block_q]`` rows and ``mask`` is ``[block_k, block_q]``."""
     dk, dv = carry
-    p, ds = _probabilities_and_dscores(k, q, v, do, lse, delta, score_scale, mask)
+    p, ds = probabilities_and_dscores(k, q, v, do, lse, delta, score_scale, mask)
     dv = dv + _dot(p.astype(do.dtype), do, _NN)
     dk = dk + _dot(ds.astype(q.dtype), q, _NN)
     return dk, dv

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from EasyLM.forgetting.kernels import mosaic_lowering, triton_lowering
-from EasyLM.forgetting.kernels.plan import BlockSizes, check_blocks, check_inputs, make_plan
+from EasyLM.forgetting.kernels.plan import KERNEL, check_blocks, check_inputs, make_plan
 from EasyLM.forgetting.skipping import check_skip_threshold, skip_ranges
+from FoT.kernels.flash import (NATIVE_PLATFORM, check_compiled, check_triton_settings,
+                               choose_blocks, pick_backend)
+from FoT.kernels.triton_lowering import TritonOptions
 
-BACKENDS = ("triton", "mosaic")
-_NATIVE_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
 _LOWERINGS = {"triton": triton_lowering, "mosaic": mosaic_lowering}
 
 
@@ -30,7 +31,7 @@ def flash_forgetting_attention(q, k, v, c, *, skip_threshold=None, backend=None,
     ``k``, ``v`` and ``c``.
 
     ``q [B, L, H, D]``, ``k, v [B, L, KV, D]`` (bf16 or float32, ``H % KV == 0``, ``D`` in
-    ``plan.SUPPORTED_HEAD_DIMS``, ``L`` a multiple of every block size), ``c [B, L, H]``
+    ``FoT.kernels.plan.SUPPORTED_HEAD_DIMS``, ``L`` a multiple of every block size), ``c [B, L, H]``
     float32: the running sum of the log forget gates along the row.  Every key up to the query
     is visible (no padding mask).  Inputs outside those limits raise ``NotImplementedError``,
     as :func:`check_supported` declares beforehand.
@@ -49,18 +50,16 @@ def flash_forgetting_attention(q, k, v, c, *, skip_threshold=None, backend=None,
       num_warps, num_stages: Triton only; an int for all three kernels or a tuple
         ``(forward, dq, dkv)``; ``None`` takes the defaults for the input dtype.
     """
-    backend = _backend(backend)
+    backend = pick_backend(backend)
     if interpret is None:
-        interpret = jax.default_backend() != _NATIVE_PLATFORM[backend]
-    if backend == "mosaic" and (num_warps is not None or num_stages is not None):
-        raise ValueError("num_warps and num_stages are Triton settings; the mosaic backend "
-                         "takes block sizes only")
+        interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
+    check_triton_settings(backend, num_warps, num_stages)
     check_skip_threshold(skip_threshold)
     blocks = _blocks(backend, q.dtype, q.shape[1], dict(
         block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv))
     plan = make_plan(q, k, v, c, blocks)
     lowering = _Lowering(backend, bool(interpret),
-                         triton_lowering.options(q.dtype, num_warps, num_stages))
+                         TritonOptions.make(q.dtype, num_warps, num_stages))
     return _attention(plan, lowering, skip_threshold, q, k, v, c)
 
 
@@ -70,37 +69,22 @@ def check_supported(length, head_dim, dtype, *, backend=None, interpret=False):
     ``head_dim`` in ``dtype``; otherwise ``NotImplementedError`` with the reason, so that a
     caller can fall back to another variant.  Without ``interpret`` the backend's hardware must
     be present: elsewhere the kernel only runs in the (slow) Pallas interpreter."""
-    backend = _backend(backend)
-    platform = jax.default_backend()
-    if not interpret and platform != _NATIVE_PLATFORM[backend]:
-        raise NotImplementedError(f"the {backend} lowering of the forgetting attention kernel "
-                                  f"compiles for {_NATIVE_PLATFORM[backend]}; on {platform} it "
-                                  f"only runs in the Pallas interpreter")
+    backend = pick_backend(backend)
+    if not interpret:
+        check_compiled(backend, KERNEL)
     check_inputs(head_dim, dtype)
     check_blocks(length, _blocks(backend, dtype, length, {}))
 
 
-def _backend(backend):
-    if backend is None:
-        return "mosaic" if jax.default_backend() == "tpu" else "triton"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
-    return backend
-
-
 def _blocks(backend, dtype, length, chosen):
-    """The tiles of ``chosen`` (name -> size or None), the lowering's defaults for ``dtype``
-    (capped at ``length``) where it has none."""
-    defaults = dataclasses.asdict(_LOWERINGS[backend].default_blocks(dtype))
-    return BlockSizes(**{name: min(size, length) if chosen.get(name) is None else chosen[name]
-                         for name, size in defaults.items()})
+    return choose_blocks(_LOWERINGS[backend].default_blocks(dtype), length, chosen)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Lowering:
     backend: str
     interpret: bool
-    triton: triton_lowering.TritonOptions
+    triton: TritonOptions
 
     def _options(self):
         if self.backend == "triton":

@@ -18,8 +18,9 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from FoT.kernels.plan import (LOG2_E, SUPPORTED_HEAD_DIMS, SUPPORTED_ITEMSIZES, BlockSizes,
-                              TilingPlan)
+from FoT.kernels.plan import LOG2_E, BlockSizes, TilingPlan
+from FoT.kernels.plan import check_blocks as shared_check_blocks
+from FoT.kernels.plan import check_inputs as shared_check_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,31 +94,19 @@ class ForgettingPlan:
     causal_mask = staticmethod(TilingPlan.causal_mask)
 
 
-# The kernel's limits.  Both checks return None or raise NotImplementedError saying why, so that
-# a caller able to run another variant can catch it and fall back.
+# The kernel's limits: the cross-batch kernel's (same tile maths), in this kernel's name.
+KERNEL = "the forgetting attention kernel"
+
 
 def check_inputs(head_dim, dtype):
-    """Whether the kernel takes heads of ``head_dim`` in ``dtype``."""
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise NotImplementedError(f"the forgetting attention kernel supports head dims "
-                                  f"{SUPPORTED_HEAD_DIMS}, got {head_dim}; use "
-                                  f"implementation='blockwise' for other sizes")
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize not in SUPPORTED_ITEMSIZES:
-        raise NotImplementedError(f"the forgetting attention kernel takes 16- or 32-bit "
-                                  f"floats, got {dtype}; cast the inputs or use "
-                                  f"implementation='blockwise'")
+    """Whether the kernel takes heads of ``head_dim`` in ``dtype``: None, or
+    ``NotImplementedError`` saying why, so that a caller can fall back to another variant."""
+    shared_check_inputs(head_dim, dtype, KERNEL)
 
 
 def check_blocks(length, blocks):
-    """Whether ``blocks`` tiles rows of ``length`` tokens."""
-    for name, size in dataclasses.asdict(blocks).items():
-        if size < 16 or size & (size - 1):
-            raise NotImplementedError(f"{name}={size} must be a power of two >= 16")
-        if length % size != 0:
-            raise NotImplementedError(f"the forgetting attention kernel needs the sequence "
-                                      f"length ({length}) to be a multiple of {name}={size}; "
-                                      f"pad the sequence or pick a block size dividing it")
+    """Whether ``blocks`` tiles rows of ``length`` tokens (as :func:`check_inputs`)."""
+    shared_check_blocks(length, blocks, KERNEL)
 
 
 def make_plan(q, k, v, c, blocks):

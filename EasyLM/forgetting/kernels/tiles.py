@@ -13,43 +13,32 @@ with ``c`` the running sums of the log gates.  The same functions serve query-ma
 """
 import jax.numpy as jnp
 
+from FoT.kernels import tiles as shared
 from FoT.kernels.plan import LOG2_E
-from FoT.kernels.tiles import _NN, _NT, MASKED_SCORE, _dot, finish_softmax, init_softmax
+from FoT.kernels.tiles import _NN, _dot, finish_softmax, init_softmax
 
 __all__ = ["dkv_step", "dq_step", "finish_softmax", "init_softmax", "softmax_step"]
 
 
-def _scores(a, b, c_q, c_k, score_scale):
-    # The difference first: c reaches thousands on long rows of strongly decaying gates, and
-    # scaling each c before subtracting would round the bias to that magnitude's precision
-    # (errors near 1e-4 in the scores of nearby, heavily weighted keys).
-    return _dot(a, b, _NT) * score_scale + (c_q - c_k) * LOG2_E
+def _decay(c_q, c_k):
+    """The base-2 decay bias of a tile.  The difference first: c reaches thousands on long
+    rows of strongly decaying gates, and scaling each c before subtracting would round the
+    bias to that magnitude's precision (errors near 1e-4 in the scores of nearby, heavily
+    weighted keys)."""
+    return (c_q - c_k) * LOG2_E
 
 
 def softmax_step(carry, q, k, v, c_q, c_k, score_scale, mask=None):
     """Folds one key/value tile into the online softmax of a query tile."""
-    m, l, acc = carry
-    s = _scores(q, k, c_q, c_k, score_scale)
-    if mask is not None:
-        s = jnp.where(mask, s, MASKED_SCORE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    correction = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new)
-    l = l * correction + jnp.sum(p, axis=1, keepdims=True)
-    acc = acc * correction + _dot(p.astype(v.dtype), v, _NN)
-    return m_new, l, acc
+    return shared.softmax_step(carry, q, k, v, score_scale, mask, _decay(c_q, c_k))
 
 
 def _probabilities_and_dscores(a, b, da, db, lse, delta, c_q, c_k, score_scale, mask):
-    """Recomputed ``P = exp2(s2 - lse)`` and ``dS = P * (da db^T - delta)`` of one tile pair in
-    either orientation.  ``dS`` is the gradient of the natural-unit logits, so it is also the
-    gradient of ``c_i`` (and minus that of ``c_j``) through the pair."""
-    p = jnp.exp2(_scores(a, b, c_q, c_k, score_scale) - lse)
-    if mask is not None:
-        # Above the diagonal the decay bias is positive and exp2 may overflow: select, so no
-        # inf reaches the products.
-        p = jnp.where(mask, p, 0.0)
-    return p, p * (_dot(da, db, _NT) - delta)
+    """``P`` and ``dS`` of one tile pair in either orientation.  ``dS`` is the gradient of the
+    natural-unit logits, so it is also the gradient of ``c_i`` (and minus that of ``c_j``)
+    through the pair."""
+    return shared.probabilities_and_dscores(a, b, da, db, lse, delta, score_scale, mask,
+                                            _decay(c_q, c_k))
 
 
 def dq_step(carry, q, k, v, do, lse, delta, c_q, c_k, score_scale, mask=None):

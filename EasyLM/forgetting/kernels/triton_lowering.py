@@ -20,28 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from EasyLM.forgetting.kernels import tiles
-from FoT.kernels.plan import BlockSizes
-from FoT.kernels.triton_lowering import TritonOptions, _stat_row, _tile, _whole_array
+# The tiles, warps and stages (default_blocks, TritonOptions) are the cross-batch kernel's,
+# swept on an H200 for its local slot, which is the same causal loop; not yet swept for this
+# kernel.  Its grid order too: query tiles fastest, longest causal tiles first.
+from FoT.kernels.triton_lowering import (_query_tile_grid, _stat_row, _tile, _whole_array,
+                                         default_blocks)
 
-# Tiles, warps and stages per input itemsize: the cross-batch kernel's (swept on an H200 for
-# its local slot, which is the same causal loop); not yet swept for this kernel.  float32 tiles
-# are halved so that three-stage pipelines fit in shared memory (the correctness path).
-_TUNED = {2: (BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128),
-              (8, 8, 8), (3, 3, 4)),
-          4: (BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64),
-              (4, 4, 4), (2, 2, 2))}
-
-
-def default_blocks(dtype):
-    return _TUNED[jnp.dtype(dtype).itemsize][0]
-
-
-def options(dtype, num_warps=None, num_stages=None):
-    """Warps and stages of the forward, dq and dk/dv kernels: an int for all three, a
-    ``(forward, dq, dkv)`` tuple, or ``None`` for this kernel's defaults for ``dtype``."""
-    _, warps, stages = _TUNED[jnp.dtype(dtype).itemsize]
-    return TritonOptions.make(dtype, warps if num_warps is None else num_warps,
-                              stages if num_stages is None else num_stages)
+__all__ = ["backward", "default_blocks", "forward"]
 
 
 def _flat_table(table):
@@ -49,13 +34,6 @@ def _flat_table(table):
     tensors must have one)."""
     flat = table.reshape(-1)
     return jnp.pad(flat, (0, (1 << (flat.size - 1).bit_length()) - flat.size))
-
-
-def _query_tile_grid(plan, block_q):
-    """Grid (query tile, row, head), query tiles fastest so that programs running together
-    share one row's keys in L2; the longest (last) causal tiles start first."""
-    num_q = plan.num_blocks(block_q)
-    return (num_q, plan.batch, plan.num_heads), lambda p: num_q - 1 - p
 
 
 def _stream_keys(plan, row, head, q_block, key_start_ref, k_ref, v_ref, c_ref, visit, carry):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from EasyLM.models.llama.attention.softmax import SoftmaxAttention, enter_window, padding_bias
 from EasyLM.models.llama.rope import apply_rope, apply_rope_as_first
-from FoT.cross_batch import FALLBACK_ORDER, attend
+from FoT.cross_batch import FALLBACK_ORDER, attend, first_supported
 from FoT.cross_batch import check_supported as check_cross_batch_support
 from FoT.inference import LayerCache
 from FoT.sharded import sharded_cross_batch
@@ -40,15 +40,9 @@ def resolve_cross_batch_implementation(config, length, dtype=jnp.float32, padded
         order = FALLBACK_ORDER[FALLBACK_ORDER.index(configured):]
     else:
         return configured
-    for name in order[:-1]:
-        try:
-            check_cross_batch_support(name, length=length, head_dim=config.head_dim,
-                                      dtype=dtype, padded=padded,
-                                      block_size=config.cross_batch_block_size)
-        except NotImplementedError:
-            continue
-        return name
-    return order[-1]  # every order ends with the reference, which runs any input
+    return first_supported(order, lambda name: check_cross_batch_support(
+        name, length=length, head_dim=config.head_dim, dtype=dtype, padded=padded,
+        block_size=config.cross_batch_block_size))
 
 
 class FoTMemoryAttention(SoftmaxAttention):
