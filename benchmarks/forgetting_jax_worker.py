@@ -52,7 +52,7 @@ def attention(job, variant):
 
 def skip_block(job):
     """The kernel's skip granularity for ``job``: its largest tile (``plan.skip_block``)."""
-    tiles = dataclasses.asdict(default_blocks(job["dtype"]))
+    tiles = dataclasses.asdict(default_blocks(job["dtype"], job["head_dim"]))
     tiles.update({name: size for name, size in job.get("kernel_options", {}).items()
                   if name in tiles})
     return min(max(tiles.values()), job["length"])

@@ -32,3 +32,29 @@ def test_smoke_run_writes_its_files(tmp_path):
     assert table[-4].startswith("| variant |")
     assert table[-2].startswith("| pallas | 64 | 64 | 2 | 2 |")
     assert table[-1].startswith("| fla |") and "skipped: fla not importable" in table[-1]
+
+
+@pytest.mark.slow
+def test_tile_search_keeps_the_defaults_among_its_candidates(tmp_path):
+    """The search's smoke run (interpreted): the defaults are timed first, every stage's best
+    is one of the settings it timed, and a failing setting is recorded, not fatal."""
+    from benchmarks import tune_forgetting
+    from EasyLM.forgetting.kernels.triton_lowering import default_blocks
+    results = tune_forgetting.main(["--smoke", "--out", str(tmp_path)])
+    [result] = results
+    tried = result["tried"]
+    assert tried[0]["stage"] == "default" and tried[0]["options"]["block_q"] == min(
+        default_blocks("bfloat16", 64).block_q, 64)
+    timed = [r for r in tried if "tflops" in r]
+    assert result["best_tflops"]["fwd+bwd"] == max(r["tflops"] for r in timed
+                                                   if r["stage"] == "dkv")
+    assert any(r["options"] == result["best"] for r in timed if r["stage"] == "dkv")
+    [name] = os.listdir(tmp_path)
+    assert json.loads((tmp_path / name).read_text())["results"][0]["best"] == json.loads(
+        json.dumps(result["best"]))
+
+
+def test_tile_search_rejects_a_malformed_shape():
+    from benchmarks import tune_forgetting
+    with pytest.raises(SystemExit, match="'4096' is not LxD"):
+        tune_forgetting.parse_shapes("4096")

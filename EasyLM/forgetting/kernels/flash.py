@@ -19,7 +19,6 @@ from EasyLM.forgetting.kernels.plan import KERNEL, check_blocks, check_inputs, m
 from EasyLM.forgetting.skipping import check_skip_threshold, skip_ranges
 from FoT.kernels.flash import (NATIVE_PLATFORM, check_compiled, check_triton_settings,
                                choose_blocks, pick_backend)
-from FoT.kernels.triton_lowering import TritonOptions
 
 _LOWERINGS = {"triton": triton_lowering, "mosaic": mosaic_lowering}
 
@@ -55,11 +54,12 @@ def flash_forgetting_attention(q, k, v, c, *, skip_threshold=None, backend=None,
         interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
     check_triton_settings(backend, num_warps, num_stages)
     check_skip_threshold(skip_threshold)
-    blocks = _blocks(backend, q.dtype, q.shape[1], dict(
+    blocks = _blocks(backend, q.dtype, q.shape[3], q.shape[1], dict(
         block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv))
     plan = make_plan(q, k, v, c, blocks)
     lowering = _Lowering(backend, bool(interpret),
-                         TritonOptions.make(q.dtype, num_warps, num_stages))
+                         triton_lowering.default_options(q.dtype, q.shape[3], num_warps,
+                                                         num_stages))
     return _attention(plan, lowering, skip_threshold, q, k, v, c)
 
 
@@ -73,18 +73,18 @@ def check_supported(length, head_dim, dtype, *, backend=None, interpret=False):
     if not interpret:
         check_compiled(backend, KERNEL)
     check_inputs(head_dim, dtype)
-    check_blocks(length, _blocks(backend, dtype, length, {}))
+    check_blocks(length, _blocks(backend, dtype, head_dim, length, {}))
 
 
-def _blocks(backend, dtype, length, chosen):
-    return choose_blocks(_LOWERINGS[backend].default_blocks(dtype), length, chosen)
+def _blocks(backend, dtype, head_dim, length, chosen):
+    return choose_blocks(_LOWERINGS[backend].default_blocks(dtype, head_dim), length, chosen)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Lowering:
     backend: str
     interpret: bool
-    triton: TritonOptions
+    triton: object  # FoT.kernels.triton_lowering.TritonOptions
 
     def _options(self):
         if self.backend == "triton":

@@ -20,13 +20,39 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from EasyLM.forgetting.kernels import tiles
-# The tiles, warps and stages (default_blocks, TritonOptions) are the cross-batch kernel's,
-# swept on an H200 for its local slot, which is the same causal loop; not yet swept for this
-# kernel.  Its grid order too: query tiles fastest, longest causal tiles first.
-from FoT.kernels.triton_lowering import (_query_tile_grid, _stat_row, _tile, _whole_array,
-                                         default_blocks)
+# The grid order (query tiles fastest, longest causal tiles first) and the tile loads are the
+# cross-batch kernel's; so are the tiles, warps and stages of the shapes this kernel has no
+# measured setting for.
+from FoT.kernels import triton_lowering as shared
+from FoT.kernels.plan import BlockSizes
+from FoT.kernels.triton_lowering import _query_tile_grid, _stat_row, _tile, _whole_array
 
-__all__ = ["backward", "default_blocks", "forward"]
+# Tiles, warps and stages per (input itemsize, head size): the best of
+# benchmarks/tune_forgetting.py's search at L=4096 on an H200 (2026-12-06, docs/kernels.md).
+# float32 (the correctness path) takes the cross-batch kernel's, which the search starts from.
+_TUNED = {(2, 64): (BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=128),
+                    (4, 4, 4), (3, 4, 3)),
+          (2, 128): (BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_k_dkv=64),
+                     (4, 4, 4), (3, 2, 3))}
+
+
+def default_blocks(dtype, head_dim=None):
+    tuned = _TUNED.get((jnp.dtype(dtype).itemsize, head_dim))
+    return tuned[0] if tuned else shared.default_blocks(dtype)
+
+
+def default_options(dtype, head_dim=None, num_warps=None, num_stages=None):
+    """:class:`FoT.kernels.triton_lowering.TritonOptions` of the forward, dq and dk/dv
+    kernels: ``num_warps``/``num_stages`` as given (an int or a 3-tuple), else the measured
+    setting of ``(dtype, head_dim)``, else the cross-batch kernel's."""
+    tuned = _TUNED.get((jnp.dtype(dtype).itemsize, head_dim))
+    if tuned is not None:
+        num_warps = tuned[1] if num_warps is None else num_warps
+        num_stages = tuned[2] if num_stages is None else num_stages
+    return shared.TritonOptions.make(dtype, num_warps, num_stages)
+
+
+__all__ = ["backward", "default_blocks", "default_options", "forward"]
 
 
 def _flat_table(table):
