@@ -238,6 +238,72 @@ def _passkey_columns(lengths=(4096, 8192, 16384, 32768, 65536, 131072, 262144)):
     return columns
 
 
+# --- forgetting attention (benchmarks/bench_forgetting.py, tune_forgetting.py, experiments) --
+
+def _forgetting_rows(path):
+    """The kernel benchmark's rows, flattened: variant, D, L and each mode's figures."""
+    def rows(root):
+        out = []
+        for row in _load(root, path)["rows"]:
+            result = row["result"]
+            flat = dict(variant=row["variant"], head_dim=row["head_dim"], length=row["length"])
+            for mode in ("fwd", "fwd+bwd"):
+                for key in ("ms", "tflops"):
+                    flat[f"{mode} {key}"] = (result.get(mode) or {}).get(key)
+            out.append(flat)
+        return out
+    return rows
+
+
+FORGETTING_COLUMNS = [
+    ("variant", lambda r: r["variant"]),
+    ("D", lambda r: str(r["head_dim"])),
+    ("L", lambda r: str(r["length"])),
+    ("fwd ms", _measured("fwd ms", 2)),
+    ("fwd TFLOP/s", _measured("fwd tflops")),
+    ("fwd+bwd ms", _measured("fwd+bwd ms", 2)),
+    ("fwd+bwd TFLOP/s", _measured("fwd+bwd tflops")),
+]
+
+
+def _tile_search_rows(path):
+    """Per searched shape: the defaults it started from, the best setting and cuDNN."""
+    def describe(o):
+        return (f"q{o['block_q']} k{o['block_k']}, dkv q{o['block_q_dkv']} k{o['block_k_dkv']}, "
+                f"warps {','.join(map(str, o['num_warps']))}, "
+                f"stages {','.join(map(str, o['num_stages']))}")
+
+    def rows(root):
+        out = []
+        for result in _load(root, path)["results"]:
+            shape = result["shape"]
+            for name, options, rates in (("start", result["default"], result["default_tflops"]),
+                                         ("best", result["best"], result["best_tflops"]),
+                                         ("cuDNN causal softmax", None,
+                                          result["cudnn_tflops"] or {})):
+                out.append({"L": shape["length"], "D": shape["head_dim"], "setting": name,
+                            "options": describe(options) if options else "",
+                            "fwd": rates.get("fwd"), "fwd+bwd": rates.get("fwd+bwd")})
+        return out
+    return rows
+
+
+def _position_rows(items, split):
+    """Loss of the tokens before and from ``split`` of ``[(label, eval JSON)]``."""
+    def mean(result, before):
+        chosen = [(start < split) == before for start in result["bucket_starts"]]
+        pairs = [(loss, n) for loss, n, keep in zip(result["with_memory"],
+                                                    result["tokens_per_bucket"], chosen) if keep]
+        return sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
+
+    def rows(root):
+        return [{"model": label, "documents": (r := _load(root, path))["num_docs"],
+                 "before": mean(r, True), "from": mean(r, False)} for label, path in items]
+    return rows
+
+
+FOX_SCRATCH = f"{EXPERIMENTS}/fox_scratch_h100_2026-12-06"
+
 DICTIONARY = f"{EXPERIMENTS}/dictionary_lookup_h100_2026-11-24"
 CODE = f"{EXPERIMENTS}/code_memory_h100_2026-11-24"
 SMOLLM2 = f"{EXPERIMENTS}/pretrained_smollm2_h200_2026-12-02"
@@ -311,6 +377,39 @@ SECTIONS = [
               "day (cuDNN rows: run 1, reference and blockwise: run 2, Pallas: run 3 with the "
               "final defaults). cuDNN runs on keys and values gathered in advance (not timed). "
               "Peak memory includes the inputs."),
+    ]),
+    ("Forgetting attention (FoX)", [
+        Table("Fused Pallas FoX kernel against fla-core 0.6.0 and cuDNN causal softmax, bf16, "
+              "32k tokens per shape, H*D = 2048, MHA",
+              f"{BENCHMARKS}/bench_forgetting_h100_2026-12-06_tuned.json",
+              "one NVIDIA H100 80GB HBM3, jax 0.11.2, torch 2.11, fla-core 0.6.0",
+              "python -m benchmarks.bench_forgetting --fla-path DIR",
+              _forgetting_rows(f"{BENCHMARKS}/bench_forgetting_h100_2026-12-06_tuned.json"),
+              FORGETTING_COLUMNS,
+              "The kernel's default tiles (those the H200 search below chose). Joined from five "
+              "calls on one machine, each cut by the device's limits (the JSON's header says "
+              "which). cuDNN has no gates: it is the speed of causal softmax attention alone."),
+        Table("Tile search of the FoX kernel at L=4096 (bf16, TFLOP/s)",
+              f"{BENCHMARKS}/tune_forgetting_nvidia_h200_2026-12-06.json", H200,
+              "python -m benchmarks.tune_forgetting --budget 150",
+              _tile_search_rows(f"{BENCHMARKS}/tune_forgetting_nvidia_h200_2026-12-06.json"),
+              [("L", lambda r: str(r["L"])), ("D", lambda r: str(r["D"])),
+               ("setting", lambda r: r["setting"]), ("tiles, warps, stages",
+                                                      lambda r: r["options"]),
+               ("fwd", _measured("fwd")), ("fwd+bwd", _measured("fwd+bwd"))],
+              "start: the cross-batch kernel's defaults, where the search began; best: now the "
+              "kernel's defaults for that head size."),
+        Table("From scratch, 600 steps of 32 x 2,048 tokens (39M), seed 1: mean loss on 32 "
+              "held-out files of 16,384 tokens read as one window",
+              FOX_SCRATCH, "one NVIDIA H100 80GB HBM3 (both runs sharing it), jax 0.11.2",
+              "bash experiments/code_memory.sh fox_pro && bash experiments/code_memory.sh "
+              "llama (CODE_WINDOW=16384, docs/forgetting.md)",
+              _position_rows([("FoX (Pro), 100m_fox_pro", f"{FOX_SCRATCH}/eval_fox_pro.json"),
+                              ("LLaMA, 100m", f"{FOX_SCRATCH}/eval_llama.json")], 2048),
+              [("model", lambda r: r["model"]), ("documents", lambda r: str(r["documents"])),
+               ("loss before position 2,048 (the training length)",
+                lambda r: _number(r["before"], 4)),
+               ("loss from position 2,048 to 16,384", lambda r: _number(r["from"], 4))]),
     ]),
     ("Long-context inference (`benchmarks/bench_inference.py`)", [
         Table("PyTorch export, 1.24B random FoT model, window 2048, bf16 (the default: chunked "
