@@ -220,6 +220,7 @@ def format_record(step, total_steps, record):
             parts.append(text.format(record[key]))
     add("train/loss", "loss {:.4f}")
     add("train/accuracy", "acc {:.3f}")
+    add("train/z_loss", "z-loss {:.3g}")
     add("eval/loss", "eval loss {:.4f}")
     add("eval/accuracy", "eval acc {:.3f}")
     add("train/learning_rate", "lr {:.2e}")

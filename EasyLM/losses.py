@@ -5,7 +5,13 @@ and the output-head kernel straight to the sums, one slice of sequence positions
 with a backward pass that recomputes each slice: neither pass holds more than one
 ``[B, chunk, V]`` float32 logits slice, instead of the ``[B, L, V]`` logits, their float32
 copy and log-softmax.
+
+Both return :class:`TokenSums`, whose ``z`` is the sum of ``logsumexp(logits)^2`` over the
+counted tokens: the z-loss (PaLM's auxiliary loss, the one SUPRA's uptraining uses), which a
+trainer adds to the objective times its coefficient and logs apart from the cross-entropy.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -13,14 +19,24 @@ import jax.numpy as jnp
 DEFAULT_LOSS_CHUNK_TOKENS = 8192
 
 
+class TokenSums(NamedTuple):
+    """Sums over the tokens with mask > 0: cross-entropy, correct predictions, tokens
+    counted and ``logsumexp(logits)^2`` (the z-loss)."""
+    loss: jax.Array
+    correct: jax.Array
+    count: jax.Array
+    z: jax.Array
+
+
 def token_sums(logits, targets, loss_masks):
-    """``(sum of cross-entropy, number correct, number counted)`` over tokens with mask > 0."""
+    """:class:`TokenSums` of ``logits [B, L, V]`` over tokens with mask > 0."""
     counted = (loss_masks > 0).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    lse = jax.nn.logsumexp(logits, axis=-1)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(losses * counted), jnp.sum(correct * counted), jnp.sum(counted)
+    return TokenSums(jnp.sum((lse - target_logits) * counted), jnp.sum(correct * counted),
+                     jnp.sum(counted), jnp.sum(lse * lse * counted))
 
 
 def chunk_length(rows, length, chunk_tokens):
@@ -52,7 +68,8 @@ def chunked_token_sums(hidden, head_kernel, targets, loss_masks, chunk_tokens, d
                        preferred_element_type=jnp.float32)
 
     def chunk_primal(kernel, h, t, m):
-        return token_sums(chunk_logits(kernel, h), t, m)[:2]
+        sums = token_sums(chunk_logits(kernel, h), t, m)
+        return sums.loss, sums.correct, sums.z
 
     # A hand-written VJP: it recomputes the chunk's logits (nothing of size V is saved) and
     # feeds the matmuls of the backward pass ``dtype`` operands; autodiff would promote them
@@ -65,10 +82,13 @@ def chunked_token_sums(hidden, head_kernel, targets, loss_masks, chunk_tokens, d
     def chunk_backward(saved, cotangents):
         kernel, h, t, m = saved
         logits = chunk_logits(kernel, h)
-        scale = (m > 0).astype(jnp.float32) * cotangents[0]
+        counted = (m > 0).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         one_hot = jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)
-        d_logits = ((probs - one_hot) * scale[..., None]).astype(dtype)
+        # d lse^2 / d logits = 2 lse softmax(logits)
+        z_scale = 2 * jax.nn.logsumexp(logits, axis=-1) * counted * cotangents[2]
+        d_logits = ((probs - one_hot) * (counted * cotangents[0])[..., None]
+                    + probs * z_scale[..., None]).astype(dtype)
         d_h = jnp.einsum("bcv,ev->bce", d_logits, kernel.astype(dtype),
                          preferred_element_type=jnp.float32).astype(h.dtype)
         d_kernel = jnp.einsum("bce,bcv->ev", h.astype(dtype), d_logits,
@@ -78,12 +98,11 @@ def chunked_token_sums(hidden, head_kernel, targets, loss_masks, chunk_tokens, d
     chunk_sums.defvjp(chunk_forward, chunk_backward)
 
     def body(totals, xs):
-        loss, correct = chunk_sums(head_kernel, *xs)
-        return (totals[0] + loss, totals[1] + correct), None
+        return tuple(a + b for a, b in zip(totals, chunk_sums(head_kernel, *xs))), None
 
     zero = jnp.zeros((), jnp.float32)
     targets = targets.astype(jnp.int32)
-    (loss_sum, correct), _ = jax.lax.scan(
-        body, (zero, zero), (split(hidden), split(targets), split(loss_masks)))
+    (loss_sum, correct, z_sum), _ = jax.lax.scan(
+        body, (zero, zero, zero), (split(hidden), split(targets), split(loss_masks)))
     counted = jnp.sum((loss_masks > 0).astype(jnp.float32))
-    return loss_sum, jax.lax.stop_gradient(correct), counted
+    return TokenSums(loss_sum, jax.lax.stop_gradient(correct), counted, z_sum)

@@ -41,10 +41,10 @@ def _schedule_defaults():
         lr_schedule=Option("cosine", "decay shape: cosine or linear"),
         weight_decay=Option(0.0, "decoupled weight decay per step, times the learning rate"),
         weight_decay_exclusions=Option(r"(attention_norm|ffn_norm|ln_f|q_norm|k_norm|o_norm)"
-                                       r"/kernel,(fgate|kshift|vshift)/bias",
+                                       r"/kernel,(fgate|kshift|vshift|gate_up)/bias",
                                        "comma-separated regexes of parameter paths without "
                                        "weight decay (default: the RMSNorm scales and the "
-                                       "forgetting layers' gate biases)"),
+                                       "forgetting and GLA layers' gate biases)"),
         clip_gradient=Option(1.0, "clip the global gradient norm to this; 0 = no clipping"),
     )
 

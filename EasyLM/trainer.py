@@ -71,14 +71,17 @@ class Trainer:
 
     def __init__(self, mesh, model_config, optimizer_config, dtype="fp32",
                  eval_model_config=None, skip_nonfinite=False,
-                 loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS):
+                 loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS, z_loss=0.0):
         """``loss_chunk_tokens > 0``: the loss runs over slices of sequence positions holding
         at most that many tokens of the global batch, never materialising the whole
         ``[B, L, V]`` logits (:func:`EasyLM.losses.chunked_token_sums`); 0 computes full
-        logits."""
+        logits.  ``z_loss > 0`` adds that coefficient times the mean ``logsumexp(logits)^2``
+        of the counted tokens to the objective; the step's metrics then hold it apart
+        (``z_loss``, the term as added) and ``loss`` stays the cross-entropy."""
         self.mesh = mesh
         self.model_config = model_config
         self.loss_chunk_tokens = int(loss_chunk_tokens)
+        self.z_loss = float(z_loss)
         compute = float_dtype(dtype)
         self.compute_dtype = compute
         self.model = FlaxLLaMAForCausalLMModule(model_config, dtype=compute,
@@ -133,16 +136,17 @@ class Trainer:
 
     def _gradients(self, params, batch, token_count):
         def loss_fn(params):
-            loss_sum, correct, _ = self._token_sums(self.model, params, batch)
-            return loss_sum / token_count, (loss_sum, correct)
-        (_, (loss_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, loss_sum, correct
+            sums = self._token_sums(self.model, params, batch)
+            objective = sums.loss + self.z_loss * sums.z if self.z_loss else sums.loss
+            return objective / token_count, (sums.loss, sums.correct, sums.z)
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return (grads,) + sums
 
     def _train_step(self, state, batch):
         params = state["params"]
         token_count = jnp.maximum(jnp.sum(batch.loss_masks > 0), 1).astype(jnp.float32)
         if self.accumulate == 1:
-            grads, loss_sum, correct = self._gradients(params, batch, token_count)
+            grads, loss_sum, correct, z_sum = self._gradients(params, batch, token_count)
         else:
             n = self.accumulate
             micro = jax.tree_util.tree_map(
@@ -153,8 +157,8 @@ class Trainer:
                 part = self._gradients(params, micro_batch, token_count)
                 return jax.tree_util.tree_map(jnp.add, total, part), None
 
-            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, loss_sum, correct), _ = jax.lax.scan(accumulate, zeros, micro)
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),) + (jnp.zeros(()),) * 3
+            (grads, loss_sum, correct, z_sum), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.global_norm(grads)
@@ -170,11 +174,13 @@ class Trainer:
         metrics = {"loss": loss_sum / token_count, "accuracy": correct / token_count,
                    "learning_rate": self.schedule(state["step"]), "gradient_norm": grad_norm,
                    "param_norm": optax.global_norm(new_params), "skipped_steps": skipped}
+        if self.z_loss:
+            metrics["z_loss"] = self.z_loss * z_sum / token_count
         return new_state, metrics
 
     def _eval_step(self, params, batch):
-        loss_sum, correct, count = self._token_sums(self.eval_model, params, batch)
-        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+        sums = self._token_sums(self.eval_model, params, batch)
+        return {"loss_sum": sums.loss, "correct": sums.correct, "count": sums.count}
 
     # Host-side API; call these inside ``jax.set_mesh(trainer.mesh)``.
 

@@ -32,7 +32,14 @@ import os
 import re
 import time
 
+import jax
+import jax.numpy as jnp
+
 from benchmarks.bench_attention import timed
+from benchmarks.forgetting_jax_worker import inputs
+from EasyLM.flops import attention_flops
+from EasyLM.forgetting import forgetting_attention
+from EasyLM.forgetting.kernels.triton_lowering import default_blocks, default_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORWARD_GRID = dict(block_q=(64, 128), block_k=(32, 64, 128), warps=(4, 8), stages=(2, 3))
@@ -78,9 +85,6 @@ class Search:
     """Times settings of one shape until its deadline; keeps every result."""
 
     def __init__(self, job, args, interpret):
-        from benchmarks.forgetting_jax_worker import inputs
-        from EasyLM.flops import attention_flops
-        import jax.numpy as jnp
         self.job, self.interpret, self.min_time = job, interpret, args.min_time
         self.deadline = time.perf_counter() + args.budget
         self.arrays = inputs(job, jnp.bfloat16)
@@ -91,8 +95,6 @@ class Search:
     def run(self, stage, options, mode):
         """TFLOP/s of the kernel with ``options`` in ``mode`` (``fwd`` or ``fwd+bwd``); None
         when it failed or the deadline has passed."""
-        import jax
-        from EasyLM.forgetting import forgetting_attention
         record = dict(stage=stage, mode=mode, options=options)
         self.results.append(record)
         if time.perf_counter() > self.deadline:
@@ -140,7 +142,6 @@ def triton_settings(options, kernel, warps, stages):
 
 
 def defaults(dtype, head_dim):
-    from EasyLM.forgetting.kernels.triton_lowering import default_blocks, default_options
     options = dataclasses.asdict(default_blocks(dtype, head_dim))
     triton = default_options(dtype, head_dim)
     options.update(num_warps=triton.num_warps, num_stages=triton.num_stages)
@@ -148,7 +149,6 @@ def defaults(dtype, head_dim):
 
 
 def search_shape(job, args, interpret, grids):
-    import jax.numpy as jnp
     search = Search(job, args, interpret)
     start = defaults(jnp.bfloat16, job["head_dim"])
     start = {name: value if not isinstance(value, int) else min(value, job["length"])
@@ -176,7 +176,6 @@ def search_shape(job, args, interpret, grids):
 def cudnn_tflops(job, search):
     """cuDNN causal softmax attention (no gates) on the same arrays, forward and
     forward+backward TFLOP/s."""
-    import jax
     q, k, v, _, cotangent = search.arrays
 
     def attention(q, k, v):
@@ -225,7 +224,6 @@ def table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    import jax
     interpret = jax.default_backend() != "gpu"
     if interpret and not args.smoke:
         raise SystemExit("tune_forgetting times the compiled kernel: run it on a GPU "

@@ -59,7 +59,7 @@ def test_attention_type_per_layer_and_its_errors():
         attention_type=("softmax",) * 4))[1] == "fot_memory"
     errors = {
         "fox": r"attention_type 'fox': unknown attention family; give one of \['forgetting', "
-               r"'softmax'\] or a list",
+               r"'gla', 'softmax', 'supra'\] or a list",
         "fot_memory": r"attention_type 'fot_memory': memory layers are the layers of "
                       r"mem_layers",
         ("softmax", "forgetting"): r"attention_type lists 2 families for 3 layers "

@@ -163,9 +163,10 @@ ATTENTION = "EasyLM.models.llama.attention"
 
 def test_attention_families_sit_below_the_decoder():
     # Families use the shared projections, rotary embedding, sharding helpers, FoT's
-    # attention and the forgetting-attention maths; the decoder and what runs it import them,
-    # never the other way round.
-    allowed = {"EasyLM.jax_utils", "EasyLM.models.llama.rope", "EasyLM.forgetting"}
+    # attention and the forgetting and linear attention maths; the decoder and what runs it
+    # import them, never the other way round.
+    allowed = {"EasyLM.jax_utils", "EasyLM.models.llama.rope", "EasyLM.forgetting",
+               "EasyLM.linear"}
     families = [m for m in GRAPH if m == ATTENTION or m.startswith(ATTENTION + ".")]
     assert f"{ATTENTION}.interface" in families
     above = sorted((module, target) for module in families for target in GRAPH[module]

@@ -21,6 +21,9 @@ def test_parameters_and_activations_keep_their_layouts():
         ("attention/(fgate|kshift|vshift)/bias", PS(None)),
         ("attention/ogate/kernel", PS("fsdp", "mp")),
         ("attention/(q_norm|k_norm|o_norm)/kernel", PS(None)),
+        ("attention/(feature_map|key_feature_map)/(kernel|bias)", PS(None)),
+        ("attention/gate_down/kernel", PS("fsdp", None)),
+        ("attention/gate_up/(kernel|bias)", PS(None)),
     )
     assert logical_spec("batch", "length", "heads", "head_dim") == PS(("dp", "fsdp"), None,
                                                                       "mp", None)

@@ -31,11 +31,11 @@ def test_chunked_sums_and_gradients_equal_full_logits(chunk_tokens):
     hidden, kernel, targets, masks = inputs()
 
     def full(h, w):
-        loss, correct, count = token_sums(h @ w, targets, masks)
+        loss, correct, count, _ = token_sums(h @ w, targets, masks)
         return loss, (correct, count)
 
     def chunked(h, w):
-        loss, correct, count = chunked_token_sums(h, w, targets, masks, chunk_tokens)
+        loss, correct, count, _ = chunked_token_sums(h, w, targets, masks, chunk_tokens)
         return loss, (correct, count)
 
     # Compiled, as the train step runs it (and one compilation instead of op-by-op dispatch).
@@ -66,3 +66,28 @@ def test_bf16_chunks_stay_close_to_float32_and_keep_float32_kernel_gradient():
     np.testing.assert_allclose(dw16, dw32, atol=2e-2 * float(jnp.max(jnp.abs(dw32))))
     np.testing.assert_allclose(np.asarray(dh16, np.float32), dh32,
                                atol=2e-2 * float(jnp.max(jnp.abs(dh32))))
+
+
+def test_z_loss_sums_and_gradients_chunked_equal_full_and_the_definition():
+    """The z-loss (sum of logsumexp(logits)^2 over counted tokens) from full logits equals its
+    definition, and the chunked sums give the same value and gradients of
+    cross-entropy + coefficient * z."""
+    hidden, kernel, targets, masks = inputs(seed=3)
+    logits = hidden @ kernel
+    want = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * (masks > 0))
+    np.testing.assert_allclose(token_sums(logits, targets, masks).z, want, rtol=1e-6)
+
+    def objective(sums_fn):
+        def f(h, w):
+            sums = sums_fn(h, w)
+            return sums.loss + 0.3 * sums.z
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(hidden, kernel)
+
+    value, grads = objective(lambda h, w: token_sums(h @ w, targets, masks))
+    c_value, c_grads = objective(lambda h, w: chunked_token_sums(h, w, targets, masks, 8))
+    np.testing.assert_allclose(c_value, value, rtol=1e-6)
+    for got, want in zip(c_grads, grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the z term moves the gradient: it is not the cross-entropy's alone
+    ce_grad = jax.grad(lambda h: token_sums(h @ kernel, targets, masks).loss)(hidden)
+    assert float(jnp.max(jnp.abs(grads[0] - ce_grad))) > 1e-3

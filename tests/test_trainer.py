@@ -52,7 +52,7 @@ def test_loss_and_accuracy_are_means_over_masked_tokens():
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     targets = rng.integers(0, 7, size=(2, 5))
     masks = (rng.random((2, 5)) > 0.4).astype(np.float32)
-    loss_sum, correct, count = token_sums(jnp.asarray(logits), jnp.asarray(targets),
+    loss_sum, correct, count, _ = token_sums(jnp.asarray(logits), jnp.asarray(targets),
                                           jnp.asarray(masks))
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
@@ -236,6 +236,46 @@ def test_chunked_loss_step_equals_full_logits_step(tiny_initial, tied):
         np.testing.assert_allclose(c_metrics[key], metrics[key], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            c_params, params)
+
+
+@pytest.mark.slow
+def test_z_loss_is_added_to_the_objective_and_logged_apart(tiny_initial):
+    """With z_loss the step's ``loss`` is still the cross-entropy, ``z_loss`` is the
+    coefficient times the mean logsumexp^2 of the initial model's logits, and the gradient
+    differs from the step without it; chunked and full logits agree, also with
+    accumulation."""
+    config = tiny_config(cross_batch_range=1, cross_batch_stepping=True, dataset_packing=2)
+    batch, _ = next(iter(dataset("doc_aware_k2")))
+    mesh = single_device_mesh()
+    runs = {}
+    for z_loss, chunk, accumulate in ((0.0, 40, 1), (0.5, 40, 1), (0.5, 0, 1), (0.5, 40, 2)):
+        trainer = Trainer(mesh, config, optimizer_config(dict(
+            OPTIMIZER.to_dict(), accumulate_gradient_steps=accumulate)),
+            loss_chunk_tokens=chunk, z_loss=z_loss)
+        with jax.set_mesh(mesh):
+            global_batch = trainer.global_batch(batch, 8)
+            state, metrics = trainer.train_step(jax.device_put(tiny_initial), global_batch)
+            if z_loss == 0.0:
+                logits = trainer.model.apply({"params": jax.device_put(
+                    tiny_initial["params"])}, global_batch.input_tokens).logits
+        runs[(z_loss, chunk, accumulate)] = (jax.device_get(state["params"]),
+                                             jax.device_get(metrics))
+    counted = np.asarray(batch["loss_masks"]) > 0
+    lse = np.asarray(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+    _, plain = runs[(0.0, 40, 1)]
+    assert "z_loss" not in plain
+    params, metrics = runs[(0.5, 40, 1)]
+    np.testing.assert_allclose(metrics["loss"], plain["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["z_loss"], 0.5 * np.mean(lse[counted] ** 2), rtol=1e-5)
+    # the z term reaches the gradient (the first step's learning rate is 0 in warm-up, so
+    # the parameters themselves do not move yet)
+    assert abs(metrics["gradient_norm"] - plain["gradient_norm"]) > 1e-3 * plain["gradient_norm"]
+    for key in ((0.5, 0, 1), (0.5, 40, 2)):
+        other_params, other = runs[key]
+        for name in ("loss", "z_loss", "gradient_norm"):
+            np.testing.assert_allclose(other[name], metrics[name], rtol=1e-5, err_msg=str(key))
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                               other_params, params)
 
 
 class TerminalStream(io.StringIO):

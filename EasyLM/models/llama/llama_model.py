@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from EasyLM.jax_utils import with_logical_constraint
 from EasyLM.legacy_keys import translate_model_fields
-from EasyLM import forgetting
+from EasyLM import forgetting, linear
 from EasyLM.models.llama.attention import (attention_family, check_attention_types,
                                            layer_attention_types)
 from EasyLM.models.llama.attention.interface import LayerOutput, RMSNorm, dense_layer
@@ -103,6 +103,12 @@ class LLaMAConfig:
     forgetting_kv_shift: bool = False
     forgetting_qk_norm: bool = False
     forgetting_output_gate: bool = False
+    # Linear attention layers (attention/linear.py): SUPRA's RoPE after its feature map, and
+    # the gate of gated linear attention (GLA): a rank-``gla_gate_rank`` projection whose
+    # log-sigmoid is divided by ``gla_gate_normaliser``.
+    supra_use_rope: bool = True
+    gla_gate_rank: int = 16
+    gla_gate_normaliser: float = 16.0
     # Cross-batch training: the train and eval models of one run differ here.
     cross_batch_range: int = _run_setting(
         0, "FoT cross-batch range C: memory layers also attend to the C previous rows",
@@ -132,6 +138,12 @@ class LLaMAConfig:
         "auto", "forgetting (FoX) layers' attention: auto (the first of the fallback order "
         "that takes the rows: pallas on GPU/TPU, blockwise, reference), "
         + ", ".join(forgetting.IMPLEMENTATIONS))
+    linear_implementation: str = _run_setting(
+        "auto", "linear attention (SUPRA, GLA) layers: auto (the first of the fallback order: "
+        "chunked, scan), " + ", ".join(linear.IMPLEMENTATIONS))
+    linear_chunk_size: int = _run_setting(
+        linear.DEFAULT_CHUNK_SIZE, "tokens per chunk of the chunked linear attention (a "
+        f"multiple of {linear.DEFAULT_SUBCHUNK})")
     remat_block: str = _run_setting(
         "", "jax.checkpoint policy of each decoder layer ('' = none): nothing_saveable, "
         "dots_saveable, dots_and_attention_saveable (also keeps fused attention outputs), ...")
@@ -174,6 +186,17 @@ class LLaMAConfig:
         if self.forgetting_implementation not in ("auto",) + forgetting.IMPLEMENTATIONS:
             raise ValueError(f"forgetting_implementation {self.forgetting_implementation!r}: "
                              f"choose one of {('auto',) + forgetting.IMPLEMENTATIONS}")
+        if self.linear_implementation not in ("auto",) + linear.IMPLEMENTATIONS:
+            raise ValueError(f"linear_implementation {self.linear_implementation!r}: choose "
+                             f"one of {('auto',) + linear.IMPLEMENTATIONS}")
+        if self.linear_chunk_size < 1 or self.linear_chunk_size % linear.DEFAULT_SUBCHUNK:
+            raise ValueError(f"linear_chunk_size {self.linear_chunk_size} must be a positive "
+                             f"multiple of {linear.DEFAULT_SUBCHUNK}")
+        if not isinstance(self.supra_use_rope, bool):
+            raise ValueError(f"supra_use_rope {self.supra_use_rope!r} must be true or false")
+        if self.gla_gate_rank < 1 or self.gla_gate_normaliser <= 0:
+            raise ValueError(f"gla_gate_rank {self.gla_gate_rank} must be >= 1 and "
+                             f"gla_gate_normaliser {self.gla_gate_normaliser} > 0")
         for name, least in (("cross_batch_range", 0), ("dataset_packing", 1),
                             ("cross_batch_block_size", 1)):
             if getattr(self, name) < least:
@@ -365,11 +388,18 @@ _FOX = dict(attention_type="forgetting")
 _FOX_PRO = dict(_FOX, forgetting_kv_shift=True, forgetting_qk_norm=True,
                 forgetting_output_gate=True)
 
+# Linear attention in every layer outside mem_layers: SUPRA (uptraining's target; from
+# scratch too) and gated linear attention.
+_SUPRA = dict(attention_type="supra")
+_GLA = dict(attention_type="gla")
+
 STANDARD_CONFIGS = {
     "debug": _size(128, 256, 2, 4, max_len=1024),
     "debug_fot": _size(128, 256, 2, 4, max_len=1024, mem_layers=(0,)),
     "debug_fox": _size(128, 256, 2, 4, max_len=1024, **_FOX),
     "debug_fox_pro": _size(128, 256, 2, 4, max_len=1024, **_FOX_PRO),
+    "debug_supra": _size(128, 256, 2, 4, max_len=1024, **_SUPRA),
+    "debug_gla": _size(128, 256, 2, 4, max_len=1024, **_GLA),
     # Small FoT models of the "Does FoT work?" experiments (docs/experiments.md); memory
     # layers at about the same depths as LongLLaMA 3B's 6, 12, 18 of 26.  The plain sizes
     # are their baselines without memory, beside the same sizes with FoX layers.
@@ -377,10 +407,14 @@ STANDARD_CONFIGS = {
     "25m_FoT": _size(512, 1408, 8, 8, mem_layers=(2, 4, 6)),
     "25m_fox": _size(512, 1408, 8, 8, **_FOX),
     "25m_fox_pro": _size(512, 1408, 8, 8, **_FOX_PRO),
+    "25m_supra": _size(512, 1408, 8, 8, **_SUPRA),
+    "25m_gla": _size(512, 1408, 8, 8, **_GLA),
     "100m": _size(768, 2048, 12, 12),
     "100m_FoT": _size(768, 2048, 12, 12, mem_layers=(3, 6, 9)),
     "100m_fox": _size(768, 2048, 12, 12, **_FOX),
     "100m_fox_pro": _size(768, 2048, 12, 12, **_FOX_PRO),
+    "100m_supra": _size(768, 2048, 12, 12, **_SUPRA),
+    "100m_gla": _size(768, 2048, 12, 12, **_GLA),
     "1b": _size(2048, 5504, 22, 16),
     "1b_fox": _size(2048, 5504, 22, 16, **_FOX),
     "1b_fox_pro": _size(2048, 5504, 22, 16, **_FOX_PRO),
@@ -411,6 +445,11 @@ def get_partition_rules():
         ("attention/(fgate|kshift|vshift)/bias", logical_spec(None)),
         ("attention/ogate/kernel", logical_spec("embed", "heads")),
         ("attention/(q_norm|k_norm|o_norm)/kernel", logical_spec(None)),
+        # Linear attention layers: SUPRA's feature maps act on one head's features (shared by
+        # the heads), GLA's gate projections are small; both stay whole.
+        ("attention/(feature_map|key_feature_map)/(kernel|bias)", logical_spec(None)),
+        ("attention/gate_down/kernel", logical_spec("embed", None)),
+        ("attention/gate_up/(kernel|bias)", logical_spec(None)),
     )
 
 

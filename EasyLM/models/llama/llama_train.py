@@ -82,6 +82,9 @@ def get_default_config(updates=None):
         loss_chunk_tokens=Option(DEFAULT_LOSS_CHUNK_TOKENS, "the loss runs over slices of at "
                                  "most this many tokens of the global batch, without full "
                                  "logits; 0 = full logits (faster, more memory)"),
+        z_loss=Option(0.0, "coefficient of the z-loss, the mean logsumexp(logits)^2 added to "
+                      "the objective (logged apart as z_loss; SUPRA uptraining uses 1e-4); "
+                      "0 = none"),
         tokenizer=tokenizer_lib.get_default_config(),
         train_dataset=DatasetFactory.get_default_config(),
         eval_dataset=DatasetFactory.get_default_config(),
@@ -185,7 +188,7 @@ def validate(config):
     # A run of 0 steps would "finish" at once and look like success.
     check_ranges(config, total_steps=">= 1", train_log_freq=">= 1", eval_freq=">= 0",
                  eval_steps=">= 0", save_model_freq=">= 0", save_milestone_freq=">= 0",
-                 loss_chunk_tokens=">= 0", peak_flops_per_device=">= 0")
+                 loss_chunk_tokens=">= 0", peak_flops_per_device=">= 0", z_loss=">= 0")
     check_ranges(config.checkpointer, "checkpointer.", keep_last=">= 0")
     try:
         parse_profile_steps(config.profile_steps, config.total_steps)
@@ -311,7 +314,7 @@ def main(config):
                                    settings.eval_pipeline.packing)
                   if eval_data is not None else None)
     trainer = Trainer(mesh, train_llama, config.optimizer, config.dtype, eval_llama,
-                      config.skip_nonfinite_steps, config.loss_chunk_tokens)
+                      config.skip_nonfinite_steps, config.loss_chunk_tokens, config.z_loss)
     if config.load_checkpoint:
         check_checkpoint_fits(config, llama, trainer.state_shapes["params"],
                               config.load_checkpoint,

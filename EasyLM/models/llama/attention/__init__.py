@@ -9,12 +9,15 @@ class; it never looks at the name otherwise.
 """
 from EasyLM.models.llama.attention.forgetting import ForgettingAttention
 from EasyLM.models.llama.attention.fot_memory import FoTMemoryAttention
+from EasyLM.models.llama.attention.linear import GatedLinearAttention, SupraAttention
 from EasyLM.models.llama.attention.softmax import SoftmaxAttention
 
 ATTENTION_FAMILIES = {
     "softmax": SoftmaxAttention,
     "fot_memory": FoTMemoryAttention,
     "forgetting": ForgettingAttention,
+    "supra": SupraAttention,
+    "gla": GatedLinearAttention,
 }
 # The family of the layers of ``mem_layers``, which alone decide where it runs.
 MEMORY_FAMILY = "fot_memory"

@@ -1,0 +1,106 @@
+"""Gated linear attention: the implementations behind the linear attention families (SUPRA,
+gated linear attention).
+
+:func:`linear_attention` is the one entry point layers call.  It computes, per head,
+
+    S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T,        o_t = scale * q_t^T S_t
+
+with ``a_t = log alpha_t <= 0`` per key dimension or per head (:mod:`EasyLM.linear.scan`).
+Variants (``implementation``):
+
+* ``"scan"``: the recurrence one token at a time, float32 (:mod:`EasyLM.linear.scan`), the
+  oracle every other variant is tested against.
+* ``"chunked"``: chunkwise parallel in plain XLA, every exponent non-positive
+  (:mod:`EasyLM.linear.chunked`): the training form.
+
+:func:`check_supported` is each variant's declaration, :data:`FALLBACK_ORDER` the order a
+caller falls back in and :func:`resolve_implementation` the rule a layer applies to its
+configured choice.  Padding (``key_mask``) is exact in every variant: a masked token neither
+writes to the state nor decays it.
+"""
+import math
+
+import jax.numpy as jnp
+
+from EasyLM.linear.chunked import (DEFAULT_CHUNK_SIZE, DEFAULT_SUBCHUNK, check_chunking,
+                                   chunked_linear_attention)
+from EasyLM.linear.scan import check_shapes, scan_linear_attention
+from FoT.cross_batch import first_supported
+
+IMPLEMENTATIONS = ("scan", "chunked")
+# Fastest first; a caller choosing automatically takes the first that accepts its inputs.
+FALLBACK_ORDER = ("chunked", "scan")
+
+
+def _check_name(implementation, allowed=IMPLEMENTATIONS):
+    if implementation not in allowed:
+        raise ValueError(f"unknown linear attention implementation {implementation!r}; choose "
+                         f"one of {allowed}")
+
+
+def check_supported(implementation, *, chunk_size=DEFAULT_CHUNK_SIZE,
+                    subchunk=DEFAULT_SUBCHUNK):
+    """None when ``implementation`` runs with these settings, else ``NotImplementedError``
+    saying why.  Both variants take any length, head size, dtype and padding."""
+    _check_name(implementation)
+    if implementation == "chunked":
+        try:
+            check_chunking(chunk_size, subchunk)
+        except ValueError as e:
+            raise NotImplementedError(str(e)) from None
+
+
+def resolve_implementation(configured, *, chunk_size=DEFAULT_CHUNK_SIZE,
+                           subchunk=DEFAULT_SUBCHUNK):
+    """The variant a layer runs when configured with ``configured`` (``"auto"`` or one of
+    :data:`IMPLEMENTATIONS`): ``auto`` takes the first of :data:`FALLBACK_ORDER` that
+    :func:`check_supported` accepts; an explicit choice is kept."""
+    _check_name(configured, ("auto",) + IMPLEMENTATIONS)
+    if configured != "auto":
+        return configured
+    return first_supported(FALLBACK_ORDER, lambda name: check_supported(
+        name, chunk_size=chunk_size, subchunk=subchunk))
+
+
+def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *, scale=None,
+                     chunk_size=DEFAULT_CHUNK_SIZE, subchunk=DEFAULT_SUBCHUNK,
+                     initial_state=None, return_state=False):
+    """Gated linear attention ``[B, L, H, Dv]`` in ``q.dtype``.
+
+    Args:
+      q: ``[B, L, H, Dk]``; k: ``[B, L, KV, Dk]``; v: ``[B, L, KV, Dv]`` (``H % KV == 0``).
+      log_alpha: log gates ``<= 0``, ``[B, L, H, Dk]`` (per key dimension) or ``[B, L, H, 1]``
+        (per head).
+      key_mask: ``[B, L]`` bool or None: False marks padding, which leaves the state as it was.
+      implementation: ``"auto"`` (:func:`resolve_implementation`) or one of
+        :data:`IMPLEMENTATIONS`.
+      scale: multiplies the queries; ``None``: ``1 / sqrt(Dk)``.
+      chunk_size, subchunk: the chunked variant's chunk and sub-chunk (``subchunk`` divides
+        ``chunk_size``).
+      initial_state: ``[B, H, Dk, Dv]`` float32 state before the first token (None: zeros).
+      return_state: also return the state after the last token.
+    """
+    check_shapes(q, k, v, log_alpha, initial_state)
+    if implementation == "auto":
+        implementation = resolve_implementation("auto", chunk_size=chunk_size,
+                                                subchunk=subchunk)
+    _check_name(implementation)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    if key_mask is not None:
+        real = key_mask[:, :, None, None]
+        k = jnp.where(real, k, 0).astype(k.dtype)
+        log_alpha = jnp.where(real, log_alpha, 0).astype(log_alpha.dtype)
+    if implementation == "scan":
+        out, state = scan_linear_attention(q, k, v, log_alpha, scale=scale,
+                                           initial_state=initial_state)
+    else:
+        out, state = chunked_linear_attention(q, k, v, log_alpha, scale=scale,
+                                              chunk_size=chunk_size, subchunk=subchunk,
+                                              initial_state=initial_state)
+    return (out, state) if return_state else out
+
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_SUBCHUNK", "FALLBACK_ORDER", "IMPLEMENTATIONS",
+           "check_supported", "chunked_linear_attention", "linear_attention",
+           "resolve_implementation", "scan_linear_attention"]

@@ -1,0 +1,150 @@
+"""Linear attention (EasyLM.linear): the chunked form against the recurrence it computes, in
+float32, outputs, final states and every gradient (gates included); padding; the declared
+errors; the SUPRA and GLA layers' own pieces; models of linear layers, alone and beside FoT
+memory layers, training and decoding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from EasyLM.linear import (FALLBACK_ORDER, check_supported, linear_attention,
+                           resolve_implementation)
+from EasyLM.models.llama.attention.linear import group_norm_heads, supra_log_decay
+
+WEAK, STRONG = 4.0, -3.0  # gate logits' mean: alpha near 0.98 or near 0.05 per token
+
+
+def inputs(batch, length, heads, kv_heads, head_dim, per_dim, mu, seed=0, value_dim=None):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim))
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, value_dim or head_dim))
+    gate_shape = (batch, length, heads, head_dim if per_dim else 1)
+    log_alpha = jax.nn.log_sigmoid(mu + jax.random.normal(keys[3], gate_shape))
+    state = jax.random.normal(keys[4], (batch, heads, head_dim, value_dim or head_dim))
+    return q, k, v, log_alpha, state
+
+
+def relative(got, want):
+    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
+def outputs_and_gradients(implementation, args, **options):
+    def f(q, k, v, log_alpha, state):
+        out, final = linear_attention(q, k, v, log_alpha, implementation=implementation,
+                                      initial_state=state, return_state=True, **options)
+        # every output and the final state reach the loss with their own weights
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(final)), (out, final)
+    (_, (out, final)), grads = jax.jit(jax.value_and_grad(f, argnums=range(5), has_aux=True))(
+        *args)
+    return (out, final) + tuple(grads)
+
+
+NAMES = ("out", "final state", "dq", "dk", "dv", "dlog_alpha", "dinitial_state")
+
+
+# Each case compiles the recurrence and the chunked form with their gradients (seconds on a
+# CPU): the full run only.
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,per_dim,mu,options", [
+    ((2, 64, 4, 2, 16), True, WEAK, dict(chunk_size=32, subchunk=8)),
+    ((1, 96, 2, 2, 16), True, STRONG, dict(chunk_size=32, subchunk=8)),
+    ((2, 50, 4, 1, 16), False, WEAK, dict(chunk_size=16, subchunk=8)),  # L % C != 0, GQA
+    ((1, 40, 2, 2, 32), False, STRONG, dict()),  # shorter than the default chunk
+    ((2, 200, 4, 2, 64), True, WEAK, dict()),
+    ((1, 256, 2, 1, 128), False, STRONG, dict(chunk_size=128, subchunk=16)),
+])
+def test_chunked_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
+    args = inputs(*shape, per_dim=per_dim, mu=mu)
+    want = outputs_and_gradients("scan", args)
+    got = outputs_and_gradients("chunked", args, **options)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape, name
+        assert relative(a, b) < 1e-5, (name, relative(a, b))
+
+
+@pytest.mark.slow
+def test_gates_too_strong_for_a_naive_chunk_stay_finite_and_exact():
+    """log alpha near -30 a token: exp of a chunk's running sum would overflow float32 if
+    factored naively; every exponent the chunked form takes is <= 0."""
+    args = inputs(1, 64, 2, 2, 16, per_dim=True, mu=-30.0)
+    want = outputs_and_gradients("scan", args)
+    got = outputs_and_gradients("chunked", args, chunk_size=32, subchunk=8)
+    for name, a, b in zip(NAMES, got, want):
+        assert np.all(np.isfinite(np.asarray(a))), name
+        # d log alpha is ~1e-11 here (each gate multiplies a weight of e^-30): compared to
+        # the scale of the other gradients instead of its own
+        scale = float(jnp.max(jnp.abs(want[2]))) if name == "dlog_alpha" else None
+        if scale:
+            assert float(jnp.max(jnp.abs(a - b))) < 1e-6 * scale
+        else:
+            assert relative(a, b) < 1e-5, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["scan", "chunked"])
+def test_padding_leaves_the_state_as_it_was(implementation):
+    """Rows padded on the left and on the right give, at their real tokens, the outputs and
+    the final state of the unpadded row."""
+    q, k, v, log_alpha, _ = inputs(1, 24, 2, 2, 16, per_dim=True, mu=WEAK)
+    want, want_state = linear_attention(q, k, v, log_alpha, implementation="scan",
+                                        return_state=True)
+    for left, right in ((5, 0), (0, 7), (3, 4)):
+        def pad(x, value):  # padding that would change the state if it were read
+            return jnp.pad(x, ((0, 0), (left, right)) + ((0, 0),) * (x.ndim - 2),
+                           constant_values=value)
+        mask = jnp.pad(jnp.ones((1, 24), bool), ((0, 0), (left, right)))
+        out, state = linear_attention(pad(q, 0.7), pad(k, 0.7), pad(v, 0.7),
+                                      pad(log_alpha, -1.0), mask,
+                                      implementation=implementation, chunk_size=16,
+                                      subchunk=8, return_state=True)
+        np.testing.assert_allclose(out[:, left:left + 24], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state, want_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_row_in_pieces_equals_the_row_at_once():
+    """The final state carries a row on: two pieces (chunked, then one token at a time)
+    equal the whole row, as windowed decoding relies on."""
+    q, k, v, log_alpha, _ = inputs(2, 48, 2, 1, 16, per_dim=True, mu=WEAK)
+    whole, whole_state = linear_attention(q, k, v, log_alpha, return_state=True)
+    first, state = linear_attention(q[:, :40], k[:, :40], v[:, :40], log_alpha[:, :40],
+                                    return_state=True)
+    outs = [first]
+    for t in range(40, 48):
+        out, state = linear_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                      log_alpha[:, t:t + 1], implementation="scan",
+                                      initial_state=state, return_state=True)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state, whole_state, rtol=1e-5, atol=1e-5)
+
+
+def test_declarations_and_errors_say_what_is_wrong():
+    assert resolve_implementation("auto") == FALLBACK_ORDER[0] == "chunked"
+    assert resolve_implementation("scan") == "scan"
+    with pytest.raises(ValueError, match="unknown linear attention implementation 'fast'"):
+        resolve_implementation("fast")
+    with pytest.raises(NotImplementedError, match="subchunk 16 must divide chunk_size 40"):
+        check_supported("chunked", chunk_size=40)
+    q, k, v, log_alpha, _ = inputs(1, 8, 4, 2, 16, per_dim=True, mu=WEAK)
+    with pytest.raises(ValueError, match="4 query heads are not a multiple of 3"):
+        linear_attention(q, jnp.zeros((1, 8, 3, 16)), jnp.zeros((1, 8, 3, 16)), log_alpha)
+    with pytest.raises(ValueError, match=r"log_alpha has shape \(1, 8, 4, 8\)"):
+        linear_attention(q, k, v, log_alpha[..., :8])
+    with pytest.raises(ValueError, match="initial_state has shape"):
+        linear_attention(q, k, v, log_alpha, initial_state=jnp.zeros((1, 4, 16, 8)))
+
+
+def test_supra_decays_and_group_norm():
+    decay = np.exp(np.asarray(supra_log_decay(8)))
+    np.testing.assert_allclose(decay, np.exp(-2.0 ** (-8.0 * np.arange(1, 9) / 8)), rtol=1e-6)
+    assert decay[0] < decay[-1] and abs(decay[-1] - np.exp(-1 / 256)) < 1e-7
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 16)) * 4 + 1
+    normed = np.asarray(group_norm_heads(x))
+    np.testing.assert_allclose(normed.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(normed.var(-1), 1, rtol=1e-3)
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.group_norm(torch.tensor(np.asarray(x)).reshape(10, 48), 3,
+                                          eps=1e-5).reshape(2, 5, 3, 16).numpy()
+    np.testing.assert_allclose(normed, want, atol=1e-5)
