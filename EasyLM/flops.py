@@ -32,6 +32,13 @@ def attention_flops(length, heads, head_dim, n_slots):
     return half_slot * sum(2 * int(n) - 1 for n in n_slots)
 
 
+def linear_attention_flops(length, heads, head_dim, chunk):
+    """Forward FLOPs of chunked linear attention over one row of ``length`` tokens: per token
+    and head, reading and writing the ``[D, D]`` state (``4 D^2``) and the causal half of its
+    chunk's scores and values (``2 C D``; chunks of ``C`` tokens, at most the row)."""
+    return length * heads * (4 * head_dim ** 2 + 2 * min(chunk, length) * head_dim)
+
+
 def flops_per_step(config, batch_size, seq_length, training=True):
     """Model FLOPs of one step (forward; x3 for forward + backward), written out:
 
@@ -40,7 +47,8 @@ def flops_per_step(config, batch_size, seq_length, training=True):
       projections as its family counts them, e.g. a forgetting layer's gates);
     - attention: :func:`attention_flops` per layer, with one slot per row in ordinary and
       forgetting layers (whose decay adds no matmul) and in memory layers when
-      ``cross_batch_range`` is 0.
+      ``cross_batch_range`` is 0; :func:`linear_attention_flops` per row in the layers of a
+      recurrent family (``recurrent``: SUPRA, GLA).
     """
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     families = [attention_family(name) for name in layer_attention_types(config)]
@@ -52,9 +60,12 @@ def flops_per_step(config, batch_size, seq_length, training=True):
         memory = allowed_slots(batch_size, config.cross_batch_range, config.dataset_packing,
                                config.cross_batch_stepping)
     memory_layers = len(config.mem_layers)
+    recurrent = sum(getattr(family, "recurrent", False) for family in families)
     heads, head_dim = config.num_attention_heads, config.head_dim
-    attention = ((config.num_hidden_layers - memory_layers)
+    attention = ((config.num_hidden_layers - memory_layers - recurrent)
                  * attention_flops(seq_length, heads, head_dim, local)
-                 + memory_layers * attention_flops(seq_length, heads, head_dim, memory))
+                 + memory_layers * attention_flops(seq_length, heads, head_dim, memory)
+                 + recurrent * batch_size * linear_attention_flops(
+                     seq_length, heads, head_dim, config.linear_chunk_size))
     forward = 2 * params * batch_size * seq_length + attention
     return (3 if training else 1) * forward

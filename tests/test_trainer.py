@@ -188,6 +188,15 @@ def test_flop_count_is_the_written_formula():
     extra = int(np.sum(allowed_slots(b, 2, 2, True) - 1)) * 2  # two memory layers
     assert flops_per_step(fot, b, length) - plain == 3 * 4 * heads * d * length ** 2 * extra
     assert flops_per_step(config, b, length, training=False) * 3 == plain
+    # A GLA layer in place of the softmax layer: its gate projections (h x 16, 16 x h) and
+    # output gate (h x h) count as matmul parameters, and its sequence mixing reads and
+    # writes a [d, d] state per token and head plus half a chunk of 16 tokens.
+    gla = tiny_config(num_hidden_layers=3, mem_layers=(1, 2),
+                      attention_type=("gla", "softmax", "softmax"), linear_chunk_size=16)
+    gla_params = params + h * 16 + 16 * h + h * h
+    mixing = b * length * heads * (4 * d * d + 2 * 16 * d)
+    assert flops_per_step(gla, b, length) == 3 * (2 * gla_params * b * length + local * 2 / 3
+                                                  + mixing)
 
 
 @pytest.mark.parametrize("mesh_dim", ["1,-1,1", "2,2,2", "1,1,8"])

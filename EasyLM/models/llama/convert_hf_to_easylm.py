@@ -25,6 +25,10 @@ and, with ``--forgetting_kv_shift``, the shift gates at ``sigmoid(--kv_shift_bia
 
     python -m EasyLM.models.llama.convert_hf_to_easylm --hf_model DIR --output PATH \
         --attention_type forgetting [--forget_gate_bias B] [--forgetting_kv_shift]
+
+Uptraining to SUPRA linear attention (docs/linear.md): ``--attention_type supra`` keeps every
+pretrained weight and adds the feature maps, starting as the identity; the model then
+computes linear attention of ``ReLU`` of its queries and keys, which training adapts to.
 """
 import argparse
 import dataclasses
@@ -45,6 +49,7 @@ from EasyLM.models.llama.attention.forgetting import (NOT_UPTRAINABLE,
                                                       UPTRAINING_KV_SHIFT_BIAS,
                                                       default_forget_gate_bias,
                                                       uptraining_gates)
+from EasyLM.models.llama.attention.linear import NOT_FROM_PRETRAINED, uptraining_feature_maps
 from EasyLM.models.llama.hf_layout import hf_to_native, insert
 from EasyLM.models.llama.llama_model import LLaMAConfig
 
@@ -67,16 +72,17 @@ class Uptraining:
                     forgetting_kv_shift=self.kv_shift)
 
     def add_gates(self, params, config, param_dtype):
-        """The gates of every forgetting layer of ``config`` into ``params`` (converted
-        pretrained weights)."""
+        """The new parameters of every forgetting (gates) and SUPRA (feature maps) layer of
+        ``config`` into ``params`` (converted pretrained weights)."""
         bias = self.forget_gate_bias
         if bias is None:
             bias = default_forget_gate_bias(config.max_sequence_length)
-        gates = uptraining_gates(config, bias, self.kv_shift_bias)
+        added = {"forgetting": lambda: uptraining_gates(config, bias, self.kv_shift_bias),
+                 "supra": lambda: uptraining_feature_maps(config)}
         for i, family in enumerate(layer_attention_types(config)):
-            if family != "forgetting":
+            if family not in added:
                 continue
-            for name, arrays in gates.items():
+            for name, arrays in added[family]().items():
                 for leaf, array in arrays.items():
                     insert(params, ("transformer", "h", str(i), "attention", name, leaf),
                            array.astype(float_dtype(param_dtype)))
@@ -222,6 +228,11 @@ def uptraining_from_args(args):
     for name in ("forgetting_qk_norm", "forgetting_output_gate"):
         if getattr(args, name):
             raise cli.UsageError(f"--{name}: {NOT_UPTRAINABLE}")
+    names = ((args.attention_type,) if isinstance(args.attention_type, str)
+             else args.attention_type)
+    for family, reason in NOT_FROM_PRETRAINED.items():
+        if family in names:
+            raise cli.UsageError(f"--attention_type {family}: {reason}")
     return Uptraining(args.attention_type, args.forget_gate_bias, args.forgetting_kv_shift,
                       args.kv_shift_bias)
 
@@ -240,11 +251,13 @@ def main(argv=None):
                         "here, a Hugging Face tokenizer directory for tokenizer.vocab_file")
     parser.add_argument("--hf_output", help="with --gguf: also write the model here as a "
                         "Hugging Face directory (float32, with the tokenizer)")
-    fox = parser.add_argument_group("uptraining to forgetting attention (docs/forgetting.md)")
+    fox = parser.add_argument_group("uptraining to forgetting (docs/forgetting.md) or SUPRA "
+                                    "(docs/linear.md) attention")
     fox.add_argument("--attention_type", default=None, type=parse_attention_type,
                      help="'forgetting': the layers outside --mem_layers become FoX layers "
-                     "(RoPE kept), initialised to compute what they did; or one family per "
-                     "layer, comma-separated (softmax, forgetting)")
+                     "(RoPE kept), initialised to compute what they did; 'supra': SUPRA "
+                     "linear attention layers (feature maps starting as the identity); or "
+                     "one family per layer, comma-separated (softmax, forgetting, supra)")
     fox.add_argument("--forget_gate_bias", default=None, type=float,
                      help="initial forget-gate bias B (weight 0): every token keeps "
                      "sigmoid(B) of the older keys' weight; default: the smallest tenth whose "

@@ -30,6 +30,7 @@ start.  A row starts afresh only at its first piece.
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -80,6 +81,8 @@ def _identity(key, shape, dtype):
 class _LinearAttention(AttentionLayer):
     """What both linear families share: the recurrent maths in every mode."""
     scannable = True
+    # FLOP accounting (EasyLM.flops): a state per head instead of scores over the row.
+    recurrent = True
 
     def attend(self, hidden, position_ids, attention_mask):
         return self.run(hidden, position_ids, attention_mask, None)[0]
@@ -128,9 +131,10 @@ class SupraAttention(_LinearAttention):
     def inputs(self, hidden, positions):
         cfg = self.config
         q, k, v = self.project_qkv(hidden)
-        q = self.feature_map("feature_map")(q)
+        query_map = self.feature_map("feature_map")
         own_keys = cfg.num_key_value_heads != cfg.num_attention_heads
-        k = self.feature_map("key_feature_map" if own_keys else "feature_map")(k)
+        key_map = self.feature_map("key_feature_map") if own_keys else query_map
+        q, k = query_map(q), key_map(k)
         if cfg.supra_use_rope:
             inv_freq = self.inverse_frequencies()
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -182,3 +186,24 @@ class GatedLinearAttention(_LinearAttention):
         hidden, rank = config.hidden_size, config.gla_gate_rank
         gates = hidden * rank + rank * config.num_attention_heads * config.head_dim
         return super().projection_parameters(config) + gates + hidden * hidden
+
+
+def uptraining_feature_maps(config):
+    """The parameters a SUPRA layer adds to a pretrained softmax layer (``{name: {"kernel",
+    "bias"}}`` float32 arrays): feature maps starting as the identity, so that the uptrained
+    layer starts from ``ReLU`` of the pretrained queries and keys (and SUPRA's decay and
+    normalisation)."""
+    maps = ["feature_map"]
+    if config.num_key_value_heads != config.num_attention_heads:
+        maps.append("key_feature_map")
+    d = config.head_dim
+    return {name: {"kernel": np.eye(d, dtype=np.float32), "bias": np.zeros(d, np.float32)}
+            for name in maps}
+
+
+# Families the converter cannot start from a pretrained softmax layer, and why.
+NOT_FROM_PRETRAINED = {
+    "gla": "gated linear attention is trained from scratch here: its gates, output norm and "
+           "output gate have no setting that continues a pretrained softmax layer; uptrain "
+           "to 'supra' instead",
+}
