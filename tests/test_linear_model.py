@@ -217,3 +217,52 @@ def test_linear_layers_beside_fot_memory_train_and_run_windowed(tmp_path, family
     short = model.logits(tokens[:, :-16])
     np.testing.assert_allclose(logits[1, 16:], short[0], atol=5e-5)
     assert torch is not None  # the converter test's model comes from PyTorch
+
+
+def test_export_refuses_linear_layers_before_reading_weights(tmp_path):
+    from EasyLM.checkpoint import save_params
+    from EasyLM.models.llama import convert_easylm_to_hf
+    config = tiny_config(attention_type=("gla", "softmax", "supra"), mem_layers=(1,))
+    # A checkpoint of the config alone: the refusal must come before any weight is read.
+    save_params(str(tmp_path / "ckpt"), {"params": {}}, config)
+    with pytest.raises(cli.UsageError, match="the model has gla, supra layers \\(linear "
+                                             "attention\\), whose export to PyTorch is not "
+                                             "built yet"):
+        convert_easylm_to_hf.convert(f"params::{tmp_path / 'ckpt'}", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_supra_uptraining_recipe_runs_end_to_end(docs_page_run):
+    """docs/linear.md's cpu blocks (experiments/uptrain.sh supra on a random tiny GQA LLaMA,
+    and GLA from scratch): the converted model, the run and the evaluations they write."""
+    import json
+    import os
+
+    from EasyLM.checkpoint import load_llama_config
+    from helpers import REPO
+    checkout, done = docs_page_run(os.path.join(REPO, "docs", "linear.md"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    out = checkout / "runs" / "supra_cpu"
+    assert load_llama_config(str(out / "supra_init")).attention_type == "supra"
+    assert list((out / "supra").glob("*/checkpoints/step_4"))
+    metrics = [json.loads(line) for line in next((out / "supra").glob("*/metrics.jsonl"))
+               .read_text().splitlines()]
+    assert any(record.get("train/z_loss", 0) > 0 for record in metrics)  # the config's 1e-4
+    results = {path.parent.name: json.loads(path.read_text())
+               for path in (out / "eval" / "supra").glob("*/loss_by_position.json")}
+    assert sorted(results) == ["base_long", "base_native", "init_native", "supra_long",
+                               "supra_native"]
+    for name, result in results.items():
+        assert np.isfinite(result["with_memory"]).all(), name
+    # The SUPRA model reads the long documents in one window of their length (its state
+    # carries any length); training moved it from its starting point.
+    assert results["supra_long"]["last_context_length"] == 256
+    assert results["supra_native"]["with_memory"] != results["init_native"]["with_memory"]
+    table = (out / "eval" / "supra" / "report" / "position_loss.md").read_text()
+    assert "| SUPRA init on 128 | 2 |" in table and "| SUPRA on 256 | 2 |" in table
+    gla = checkout / "runs" / "code_gla_cpu"
+    assert load_llama_config(str(next(gla.glob("gla/*/checkpoints/step_10")))
+                             ).attention_type == "gla"
+    assert np.isfinite(json.loads((gla / "eval_gla" / "loss_by_position.json").read_text())[
+        "with_memory"]).all()

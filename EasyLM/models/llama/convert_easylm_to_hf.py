@@ -155,6 +155,11 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     checkpoint's run trained on (else the model's ``max_sequence_length``)."""
     _, path = parse_checkpoint_spec(load_checkpoint)
     config = load_llama_config(path)
+    linear = sorted(set(layer_attention_types(config)) & set(NOT_EXPORTED))
+    if linear:  # checked before the weights are read
+        raise cli.UsageError(f"--load_checkpoint: the model has {', '.join(linear)} layers "
+                             f"(linear attention), whose export to PyTorch is not built yet "
+                             f"(docs/linear.md); evaluate it in JAX (WindowedLM, eval/)")
     hf_config, extra_files = config.to_hf_dict(), ()
     forgetting = forgetting_fields(config)
     if forgetting and no_memory:  # checked before the weights are read
@@ -178,6 +183,10 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     export(tensors(), hf_config, output_dir, dtype, tokenizer_path, max_shard_size,
            extra_files)
     return config
+
+
+# Families the PyTorch model does not run yet.
+NOT_EXPORTED = ("supra", "gla")
 
 
 def forgetting_fields(config):
