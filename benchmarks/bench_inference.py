@@ -19,6 +19,14 @@ bottom-right causal mask, GQA, grouping) against the explicit float32 softmax on
 and prints PASS/FAIL.  Memory is the KV memory (linear in the input) plus activations of
 one window; grouping bounds the memory-layer attention's working set.  The table is printed
 last; ``--json`` also writes the rows.
+
+With ``--framework jax``, ``--attention_type`` sets the family of the layers outside
+``--mem_layers`` (for example ``gla`` or ``supra`` with ``--mem_layers ""``: a model whose
+context is a recurrent state, whose decoding time and memory should not grow with the
+input), as the toolkit's ``attention_type`` does.
+
+    python -m benchmarks.bench_inference --framework jax --attention_type gla --mem_layers "" \
+        --lengths 4096,131072
 """
 import argparse
 import copy
@@ -60,8 +68,18 @@ def parse_args(argv=None):
     p.add_argument("--decode_modes", default="eager,graph",
                    help="PyTorch one-token path: eager pieces and/or the CUDA graph (graph "
                         "rows are checked to generate the eager rows' greedy tokens)")
+    p.add_argument("--attention_type", default="softmax",
+                   help="--framework jax: the family of the layers outside --mem_layers "
+                        "(softmax, forgetting, supra, gla)")
+    p.add_argument("--mem_layers", default=None,
+                   help="--framework jax: memory layers, comma-separated ('' for none; "
+                        "default the model's)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
+    if args.framework == "torch" and (args.attention_type != "softmax"
+                                      or args.mem_layers is not None):
+        p.error("--attention_type and --mem_layers go with --framework jax (the PyTorch "
+                "export runs its own memory layers)")
     defaults = (dict(lengths="256,1024", groupings="none", window=64, decode_tokens=4,
                      dtype="fp32", device="cpu", batch_sizes="1,2") if args.tiny else
                 dict(lengths="32768,131072", groupings="none", window=2048,
@@ -249,12 +267,16 @@ def build_jax_model(args):
     from EasyLM.models.llama.windowed_lm import WindowedLM
     from FoT.inference import MemoryOptions
     sizes = dict(TINY if args.tiny else FULL)
+    mem_layers = sizes["mem_layers"]
+    if args.mem_layers is not None:
+        mem_layers = [int(x) for x in args.mem_layers.split(",") if x.strip()]
     config = LLaMAConfig(vocab_size=sizes["vocab_size"], hidden_size=sizes["hidden_size"],
                          intermediate_size=sizes["intermediate_size"],
                          num_hidden_layers=sizes["num_hidden_layers"],
                          num_attention_heads=sizes["num_attention_heads"],
                          num_key_value_heads=args.kv_heads or sizes["num_attention_heads"],
-                         max_sequence_length=args.window, mem_layers=tuple(sizes["mem_layers"]))
+                         max_sequence_length=args.window, mem_layers=tuple(mem_layers),
+                         attention_type=args.attention_type)
     dtype = jnp.dtype(dtype_name(args.dtype))
     module = FlaxLLaMAForCausalLMModule(config)
     params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
@@ -354,7 +376,8 @@ def main_jax(args):
     weights_gib = sum(x.size * x.dtype.itemsize
                       for x in jax.tree_util.tree_leaves(model.params)) / 2 ** 30
     name = jax.devices()[0].device_kind
-    print(f"{name}: jax {jax.__version__}, {args.dtype}, window {args.window}")
+    print(f"{name}: jax {jax.__version__}, {args.dtype}, window {args.window}, attention "
+          f"{args.attention_type}, memory layers {list(model.config.mem_layers)}")
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for batch in (int(x) for x in args.batch_sizes.split(",")):

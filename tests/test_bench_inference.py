@@ -27,3 +27,19 @@ def test_bench_inference_tiny(tmp_path, capsys):
     (row,) = json.load(open(tmp_path / "jax.json"))["rows"]
     assert row["framework"] == "jax" and row["memory_tokens"] == 128 and row["decode_ms"] > 0
     assert "prefill tok/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_inference_jax_linear_model(tmp_path, capsys):
+    """A GLA model without memory layers decodes after inputs of any length (on the GPU the
+    rows then show whether its decoding time and memory stay flat)."""
+    out = tmp_path / "gla.json"
+    bench_inference.main(["--tiny", "--framework", "jax", "--attention_type", "gla",
+                          "--mem_layers", "", "--lengths", "96,300", "--batch_sizes", "1",
+                          "--decode_tokens", "2", "--json", str(out)])
+    rows = json.load(open(out))["rows"]
+    assert [r["length"] for r in rows] == [96, 300]
+    assert all(r["decode_ms"] > 0 and len(r["tokens"][0]) == 4 for r in rows)
+    assert "attention gla, memory layers []" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_inference.main(["--tiny", "--attention_type", "gla"])
