@@ -32,9 +32,9 @@ def tiny_fot_checkpoint(path, kv_heads=2, mem_layers=(1,), vocab_size=VOCAB, see
 
     ``init_scale`` widens the random weights so that logits have clear maxima (greedy
     decoding then cannot flip on float noise between frameworks).  ``architecture``: more
-    ``LLaMAConfig`` fields, e.g. forgetting-attention layers, whose gate biases and per-head
-    norm scales (initialised to 0 and 1) are drawn at random, so that an exporter that drops
-    or misplaces them is seen.
+    ``LLaMAConfig`` fields, e.g. forgetting-attention or linear layers, whose gate biases,
+    per-head norm scales and feature maps (initialised to 0, 1 and the identity) are drawn
+    at random, so that an exporter that drops or misplaces them is seen.
     """
     config = tiny_config(vocab_size=vocab_size, num_key_value_heads=kv_heads,
                          max_sequence_length=WINDOW, mem_layers=mem_layers, rms_norm_eps=1e-5,
@@ -52,7 +52,7 @@ def _randomise_gates_and_norms(variables, rng):
     def draw(path, x):
         names = [str(getattr(key, "key", key)) for key in path]
         inside = "attention" in names and names[-1] in ("bias", "kernel") and (
-            names[-1] == "bias" or names[-2].endswith("norm"))
+            names[-1] == "bias" or names[-2].endswith(("norm", "feature_map")))
         return x + rng.normal(0, 0.5, x.shape).astype(x.dtype) if inside else x
     return jax.tree_util.tree_map_with_path(draw, variables)
 

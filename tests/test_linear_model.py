@@ -219,19 +219,6 @@ def test_linear_layers_beside_fot_memory_train_and_run_windowed(tmp_path, family
     assert torch is not None  # the converter test's model comes from PyTorch
 
 
-def test_export_refuses_linear_layers_before_reading_weights(tmp_path):
-    from EasyLM.checkpoint import save_params
-    from EasyLM.models.llama import convert_easylm_to_hf
-    config = tiny_config(attention_type=("gla", "softmax", "supra"), mem_layers=(1,))
-    # A checkpoint of the config alone: the refusal must come before any weight is read.
-    save_params(str(tmp_path / "ckpt"), {"params": {}}, config)
-    with pytest.raises(cli.UsageError, match="the model has gla, supra layers \\(linear "
-                                             "attention\\), whose export to PyTorch is not "
-                                             "built yet"):
-        convert_easylm_to_hf.convert(f"params::{tmp_path / 'ckpt'}", str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.slow
 def test_the_supra_uptraining_recipe_runs_end_to_end(docs_page_run):
     """docs/linear.md's cpu blocks (experiments/uptrain.sh supra on a random tiny GQA LLaMA,

@@ -28,11 +28,13 @@ TASKS = ["fot_tiny_mc", "fot_tiny_ppl", "fot_tiny_gen"]
 ATOL = 1e-5  # log-likelihood sums of up to ~190 tokens in float32
 
 
-# The FoT model, and one whose other layers are FoX layers with every switch on.
+# The FoT model, one whose other layers are FoX layers with every switch on, and one whose
+# other layers are linear attention (SUPRA, GLA).
 ARCHITECTURES = {
     "fot": {},
     "fox": dict(attention_type="forgetting", forgetting_kv_shift=True, forgetting_qk_norm=True,
                 forgetting_output_gate=True),
+    "linear": dict(attention_type=["supra", "softmax", "gla"]),
 }
 
 

@@ -14,7 +14,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_FILES = tuple(os.path.join(_HERE, name) for name in (
     "configuration_fot_llama.py", "windows_fot_llama.py", "cache_fot_llama.py",
     "decode_fot_llama.py", "prefill_fot_llama.py", "attention_fot_llama.py",
-    "forgetting_fot_llama.py", "modeling_fot_llama.py"))
+    "forgetting_fot_llama.py", "linear_fot_llama.py", "modeling_fot_llama.py"))
 AUTO_MAP = {
     "AutoConfig": "configuration_fot_llama.FoTLlamaConfig",
     "AutoModel": "modeling_fot_llama.FoTLlamaModel",

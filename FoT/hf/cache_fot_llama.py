@@ -151,6 +151,33 @@ class ForgettingLayer(InferenceLayer):
                 setattr(self, name, buffer.index_select(0, index))
 
 
+class LinearLayer:
+    """A linear attention (SUPRA, GLA) layer's inference state: ``state`` ``[B, H, D, D]``
+    (float32) and the tokens each row has read, ``position`` ``[B]``.  No window, no memory:
+    a leaving window changes nothing, the state reads on."""
+
+    has_memory = rotated = False
+
+    def __init__(self, num_heads):
+        self.num_heads = num_heads
+        self.state = self.position = None
+
+    def reserve(self, like, capacity, local_capacity):
+        if self.state is None:
+            batch, _, _, head_dim = like.shape
+            self.state = torch.zeros(batch, self.num_heads, head_dim, head_dim,
+                                     dtype=torch.float32, device=like.device)
+            self.position = torch.zeros(batch, dtype=torch.long, device=like.device)
+
+    def to_memory(self, row, memory_length, local_length):
+        pass
+
+    def select_rows(self, index):
+        if self.state is not None:
+            self.state = self.state.index_select(0, index)
+            self.position = self.position.index_select(0, index)
+
+
 class AutogradLayer:
     """Local window (un-rotated keys) and memory of one layer under autograd."""
 
@@ -212,6 +239,8 @@ class FoTCache:
         self.rotated = [not memory or config.mem_positionals for memory in self.memory_layers]
         forgetting = config.forgetting_layers()
         self.forgetting_layers = [i in forgetting for i in range(config.num_hidden_layers)]
+        linear = config.linear_layers() if hasattr(config, "linear_layers") else {}
+        self.linear_layers = [i in linear for i in range(config.num_hidden_layers)]
         for i in forgetting:
             self.rotated[i] = config.forgetting_use_rope
         self.num_heads = config.num_attention_heads
@@ -226,19 +255,22 @@ class FoTCache:
         """Take the inference or autograd form for ``batch`` rows (on first use)."""
         if self.layers is None:
             self.autograd = autograd
-            if autograd and any(self.forgetting_layers):
-                raise ValueError("forgetting-attention (FoX) layers run without autograd only: "
-                                 "call the model under torch.no_grad() (training in PyTorch "
-                                 "is not supported for models with FoX layers)")
+            if autograd and self.eager_only:
+                raise ValueError("forgetting-attention (FoX) and linear attention layers run "
+                                 "without autograd only: call the model under "
+                                 "torch.no_grad() (training in PyTorch is not supported for "
+                                 "models with such layers)")
             if autograd:
                 self.layers = [AutogradLayer(memory, self.mem_dtype)
                                for memory in self.memory_layers]
             else:
                 self.layers = [
-                    ForgettingLayer(rotated, self.mem_dtype, self.num_heads) if forgetting
+                    LinearLayer(self.num_heads) if linear
+                    else ForgettingLayer(rotated, self.mem_dtype, self.num_heads) if forgetting
                     else InferenceLayer(memory, rotated, self.mem_dtype)
-                    for memory, rotated, forgetting in zip(
-                        self.memory_layers, self.rotated, self.forgetting_layers)]
+                    for memory, rotated, forgetting, linear in zip(
+                        self.memory_layers, self.rotated, self.forgetting_layers,
+                        self.linear_layers)]
             self.local_lengths, self.memory_lengths = [0] * batch, [0] * batch
         elif autograd != self.autograd:
             raise ValueError("a FoTCache filled with autograd off cannot be continued with it "
@@ -246,6 +278,12 @@ class FoTCache:
         if batch != len(self.local_lengths):
             raise ValueError(f"the cache holds {len(self.local_lengths)} rows, got a batch of "
                              f"{batch}")
+
+    @property
+    def eager_only(self):
+        """Whether some layer runs only window by window under no_grad (FoX and linear
+        layers: no autograd form, no chunked prefill, no static decoding step)."""
+        return any(self.forgetting_layers) or any(self.linear_layers)
 
     def rows_alike(self):
         """Whether every row holds as many local and memory tokens (one slice serves all)."""

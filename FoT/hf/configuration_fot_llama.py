@@ -9,7 +9,7 @@ import nothing from the toolkit.
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-ATTENTION_TYPES = ("softmax", "forgetting")
+ATTENTION_TYPES = ("softmax", "forgetting", "supra", "gla")
 
 
 @strict
@@ -42,8 +42,9 @@ class FoTLlamaConfig(LlamaConfig):
     torch_attention (`bool`): use ``torch.nn.functional.scaled_dot_product_attention``;
         ``False`` uses an explicit float32 softmax (slower, a reference).
     attention_type (`list[str]`): the family of every layer outside ``mem_layers``:
-        ``"softmax"`` or ``"forgetting"`` (forgetting attention, FoX:
-        ``forgetting_fot_llama``); one name stands for every layer.  Memory layers are FoT
+        ``"softmax"``, ``"forgetting"`` (forgetting attention, FoX:
+        ``forgetting_fot_llama``), ``"supra"`` or ``"gla"`` (linear attention:
+        ``linear_fot_llama``); one name stands for every layer.  Memory layers are FoT
         memory layers whatever their entry.  Default: all ``"softmax"``.
     forgetting_use_rope (`bool`): FoX layers rotate queries and keys (default: no RoPE).
     forgetting_kv_shift (`bool`): FoX layers mix each key and value with the previous
@@ -51,6 +52,9 @@ class FoTLlamaConfig(LlamaConfig):
     forgetting_qk_norm (`bool`): FoX layers RMS-normalise queries and keys per head.
     forgetting_output_gate (`bool`): FoX layers normalise each head's output and gate it
         (``o_norm``, ``ogate``) before ``o_proj``.
+    supra_use_rope (`bool`): SUPRA layers rotate queries and keys after the feature map.
+    gla_gate_rank (`int`), gla_gate_normaliser (`float`): GLA layers' gate: the rank of its
+        projection and the divisor of its log-sigmoid.
     """
 
     model_type = "fot_llama"
@@ -70,6 +74,9 @@ class FoTLlamaConfig(LlamaConfig):
     forgetting_kv_shift: bool = False
     forgetting_qk_norm: bool = False
     forgetting_output_gate: bool = False
+    supra_use_rope: bool = True
+    gla_gate_rank: int = 16
+    gla_gate_normaliser: float = 16.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -109,6 +116,11 @@ class FoTLlamaConfig(LlamaConfig):
         if len(types) != self.num_hidden_layers or not set(types) <= set(ATTENTION_TYPES):
             raise ValueError(f"attention_type must name one of {ATTENTION_TYPES} for each of "
                              f"the {self.num_hidden_layers} layers, got {types}")
+
+    def linear_layers(self):
+        """``{index: family}`` of the linear attention layers (``supra``, ``gla``)."""
+        return {i: name for i, name in enumerate(self.attention_type)
+                if name in ("supra", "gla") and i not in self.mem_layers}
 
     def forgetting_layers(self):
         """Indices of the FoX layers: those of ``attention_type`` "forgetting" that are not

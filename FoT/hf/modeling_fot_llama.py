@@ -9,8 +9,9 @@ to the memory: keys (rotated as if at position 0) and values of all tokens that 
 window.  Weights use Hugging Face Llama names and RoPE layout, so this model and a plain
 ``LlamaForCausalLM`` load the same tensors.  Layers that ``config.attention_type`` names
 ``"forgetting"`` are forgetting-attention (FoX) layers (:mod:`forgetting_fot_llama`, their own
-gates beside those tensors); they run in inference only, window by window (no chunked prefill,
-no static decoding step).
+gates beside those tensors), ``"supra"`` and ``"gla"`` linear attention layers
+(:mod:`linear_fot_llama`, a recurrent state over the whole stream); they run in inference
+only, window by window (no chunked prefill, no static decoding step).
 
 Padding: without autograd, zeros in ``attention_mask`` (left, right or anywhere) mark columns
 that are not tokens; each row consumes only its own tokens, so a padded batch gives every
@@ -37,6 +38,7 @@ from .cache_fot_llama import FoTCache
 from .configuration_fot_llama import FoTLlamaConfig
 from .decode_fot_llama import StaticDecoder, fused_rms_norm, rotate
 from .forgetting_fot_llama import FoTLlamaForgettingAttention
+from .linear_fot_llama import LINEAR_LAYERS
 from .prefill_fot_llama import Chunk, chunk_attention, chunk_windows
 
 
@@ -81,7 +83,9 @@ class FoTLlamaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx):
         super().__init__()
         forgetting = layer_idx in config.forgetting_layers()
-        self.self_attn = (FoTLlamaForgettingAttention if forgetting
+        linear = config.linear_layers().get(layer_idx)
+        self.self_attn = (LINEAR_LAYERS[linear] if linear
+                          else FoTLlamaForgettingAttention if forgetting
                           else FoTLlamaAttention)(config)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -219,8 +223,9 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         use = cache.static_decode
         if use is None:
             use = self.config.decode_graphs and rope.cos.is_cuda
-        # FoX layers take the eager piece path (their state is not in the static step).
-        if not use or cache.layers is None or any(cache.forgetting_layers):
+        # FoX and linear layers take the eager piece path (their state is not in the static
+        # step).
+        if not use or cache.layers is None or cache.eager_only:
             return False
         if cache.decoder is None:
             cache.decoder = StaticDecoder(self, cache, rope, use_graph=rope.cos.is_cuda)
@@ -276,9 +281,9 @@ class FoTLlamaModel(FoTLlamaPreTrainedModel):
         with an empty local window (``whole``: one chunk for :meth:`_chunk_pieces`, at most
         ``most`` windows long; none when ``most`` is 0), or single other pieces."""
         window = cache.window
-        # FoX layers have no chunk form: they run window by window.
+        # FoX and linear layers have no chunk form: they run window by window.
         fits = (most and cache.rule == "aligned" and cache.local_capacity == window
-                and not any(cache.forgetting_layers))
+                and not cache.eager_only)
         local, groups = cache.local_lengths[0], []
         for piece in plan:
             start, end, evict = piece

@@ -155,18 +155,13 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     checkpoint's run trained on (else the model's ``max_sequence_length``)."""
     _, path = parse_checkpoint_spec(load_checkpoint)
     config = load_llama_config(path)
-    linear = sorted(set(layer_attention_types(config)) & set(NOT_EXPORTED))
-    if linear:  # checked before the weights are read
-        raise cli.UsageError(f"--load_checkpoint: the model has {', '.join(linear)} layers "
-                             f"(linear attention), whose export to PyTorch is not built yet "
-                             f"(docs/linear.md); evaluate it in JAX (WindowedLM, eval/)")
     hf_config, extra_files = config.to_hf_dict(), ()
     forgetting = forgetting_fields(config)
     if forgetting and no_memory:  # checked before the weights are read
-        raise cli.UsageError("--no_memory: the model has forgetting-attention (FoX) layers, "
-                             "which LlamaForCausalLM cannot run; export it without "
-                             "--no_memory (and load it with mem_layers=[] to run its memory "
-                             "layers without memory)")
+        raise cli.UsageError("--no_memory: the model has forgetting-attention (FoX) or "
+                             "linear attention layers, which LlamaForCausalLM cannot run; "
+                             "export it without --no_memory (and load it with mem_layers=[] "
+                             "to run its memory layers without memory)")
     if (config.mem_layers or forgetting) and not no_memory:
         options = {k: v for k, v in memory_options.items() if v is not None}
         options.setdefault("last_context_length", default_window(path, config))
@@ -185,22 +180,26 @@ def convert(load_checkpoint, output_dir, dtype="fp32", tokenizer_path=None,
     return config
 
 
-# Families the PyTorch model does not run yet.
-NOT_EXPORTED = ("supra", "gla")
+# The families only the FoT model class runs, and the config fields each exports.
+EXPORTED_FAMILIES = {"forgetting": FORGETTING_SWITCHES, "supra": ("supra_use_rope",),
+                     "gla": ("gla_gate_rank", "gla_gate_normaliser")}
 
 
 def forgetting_fields(config):
-    """The ``config.json`` fields of a model's forgetting-attention (FoX) layers (none without
-    such layers, so that other exports stay as they were): the family of every layer
-    (``mem_layers`` are FoT memory layers whatever their entry says, ``softmax`` here) and the
-    FoX switches.  Only the FoT model class runs FoX layers: such a model is exported as one
-    even without memory layers, and runs in windows as the JAX ``WindowedLM`` does."""
+    """The ``config.json`` fields of a model's forgetting-attention (FoX) and linear attention
+    (SUPRA, GLA) layers (none without such layers, so that other exports stay as they were):
+    the family of every layer (``mem_layers`` are FoT memory layers whatever their entry
+    says, ``softmax`` here) and the fields of the families present.  Only the FoT model class
+    runs these layers: such a model is exported as one even without memory layers, and runs
+    in windows as the JAX ``WindowedLM`` does."""
     types = layer_attention_types(config)
-    if "forgetting" not in types:
+    present = [family for family in EXPORTED_FAMILIES if family in types]
+    if not present:
         return {}
-    return dict(attention_type=["forgetting" if name == "forgetting" else "softmax"
-                                for name in types],
-                **{name: getattr(config, name) for name in FORGETTING_SWITCHES})
+    fields = {name: getattr(config, name) for family in present
+              for name in EXPORTED_FAMILIES[family]}
+    return dict(attention_type=[name if name in EXPORTED_FAMILIES else "softmax"
+                                for name in types], **fields)
 
 
 def is_export(directory):

@@ -2,8 +2,9 @@
 
 A Hugging Face LLaMA tensor ``[out, in]`` becomes a Flax kernel ``[in, out]``; q/k rows are
 un-permuted from HF's half-rotation layout to the native pair layout (FOT_SPEC section 1).
-The export also writes the parameters of forgetting-attention (FoX) layers, which only the
-exported FoT model reads; the import takes LLaMA tensors only.
+The export also writes the parameters of forgetting-attention (FoX) and linear attention
+(SUPRA, GLA) layers, which only the exported FoT model reads; the import takes LLaMA tensors
+only.
 """
 import re
 
@@ -70,6 +71,8 @@ def native_to_hf(params, config):
         yield prefix + "mlp.down_proj.weight", np.asarray(mlp["w2"]["kernel"]).T
         for name, array in _forgetting_tensors(attn):
             yield prefix + "self_attn." + name, array
+        for name, array in _linear_tensors(attn, config):
+            yield prefix + "self_attn." + name, array
         yield prefix + "input_layernorm.weight", layer["attention_norm"]["kernel"]
         yield prefix + "post_attention_layernorm.weight", layer["ffn_norm"]["kernel"]
     yield "model.norm.weight", transformer["ln_f"]["kernel"]
@@ -93,6 +96,26 @@ def _forgetting_tensors(attn):
                                                       1)[:, 0]
     if "o_norm" in attn:
         yield "o_norm.weight", attn["o_norm"]["kernel"]
+
+
+def _linear_tensors(attn, config):
+    """``(name, array)`` of a linear attention (SUPRA, GLA) layer's own parameters under the
+    names of ``FoT.hf.linear_fot_llama``.  Queries and keys come out of ``q_proj``/``k_proj``
+    in the half layout, so what acts on their features follows it: SUPRA's feature maps on
+    both sides (``P W^T P^T``, bias ``P b``), GLA's per-key-dimension gate on its outputs."""
+    def half(rows, heads):
+        return native_to_hf_rows(np.asarray(rows), heads)
+
+    for name in ("feature_map", "key_feature_map"):
+        if name in attn:
+            weight = half(np.asarray(attn[name]["kernel"]).T, 1)
+            yield name + ".weight", half(weight.T, 1).T
+            yield name + ".bias", half(np.asarray(attn[name]["bias"])[:, None], 1)[:, 0]
+    if "gate_up" in attn:
+        heads = config.num_attention_heads
+        yield "gate_down.weight", np.asarray(attn["gate_down"]["kernel"]).T
+        yield "gate_up.weight", half(np.asarray(attn["gate_up"]["kernel"]).T, heads)
+        yield "gate_up.bias", half(np.asarray(attn["gate_up"]["bias"])[:, None], heads)[:, 0]
 
 
 def insert(tree, path, value):
