@@ -68,6 +68,7 @@ def test_bf16_chunks_stay_close_to_float32_and_keep_float32_kernel_gradient():
                                atol=2e-2 * float(jnp.max(jnp.abs(dh32))))
 
 
+@pytest.mark.slow
 def test_z_loss_sums_and_gradients_chunked_equal_full_and_the_definition():
     """The z-loss (sum of logsumexp(logits)^2 over counted tokens) from full logits equals its
     definition, and the chunked sums give the same value and gradients of
