@@ -187,7 +187,12 @@ def test_sharded_fox_forward_and_gradients_match_single_device():
 def test_fox_layers_scanned_equal_them_unrolled():
     # Layers 2-4 run as one scan over their stacked gates and norms; layer 1 is a memory layer.
     config = tiny_config(**dict(PRO, mem_layers=(1,)), num_hidden_layers=5, cross_batch_range=1)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 61)
+    check_scanned_equals_unrolled(config, length=16)
+
+
+def check_scanned_equals_unrolled(config, length):
+    """The loss and gradients of ``config`` with ``scan_layers`` equal them unrolled."""
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, length), 0, 61)
     variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
 
     def loss_and_grads(model_config):
@@ -315,24 +320,32 @@ def test_uptrained_fox_model_computes_the_pretrained_llama(tmp_path, capsys):
     np.testing.assert_allclose(logits, expected, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.mark.slow
-def test_fox_layers_beside_fot_memory_train_and_run_windowed(tmp_path):
+def train_with_memory(base, tmp_path, steps, **trainer_options):
+    """``steps`` steps of ``base`` through the Trainer on doc_aware_k2 rows of the tiny corpus
+    (C = 2 with stepping): the logged training records and the final parameters."""
     from test_trainer import OPTIMIZER, dataset, single_device_mesh
-    # Layers 0 and 2 FoX (Pro), layer 1 an FoT memory layer; doc_aware_k2 rows of 32 tokens,
-    # C = 2 with stepping.
-    base = tiny_config(**dict(PRO, mem_layers=(1,)), vocab_size=512, intermediate_size=64)
     mesh = single_device_mesh()
-    trainer = Trainer(mesh, with_cross_batch(base, 2, True, 2), OPTIMIZER, "fp32")
+    trainer = Trainer(mesh, with_cross_batch(base, 2, True, 2), OPTIMIZER, "fp32",
+                      **trainer_options)
     logger = logging_utils.MetricsLogger(str(tmp_path), logging_utils.get_default_config(
         {"tensorboard": False, "plot": False}))
     with jax.set_mesh(mesh):
         state = fit(trainer, trainer.init_state(0), dataset("doc_aware_k2"),
-                    LoopSettings(total_steps=3, log_freq=1, show_progress=False), logger)
+                    LoopSettings(total_steps=steps, log_freq=1, show_progress=False), logger)
     logger.close()
-    losses = [r["train/loss"] for r in logging_utils.read_metrics(
+    records = [r for r in logging_utils.read_metrics(
         str(tmp_path / logging_utils.METRICS_FILE)) if "train/loss" in r]
+    return records, jax.device_get(state["params"])
+
+
+@pytest.mark.slow
+def test_fox_layers_beside_fot_memory_train_and_run_windowed(tmp_path):
+    # Layers 0 and 2 FoX (Pro), layer 1 an FoT memory layer; doc_aware_k2 rows of 32 tokens,
+    # C = 2 with stepping.
+    base = tiny_config(**dict(PRO, mem_layers=(1,)), vocab_size=512, intermediate_size=64)
+    records, params = train_with_memory(base, tmp_path, steps=3)
+    losses = [r["train/loss"] for r in records]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    params = jax.device_get(state["params"])
     assert "fgate" in params["transformer"]["h"]["2"]["attention"]
 
     # Windowed inference over three windows of a stream equals the training model over the

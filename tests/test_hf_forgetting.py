@@ -34,9 +34,10 @@ VARIANTS = {
 }
 
 
-def export_variant(root, name, **checkpoint_options):
-    """``(variables, config, export directory)`` of a random tiny model of ``name``."""
-    architecture = dict(dict(mem_layers=()), **VARIANTS[name])
+def export_variant(root, name, variants=VARIANTS, **checkpoint_options):
+    """``(variables, config, export directory)`` of a random tiny model of ``name`` (an entry
+    of ``variants``: its ``LLaMAConfig`` fields, no memory layers unless it says)."""
+    architecture = dict(dict(mem_layers=()), **variants[name])
     variables, config, spec = tiny_fot_checkpoint(root / "ckpt", **architecture,
                                                   **checkpoint_options)
     convert_easylm_to_hf.convert(spec, str(root / "export"))
@@ -71,7 +72,12 @@ def test_one_window_equals_the_jax_training_forward(exported):
 def test_windowed_logits_equal_jax_windowed_inference(exported):
     # Windows start over in FoX layers (no decay summed, no token to shift from) as in the
     # JAX WindowedLM; rows padded on the left or the right keep their own windows.
-    variables, config, directory = exported
+    check_windowed_logits(*exported)
+
+
+def check_windowed_logits(variables, config, directory):
+    """The export's logits over two and five windows, and over rows padded on the left and
+    the right, equal JAX's ``WindowedLM``'s."""
     model = load(directory)
     jax_model = WindowedLM(variables, config, MemoryOptions(WINDOW))
     tokens = ids_of(3, 5 * WINDOW - 3, seed=2)
@@ -100,19 +106,27 @@ def greedy_by_full_forwards(model, prompt, new):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cached_generation_equals_greedy_full_forwards_and_jax(name, tmp_path):
-    variables, config, directory = export_variant(tmp_path, name, init_scale=20.0, seed=3)
+    check_cached_generation(*export_variant(tmp_path, name, init_scale=20.0, seed=3))
+
+
+def check_cached_generation(variables, config, directory):
+    """Two prompts, left-padded together (token 0 pads), generate with the cache what greedy
+    decoding by full forwards gives each alone (decoding crosses window starts at different
+    steps in each row), and the longer what JAX's ``WindowedLM`` generates."""
     model = load(directory)
     prompts = [ids_of(1, n, seed=10 + n, low=1) for n in (WINDOW - 3, 2 * WINDOW + 1)]
-    new = 2 * WINDOW + 3  # decoding crosses window starts at different steps in each row
+    new = 2 * WINDOW + 3
     expected = [greedy_by_full_forwards(model, prompt, new) for prompt in prompts]
-    # Left-padded together (token 0 pads): each row continues its own windows.
     longest = max(p.shape[1] for p in prompts)
     ids, mask = np.zeros((2, longest), np.int64), np.zeros((2, longest), np.int64)
     for row, prompt in enumerate(prompts):
         ids[row, longest - prompt.shape[1]:], mask[row, longest - prompt.shape[1]:] = prompt, 1
+    # No end of sequence: the full forwards may pick the config's EOS token, which a
+    # min_new_tokens run would forbid.
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
         batch = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                               max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               max_new_tokens=new, do_sample=False,
                                pad_token_id=0)[:, longest:].numpy()
     for row, tokens in enumerate(expected):
         np.testing.assert_array_equal(batch[row:row + 1], tokens, err_msg=f"row {row}")

@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from EasyLM.models.llama import convert_easylm_to_hf
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
-from EasyLM.models.llama.windowed_lm import WindowedLM
-from FoT.inference import MemoryOptions
-from test_hf_fot import WINDOW, tiny_fot_checkpoint
-from test_hf_forgetting import greedy_by_full_forwards, ids_of, load
+from test_hf_forgetting import (check_cached_generation, check_windowed_logits,
+                                export_variant, ids_of, load)
 
 ATOL = 1e-4
 # Every layer SUPRA (GQA: keys with their own feature map), every layer GLA, and both beside
@@ -27,18 +24,10 @@ VARIANTS = {
 }
 
 
-def export_variant(root, name, **checkpoint_options):
-    architecture = dict(dict(mem_layers=()), **VARIANTS[name])
-    variables, config, spec = tiny_fot_checkpoint(root / "ckpt", **architecture,
-                                                  **checkpoint_options)
-    convert_easylm_to_hf.convert(spec, str(root / "export"))
-    return variables, config, root / "export"
-
-
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow)
                                         for name in VARIANTS])
 def exported(request, tmp_path_factory):
-    return export_variant(tmp_path_factory.mktemp(request.param), request.param)
+    return export_variant(tmp_path_factory.mktemp(request.param), request.param, VARIANTS)
 
 
 def test_a_row_equals_the_jax_training_forward(exported):
@@ -54,49 +43,19 @@ def test_a_row_equals_the_jax_training_forward(exported):
 def test_windowed_logits_equal_jax_windowed_inference(exported):
     # The linear layers read on through the windows; rows padded on the left or the right
     # keep their own state.
-    variables, config, directory = exported
-    model = load(directory)
-    jax_model = WindowedLM(variables, config, MemoryOptions(WINDOW))
-    tokens = ids_of(3, 5 * WINDOW - 3, seed=2)
-    mask = np.ones_like(tokens)
-    mask[1, :WINDOW + 3], mask[2, -5:] = 0, 0
-    with torch.no_grad():
-        ours = model(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(ours, jax_model.logits(tokens), atol=ATOL)
-    with torch.no_grad():
-        ours = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-    np.testing.assert_allclose(ours, jax_model.logits(tokens, mask), atol=ATOL)
+    check_windowed_logits(*exported)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cached_generation_equals_greedy_full_forwards_and_jax(name, tmp_path):
-    variables, config, directory = export_variant(tmp_path, name, init_scale=20.0, seed=3)
-    model = load(directory)
-    prompts = [ids_of(1, n, seed=10 + n, low=1) for n in (WINDOW - 3, 2 * WINDOW + 1)]
-    new = 2 * WINDOW + 3
-    expected = [greedy_by_full_forwards(model, prompt, new) for prompt in prompts]
-    longest = max(p.shape[1] for p in prompts)
-    ids, mask = np.zeros((2, longest), np.int64), np.zeros((2, longest), np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - prompt.shape[1]:], mask[row, longest - prompt.shape[1]:] = prompt, 1
-    # No end of sequence: the full forwards may pick token 2 (the config's EOS), which a
-    # min_new_tokens run would forbid.
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        batch = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                               max_new_tokens=new, do_sample=False,
-                               pad_token_id=0)[:, longest:].numpy()
-    for row, tokens in enumerate(expected):
-        np.testing.assert_array_equal(batch[row:row + 1], tokens, err_msg=f"row {row}")
-    assert len(set(batch.ravel().tolist())) > 5
-    jax_model = WindowedLM(variables, config, MemoryOptions(WINDOW))
-    np.testing.assert_array_equal(jax_model.generate(prompts[1], new), expected[1])
+    check_cached_generation(*export_variant(tmp_path, name, VARIANTS, init_scale=20.0,
+                                            seed=3))
 
 
 @pytest.mark.slow
 def test_export_writes_the_linear_layers_and_fields(tmp_path):
-    _, config, directory = export_variant(tmp_path, "hybrid")
+    _, config, directory = export_variant(tmp_path, "hybrid", VARIANTS)
     written = json.loads((directory / "config.json").read_text())
     assert written["attention_type"] == ["supra", "softmax", "softmax", "gla"]
     assert written["supra_use_rope"] is True and written["gla_gate_rank"] == 16

@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from EasyLM import cli, logging_utils
+from EasyLM import cli
 from EasyLM.jax_utils import get_jax_mesh, match_partition_rules, named_shardings
 from EasyLM.models.llama import convert_hf_to_easylm
 from EasyLM.models.llama.attention import layer_attention_types
 from EasyLM.models.llama.attention.linear import SupraAttention, supra_log_decay
 from EasyLM.models.llama.llama_model import (STANDARD_CONFIGS, FlaxLLaMAForCausalLMModule,
-                                             LLaMAConfig, get_partition_rules,
-                                             with_cross_batch)
+                                             LLaMAConfig, get_partition_rules)
 from EasyLM.models.llama.rope import apply_rope
 from EasyLM.models.llama.windowed_lm import WindowedLM
-from EasyLM.trainer import LoopSettings, Trainer, fit
 from FoT.inference import MemoryOptions
 from helpers import tiny_config
 
@@ -118,21 +116,10 @@ def test_supra_layer_is_its_written_formula():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["supra", "gla"])
 def test_linear_layers_scanned_equal_them_unrolled(family):
-    config = tiny_config(attention_type=family, mem_layers=(1,), num_hidden_layers=4,
-                         cross_batch_range=1)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 61)
-    variables = FlaxLLaMAForCausalLMModule(config).init(jax.random.PRNGKey(1), tokens)
-
-    def loss_and_grads(model_config):
-        def loss(params):
-            logits = FlaxLLaMAForCausalLMModule(model_config).apply(params, tokens).logits
-            return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-        return jax.jit(jax.value_and_grad(loss))(variables)
-
-    unrolled, scanned = loss_and_grads(config), loss_and_grads(config.replace(scan_layers=True))
-    np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                           scanned[1], unrolled[1])
+    from test_forgetting_model import check_scanned_equals_unrolled
+    check_scanned_equals_unrolled(tiny_config(attention_type=family, mem_layers=(1,),
+                                              num_hidden_layers=4, cross_batch_range=1),
+                                  length=40)
 
 
 @pytest.mark.slow
@@ -171,26 +158,15 @@ def test_pretrained_llama_converted_to_supra(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["supra", "gla"])
 def test_linear_layers_beside_fot_memory_train_and_run_windowed(tmp_path, family):
-    from test_trainer import OPTIMIZER, dataset, single_device_mesh
+    from test_forgetting_model import train_with_memory
     # Layers 0 and 2 linear, layer 1 an FoT memory layer; doc_aware_k2 rows of 32 tokens,
     # C = 2 with stepping, z-loss on.
     base = tiny_config(attention_type=family, mem_layers=(1,), vocab_size=512,
                        intermediate_size=64, linear_chunk_size=16)
-    mesh = single_device_mesh()
-    trainer = Trainer(mesh, with_cross_batch(base, 2, True, 2), OPTIMIZER, "fp32",
-                      z_loss=1e-4)
-    logger = logging_utils.MetricsLogger(str(tmp_path), logging_utils.get_default_config(
-        {"tensorboard": False, "plot": False}))
-    with jax.set_mesh(mesh):
-        state = fit(trainer, trainer.init_state(0), dataset("doc_aware_k2"),
-                    LoopSettings(total_steps=4, log_freq=1, show_progress=False), logger)
-    logger.close()
-    records = [r for r in logging_utils.read_metrics(
-        str(tmp_path / logging_utils.METRICS_FILE)) if "train/loss" in r]
+    records, params = train_with_memory(base, tmp_path, steps=4, z_loss=1e-4)
     losses = [r["train/loss"] for r in records]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert all(r["train/z_loss"] > 0 for r in records)
-    params = jax.device_get(state["params"])
 
     # The stream in one window: windowed inference equals the training model on the row.
     length = 48
