@@ -197,6 +197,11 @@ def test_flop_count_is_the_written_formula():
     mixing = b * length * heads * (4 * d * d + 2 * 16 * d)
     assert flops_per_step(gla, b, length) == 3 * (2 * gla_params * b * length + local * 2 / 3
                                                   + mixing)
+    # A SUPRA layer: its feature maps (d x d) map each of the 2 query and 2 key heads.
+    supra = gla.replace(attention_type=("supra", "softmax", "softmax"))
+    supra_params = params + (heads + 2) * d * d
+    assert flops_per_step(supra, b, length) == 3 * (2 * supra_params * b * length
+                                                    + local * 2 / 3 + mixing)
 
 
 @pytest.mark.parametrize("mesh_dim", ["1,-1,1", "2,2,2", "1,1,8"])

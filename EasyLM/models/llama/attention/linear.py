@@ -152,8 +152,10 @@ class SupraAttention(_LinearAttention):
 
     @classmethod
     def projection_parameters(cls, config):
-        maps = 2 if config.num_key_value_heads != config.num_attention_heads else 1
-        return super().projection_parameters(config) + maps * config.head_dim ** 2
+        # The feature maps act on every query head and every key head of each token: in
+        # FLOPs, their D x D weights count once per head they map.
+        heads = config.num_attention_heads + config.num_key_value_heads
+        return super().projection_parameters(config) + heads * config.head_dim ** 2
 
 
 class GatedLinearAttention(_LinearAttention):
