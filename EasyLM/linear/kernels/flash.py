@@ -1,0 +1,155 @@
+"""Entry point of the fused gated linear attention kernel: limits, preparation, custom VJP.
+
+XLA prepares what the kernels read: queries, keys and values with the keys and values expanded
+to the query heads, the row padded to whole chunks with tokens that neither write nor decay
+the state, the log gates' running sums inside each sub-chunk and each chunk's total.  The
+forward pass saves the state each chunk starts from (``[B, L / C, H, Dk, Dv]`` float32).  The
+backward pass turns the kernels' ``db`` (the gradient of the gates' running sum from the row's
+start) into the log gates' gradient: the final state's share ``sum_v dS_final * S_final`` is
+added at the last token, then a reverse running sum along the row.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from EasyLM.linear.kernels import triton_lowering
+from EasyLM.linear.scan import expand_heads, zero_state
+from FoT.kernels.flash import NATIVE_PLATFORM, check_compiled
+
+KERNEL = "the fused linear attention kernel"
+SUBCHUNK = 16
+SUPPORTED_DIMS = (16, 32, 64, 128, 256)
+BACKENDS = ("triton",)
+
+
+def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
+    """``NotImplementedError`` (one line) unless the kernel takes these settings."""
+    for name, dim in (("key", key_dim), ("value", value_dim)):
+        if dim not in SUPPORTED_DIMS:
+            raise NotImplementedError(f"{KERNEL} takes {name} head sizes {SUPPORTED_DIMS}, "
+                                      f"not {dim}")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise NotImplementedError(f"{KERNEL} takes bfloat16 or float32 inputs, not "
+                                  f"{jnp.dtype(dtype).name}")
+    if chunk_size not in (16, 32, 64, 128):
+        raise NotImplementedError(f"{KERNEL} takes chunks of 16, 32, 64 or 128 tokens, not "
+                                  f"{chunk_size}")
+    if block_v is not None and (block_v not in SUPPORTED_DIMS or value_dim % block_v):
+        raise NotImplementedError(f"{KERNEL}: block_v {block_v} must be a power of two from "
+                                  f"16 that divides the value head size {value_dim}")
+
+
+def check_supported(key_dim, value_dim, dtype, chunk_size, *, backend=None, interpret=False):
+    """None when :func:`fused_linear_attention` runs these settings on this platform, else
+    ``NotImplementedError`` saying why (so that a caller falls back).  Without ``interpret``
+    the kernel counts only where it compiles (a GPU)."""
+    backend = _pick_backend(backend)
+    if not interpret:
+        check_compiled(backend, KERNEL)
+    check_inputs(key_dim, value_dim, dtype, chunk_size)
+
+
+def _pick_backend(backend):
+    if backend is None:
+        if jax.default_backend() == "tpu":
+            raise NotImplementedError(f"{KERNEL} has a Triton (GPU) lowering only; on TPU use "
+                                      f"the chunked variant")
+        return "triton"
+    if backend not in BACKENDS:
+        raise NotImplementedError(f"{KERNEL} has no {backend!r} lowering; it has {BACKENDS}")
+    return backend
+
+
+def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
+                           initial_state=None, backend=None, interpret=None, block_v=None,
+                           num_warps=None, num_stages=None):
+    """``(out [B, L, H, Dv] in q.dtype, final state [B, H, Dk, Dv] float32)`` as
+    :func:`EasyLM.linear.scan.scan_linear_attention` computes them, fused; differentiable in
+    ``q``, ``k``, ``v``, ``log_alpha`` and ``initial_state``.
+
+    Args:
+      q, k, v, log_alpha, initial_state: as :func:`EasyLM.linear.linear_attention` takes
+        them (``log_alpha`` per key dimension or per head, ``<= 0``).
+      chunk_size: tokens per chunk (16, 32, 64 or 128); sub-chunks are 16 tokens.
+      backend: ``"triton"`` (the only lowering).  interpret: run in the Pallas interpreter;
+        ``None``: unless a GPU is present.
+      block_v: value columns per program of the two sequential kernels (``None``: all, or
+        64 for heads wider than 64).
+      num_warps, num_stages: Triton settings, an int for all four kernels (states, outputs,
+        dstates, grads) or a 4-tuple.
+    """
+    backend = _pick_backend(backend)
+    if interpret is None:
+        interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    if block_v is None:
+        block_v = min(value_dim, 64)
+    check_inputs(key_dim, value_dim, q.dtype, chunk_size, block_v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(key_dim)
+    padded = -(-length // chunk_size) * chunk_size
+    plan = triton_lowering.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
+                                value_dim=value_dim, chunk=chunk_size, sub=SUBCHUNK,
+                                block_v=block_v, scale=float(scale), dtype=jnp.dtype(q.dtype))
+    options = triton_lowering.Options(**{
+        name: (value,) * 4 if isinstance(value, int) else tuple(value)
+        for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
+        if value is not None})
+    k, v = (expand_heads(x, heads).astype(q.dtype) for x in (k, v))
+    log_alpha = jnp.broadcast_to(log_alpha.astype(jnp.float32), q.shape)
+    state = zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    q, k, v, log_alpha = (jnp.pad(x, pad) for x in (q, k, v, log_alpha))
+    out, final = _fused(_Static(plan, options, bool(interpret)), q, k, v, log_alpha, state)
+    return out[:, :length], final
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    plan: object
+    options: object
+    interpret: bool
+
+
+def _gate_sums(plan, log_alpha):
+    """``c``: running sums of the log gates inside each sub-chunk ``[B, L, H, Dk]``;
+    ``tot``: each chunk's sum ``[B, N, H, Dk]``."""
+    b, length, h, d = log_alpha.shape
+    split = log_alpha.reshape(b, length // plan.sub, plan.sub, h, d)
+    c = jnp.cumsum(split, axis=2)
+    per_chunk = c[:, :, -1].reshape(b, plan.n_chunks, plan.n_sub, h, d)
+    return c.reshape(log_alpha.shape), jnp.sum(per_chunk, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(static, q, k, v, log_alpha, state):
+    return _forward(static, q, k, v, log_alpha, state)[0]
+
+
+def _forward(static, q, k, v, log_alpha, state):
+    c, tot = _gate_sums(static.plan, log_alpha)
+    out, h, final = triton_lowering.forward(static.plan, q, k, v, c, tot, state,
+                                            options=static.options,
+                                            interpret=static.interpret)
+    return (out, final), (q, k, v, c, tot, h, final)
+
+
+def _backward(static, residuals, cotangents):
+    q, k, v, c, tot, h, final = residuals
+    dout, dfinal = cotangents
+    dq, dk, dv, db, ds0 = triton_lowering.backward(
+        static.plan, q, k, v, c, tot, h, dout.astype(q.dtype), dfinal.astype(jnp.float32),
+        options=static.options, interpret=static.interpret)
+    db = db.at[:, -1].add(jnp.sum(dfinal * final, axis=-1))
+    dlog_alpha = lax.cumsum(db, axis=1, reverse=True)
+    return dq, dk, dv, dlog_alpha, ds0
+
+
+_fused.defvjp(_forward, _backward)
+
+__all__ = ["SUPPORTED_DIMS", "check_inputs", "check_supported", "fused_linear_attention"]
