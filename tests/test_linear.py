@@ -1,5 +1,6 @@
-"""Linear attention (EasyLM.linear): the chunked form against the recurrence it computes, in
-float32, outputs, final states and every gradient (gates included); padding; the declared
+"""Linear attention (EasyLM.linear): the chunked form and the fused kernel (in the Pallas
+interpreter on CPU, compiled in the ``gpu``-marked tests) against the recurrence they compute,
+in float32, outputs, final states and every gradient (gates included); padding; the declared
 errors; the SUPRA and GLA layers' own pieces; models of linear layers, alone and beside FoT
 memory layers, training and decoding."""
 import jax
@@ -7,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from EasyLM.linear import (FALLBACK_ORDER, check_supported, linear_attention,
-                           resolve_implementation)
+from EasyLM.linear import (FALLBACK_ORDER, IMPLEMENTATIONS, check_supported,
+                           linear_attention, resolve_implementation)
+from EasyLM.linear.kernels import fused_linear_attention
 from EasyLM.models.llama.attention.linear import group_norm_heads, supra_log_decay
 
 WEAK, STRONG = 4.0, -3.0  # gate logits' mean: alpha near 0.98 or near 0.05 per token
@@ -63,13 +65,61 @@ def test_chunked_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
         assert relative(a, b) < 1e-5, (name, relative(a, b))
 
 
+# The kernel's gate gradient is q * dq - k * dk, reverse-summed along the row: with gates of
+# alpha near 0.05 a token (STRONG) the pairs it adds and subtracts are much larger than the
+# result, and it is 7e-6 to 1.4e-5 from a float64 scan (the chunked form 2e-6 to 5e-6, the
+# float32 scan 2e-8; measured 2026-12-06).  Every other quantity is within 1e-6.
+KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 3e-5}
+
+
+# The kernel in the Pallas interpreter: whole chunks, a row ending inside a chunk, GQA, gates
+# per key dimension and per head, value heads of another width, every chunk size it takes.
 @pytest.mark.slow
-def test_gates_too_strong_for_a_naive_chunk_stay_finite_and_exact():
+@pytest.mark.parametrize("shape,per_dim,mu,options", [
+    ((2, 64, 4, 2, 16), True, WEAK, dict(chunk_size=32)),
+    ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64)),  # L % C != 0, GQA
+    ((1, 48, 2, 2, 16), True, STRONG, dict(chunk_size=16)),
+    ((1, 128, 2, 2, 16), True, WEAK, dict(chunk_size=128, value_dim=32, block_v=16)),
+])
+def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
+    options = dict(options)
+    args = inputs(*shape, per_dim=per_dim, mu=mu, value_dim=options.pop("value_dim", None))
+    want = outputs_and_gradients("scan", args)
+    got = outputs_and_gradients("pallas", args, interpret=True, **options)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape, name
+        assert relative(a, b) < KERNEL_TOLERANCE.get((name, mu), 1e-5), (name, relative(a, b))
+
+
+# The compiled kernel: float32 as tight as in the interpreter; bf16 rounds q, k, v, the decayed
+# tiles and the score tiles to 8 bits before each product.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape,per_dim,mu", [
+    ((2, 1024, 8, 2, 64), True, WEAK),
+    ((1, 2000, 4, 4, 128), True, STRONG),
+    ((2, 512, 4, 1, 128), False, WEAK),
+])
+def test_gpu_kernel(shape, per_dim, mu, dtype, tolerance):
+    args = inputs(*shape, per_dim=per_dim, mu=mu, seed=3)
+    want = outputs_and_gradients("scan", args)
+    lowered = tuple(x.astype(dtype) for x in args[:3]) + args[3:]
+    got = outputs_and_gradients("pallas", lowered, interpret=False)
+    for name, a, b in zip(NAMES, got, want):
+        assert relative(a.astype(jnp.float32), b) < tolerance, (name, relative(a, b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation,options", [
+    ("chunked", dict(chunk_size=32, subchunk=8)),
+    ("pallas", dict(chunk_size=32, interpret=True)),
+])
+def test_gates_too_strong_for_a_naive_chunk_stay_finite_and_exact(implementation, options):
     """log alpha near -30 a token: exp of a chunk's running sum would overflow float32 if
-    factored naively; every exponent the chunked form takes is <= 0."""
+    factored naively; every exponent the chunked form and the kernel take is <= 0."""
     args = inputs(1, 64, 2, 2, 16, per_dim=True, mu=-30.0)
     want = outputs_and_gradients("scan", args)
-    got = outputs_and_gradients("chunked", args, chunk_size=32, subchunk=8)
+    got = outputs_and_gradients(implementation, args, **options)
     for name, a, b in zip(NAMES, got, want):
         assert np.all(np.isfinite(np.asarray(a))), name
         # d log alpha is ~1e-11 here (each gate multiplies a weight of e^-30): compared to
@@ -82,7 +132,7 @@ def test_gates_too_strong_for_a_naive_chunk_stay_finite_and_exact():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("implementation", ["scan", "chunked"])
+@pytest.mark.parametrize("implementation", ["scan", "chunked", "pallas"])
 def test_padding_leaves_the_state_as_it_was(implementation):
     """Rows padded on the left and on the right give, at their real tokens, the outputs and
     the final state of the unpadded row."""
@@ -97,9 +147,10 @@ def test_padding_leaves_the_state_as_it_was(implementation):
         out, state = linear_attention(pad(q, 0.7), pad(k, 0.7), pad(v, 0.7),
                                       pad(log_alpha, -1.0), mask,
                                       implementation=implementation, chunk_size=16,
-                                      subchunk=8, return_state=True)
-        np.testing.assert_allclose(out[:, left:left + 24], want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(state, want_state, rtol=1e-5, atol=1e-6)
+                                      subchunk=16 if implementation == "pallas" else 8,
+                                      return_state=True)
+        np.testing.assert_allclose(out[:, left:left + 24], want, rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(state, want_state, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.slow
@@ -121,7 +172,26 @@ def test_a_row_in_pieces_equals_the_row_at_once():
 
 
 def test_declarations_and_errors_say_what_is_wrong():
-    assert resolve_implementation("auto") == FALLBACK_ORDER[0] == "chunked"
+    assert IMPLEMENTATIONS == ("scan", "chunked", "pallas")
+    assert FALLBACK_ORDER == ("pallas", "chunked", "scan")
+    shapes = dict(key_dim=64, value_dim=64, dtype=jnp.bfloat16)
+    on_gpu = jax.default_backend() == "gpu"
+    assert resolve_implementation("auto", **shapes) == ("pallas" if on_gpu else "chunked")
+    assert resolve_implementation("auto") == "chunked"  # the kernel's support needs the shapes
+    # what the kernel does not take falls back to the chunked form
+    assert resolve_implementation("auto", chunk_size=48, **shapes) == "chunked"
+    assert resolve_implementation("auto", key_dim=48, value_dim=64,
+                                  dtype=jnp.bfloat16) == "chunked"
+    with pytest.raises(NotImplementedError, match="key head sizes .* not 48"):
+        check_supported("pallas", key_dim=48, value_dim=64, dtype=jnp.float32)
+    if not on_gpu:
+        with pytest.raises(NotImplementedError, match="only runs in the Pallas interpreter"):
+            check_supported("pallas", **shapes)
+    with pytest.raises(NotImplementedError, match="sub-chunks of 16 tokens, not 8"):
+        check_supported("pallas", subchunk=8, **shapes)
+    with pytest.raises(NotImplementedError, match="chunks of 16, 32, 64 or 128 tokens, not 48"):
+        fused_linear_attention(*inputs(1, 8, 2, 2, 16, per_dim=True, mu=WEAK)[:4],
+                               chunk_size=48, interpret=True)
     assert resolve_implementation("scan") == "scan"
     with pytest.raises(ValueError, match="unknown linear attention implementation 'fast'"):
         resolve_implementation("fast")

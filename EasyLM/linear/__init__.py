@@ -11,7 +11,9 @@ Variants (``implementation``):
 * ``"scan"``: the recurrence one token at a time, float32 (:mod:`EasyLM.linear.scan`), the
   oracle every other variant is tested against.
 * ``"chunked"``: chunkwise parallel in plain XLA, every exponent non-positive
-  (:mod:`EasyLM.linear.chunked`): the training form.
+  (:mod:`EasyLM.linear.chunked`): the training form wherever the kernel does not run.
+* ``"pallas"``: the same chunkwise form fused into Pallas kernels (:mod:`EasyLM.linear.kernels`;
+  Triton lowering, GPU), forward and backward.
 
 :func:`check_supported` is each variant's declaration, :data:`FALLBACK_ORDER` the order a
 caller falls back in and :func:`resolve_implementation` the rule a layer applies to its
@@ -24,12 +26,13 @@ import jax.numpy as jnp
 
 from EasyLM.linear.chunked import (DEFAULT_CHUNK_SIZE, DEFAULT_SUBCHUNK, check_chunking,
                                    chunked_linear_attention)
+from EasyLM.linear import kernels
 from EasyLM.linear.scan import check_shapes, scan_linear_attention
 from FoT.cross_batch import first_supported
 
-IMPLEMENTATIONS = ("scan", "chunked")
+IMPLEMENTATIONS = ("scan", "chunked", "pallas")
 # Fastest first; a caller choosing automatically takes the first that accepts its inputs.
-FALLBACK_ORDER = ("chunked", "scan")
+FALLBACK_ORDER = ("pallas", "chunked", "scan")
 
 
 def _check_name(implementation, allowed=IMPLEMENTATIONS):
@@ -39,32 +42,45 @@ def _check_name(implementation, allowed=IMPLEMENTATIONS):
 
 
 def check_supported(implementation, *, chunk_size=DEFAULT_CHUNK_SIZE,
-                    subchunk=DEFAULT_SUBCHUNK):
-    """None when ``implementation`` runs with these settings, else ``NotImplementedError``
-    saying why.  Both variants take any length, head size, dtype and padding."""
+                    subchunk=DEFAULT_SUBCHUNK, key_dim=None, value_dim=None, dtype=None):
+    """None when ``implementation`` runs with these settings on this platform, else
+    ``NotImplementedError`` saying why.  ``scan`` and ``chunked`` take any length, head size,
+    dtype and padding; ``pallas`` runs on a GPU (not in the interpreter) with the head sizes,
+    dtypes and chunks :func:`EasyLM.linear.kernels.check_supported` lists, and needs them
+    given."""
     _check_name(implementation)
     if implementation == "chunked":
         try:
             check_chunking(chunk_size, subchunk)
         except ValueError as e:
             raise NotImplementedError(str(e)) from None
+    elif implementation == "pallas":
+        if subchunk != kernels.SUBCHUNK:
+            raise NotImplementedError(f"the fused linear attention kernel takes sub-chunks of "
+                                      f"{kernels.SUBCHUNK} tokens, not {subchunk}")
+        if key_dim is None or value_dim is None or dtype is None:
+            raise NotImplementedError("the fused linear attention kernel's support depends on "
+                                      "the head sizes and dtype; none were given")
+        kernels.check_supported(key_dim, value_dim, dtype, chunk_size)
 
 
 def resolve_implementation(configured, *, chunk_size=DEFAULT_CHUNK_SIZE,
-                           subchunk=DEFAULT_SUBCHUNK):
+                           subchunk=DEFAULT_SUBCHUNK, key_dim=None, value_dim=None, dtype=None):
     """The variant a layer runs when configured with ``configured`` (``"auto"`` or one of
     :data:`IMPLEMENTATIONS`): ``auto`` takes the first of :data:`FALLBACK_ORDER` that
-    :func:`check_supported` accepts; an explicit choice is kept."""
+    :func:`check_supported` accepts (the kernel on a GPU, else the chunked form); an explicit
+    choice is kept."""
     _check_name(configured, ("auto",) + IMPLEMENTATIONS)
     if configured != "auto":
         return configured
     return first_supported(FALLBACK_ORDER, lambda name: check_supported(
-        name, chunk_size=chunk_size, subchunk=subchunk))
+        name, chunk_size=chunk_size, subchunk=subchunk, key_dim=key_dim, value_dim=value_dim,
+        dtype=dtype))
 
 
 def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *, scale=None,
                      chunk_size=DEFAULT_CHUNK_SIZE, subchunk=DEFAULT_SUBCHUNK,
-                     initial_state=None, return_state=False):
+                     initial_state=None, return_state=False, **kernel_options):
     """Gated linear attention ``[B, L, H, Dv]`` in ``q.dtype``.
 
     Args:
@@ -79,11 +95,14 @@ def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *
         ``chunk_size``).
       initial_state: ``[B, H, Dk, Dv]`` float32 state before the first token (None: zeros).
       return_state: also return the state after the last token.
+      kernel_options: passed to :func:`EasyLM.linear.kernels.fused_linear_attention` by the
+        ``pallas`` variant (``interpret``, ``block_v``, ``num_warps``, ``num_stages``).
     """
     check_shapes(q, k, v, log_alpha, initial_state)
     if implementation == "auto":
-        implementation = resolve_implementation("auto", chunk_size=chunk_size,
-                                                subchunk=subchunk)
+        implementation = resolve_implementation(
+            "auto", chunk_size=chunk_size, subchunk=subchunk, key_dim=q.shape[3],
+            value_dim=v.shape[3], dtype=q.dtype)
     _check_name(implementation)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
@@ -94,6 +113,13 @@ def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *
     if implementation == "scan":
         out, state = scan_linear_attention(q, k, v, log_alpha, scale=scale,
                                            initial_state=initial_state)
+    elif implementation == "pallas":
+        if subchunk != kernels.SUBCHUNK:
+            raise ValueError(f"the fused linear attention kernel takes sub-chunks of "
+                             f"{kernels.SUBCHUNK} tokens, not {subchunk}")
+        out, state = kernels.fused_linear_attention(
+            q, k, v, log_alpha, scale=scale, chunk_size=chunk_size,
+            initial_state=initial_state, **kernel_options)
     else:
         out, state = chunked_linear_attention(q, k, v, log_alpha, scale=scale,
                                               chunk_size=chunk_size, subchunk=subchunk,

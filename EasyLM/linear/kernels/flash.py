@@ -48,9 +48,9 @@ def check_supported(key_dim, value_dim, dtype, chunk_size, *, backend=None, inte
     ``NotImplementedError`` saying why (so that a caller falls back).  Without ``interpret``
     the kernel counts only where it compiles (a GPU)."""
     backend = _pick_backend(backend)
+    check_inputs(key_dim, value_dim, dtype, chunk_size)
     if not interpret:
         check_compiled(backend, KERNEL)
-    check_inputs(key_dim, value_dim, dtype, chunk_size)
 
 
 def _pick_backend(backend):

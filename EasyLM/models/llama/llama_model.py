@@ -139,8 +139,8 @@ class LLaMAConfig:
         "that takes the rows: pallas on GPU/TPU, blockwise, reference), "
         + ", ".join(forgetting.IMPLEMENTATIONS))
     linear_implementation: str = _run_setting(
-        "auto", "linear attention (SUPRA, GLA) layers: auto (the first of the fallback order: "
-        "chunked, scan), " + ", ".join(linear.IMPLEMENTATIONS))
+        "auto", "linear attention (SUPRA, GLA) layers: auto (the first of the fallback order "
+        "that takes the layer: pallas on GPU, chunked, scan), " + ", ".join(linear.IMPLEMENTATIONS))
     linear_chunk_size: int = _run_setting(
         linear.DEFAULT_CHUNK_SIZE, "tokens per chunk of the chunked linear attention (a "
         f"multiple of {linear.DEFAULT_SUBCHUNK})")
@@ -192,6 +192,10 @@ class LLaMAConfig:
         if self.linear_chunk_size < 1 or self.linear_chunk_size % linear.DEFAULT_SUBCHUNK:
             raise ValueError(f"linear_chunk_size {self.linear_chunk_size} must be a positive "
                              f"multiple of {linear.DEFAULT_SUBCHUNK}")
+        if self.linear_implementation == "pallas" and self.linear_chunk_size not in (16, 32, 64,
+                                                                                     128):
+            raise ValueError(f"linear_chunk_size {self.linear_chunk_size}: the pallas linear "
+                             f"attention kernel takes 16, 32, 64 or 128")
         if not isinstance(self.supra_use_rope, bool):
             raise ValueError(f"supra_use_rope {self.supra_use_rope!r} must be true or false")
         if self.gla_gate_rank < 1 or self.gla_gate_normaliser <= 0:

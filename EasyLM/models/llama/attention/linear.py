@@ -3,7 +3,7 @@ a recurrent state instead of a window of keys and values.
 
 Both compute, per head, ``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T`` and ``o_t = q_t^T S_t /
 sqrt(d)`` (:mod:`EasyLM.linear`; ``linear_implementation`` picks the variant, ``auto``: the
-chunked form, ``linear_chunk_size`` tokens a chunk).  They differ in the feature map, the
+fused kernel on a GPU, else the chunked form; ``linear_chunk_size`` tokens a chunk).  They differ in the feature map, the
 decay and the output:
 
 * ``supra`` (SUPRA, Mercat et al. 2024: a pretrained softmax layer turned recurrent, all its
@@ -111,7 +111,9 @@ class _LinearAttention(AttentionLayer):
         # One token (decoding) runs the recurrence's single step.
         implementation = ("scan" if hidden.shape[1] == 1 else
                           resolve_implementation(cfg.linear_implementation,
-                                                 chunk_size=cfg.linear_chunk_size))
+                                                 chunk_size=cfg.linear_chunk_size,
+                                                 key_dim=q.shape[3], value_dim=v.shape[3],
+                                                 dtype=q.dtype))
         out, state = linear_attention(
             q, k, v, log_alpha, key_mask=mask, implementation=implementation,
             chunk_size=cfg.linear_chunk_size, initial_state=initial_state, return_state=True)
