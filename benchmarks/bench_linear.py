@@ -108,13 +108,16 @@ def timed(call, sync, min_time):
 
 # --- the JAX worker ---
 
-def jax_attention(variant):
+def jax_attention(variant, kernel_options=None):
     import jax
 
     from EasyLM.linear import linear_attention
     implementation = "chunked" if variant == "chunked" else "pallas"
-    options = {"interpret": True} if (implementation == "pallas"
-                                      and jax.default_backend() != "gpu") else {}
+    options = {}
+    if implementation == "pallas":
+        options = dict(kernel_options or {})
+        if jax.default_backend() != "gpu":
+            options["interpret"] = True
 
     def f(q, k, v, log_alpha):
         gates = log_alpha[..., None] if variant in PER_HEAD else log_alpha
@@ -128,7 +131,7 @@ def jax_worker(job):
 
     from benchmarks.bench_attention import peak_bytes
     variant, per_head = job["variant"], job["variant"] in PER_HEAD
-    f = jax_attention(variant)
+    f = jax_attention(variant, job.get("kernel_options"))
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shapes=[])
     if job["check"]:
         arrays = numpy_inputs(job["check_shape"], per_head, job["gate_mu"], seed=1)
@@ -232,6 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--gate-mu", type=float, default=0.0, help="mean of the gates' logits")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per mode")
     p.add_argument("--fla-path", help="directory of the unpacked fla-core wheel")
+    p.add_argument("--kernel-options", type=json.loads, default={},
+                   help='JSON of the Pallas variants\' kernel settings, e.g. {"num_warps": 8}')
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -258,6 +263,7 @@ def shapes(args):
 def run_worker(args, variant, shape_list):
     job = dict(variant=variant, shapes=shape_list, gate_mu=args.gate_mu,
                min_time=args.min_time, check=not args.no_check,
+               kernel_options=args.kernel_options,
                check_shape=SMOKE_CHECK_SHAPE if args.smoke else CHECK_SHAPE)
     from benchmarks.device_memory import subprocess_environment
     env, memory = subprocess_environment()

@@ -3,7 +3,7 @@
 XLA prepares what the kernels read: queries, keys and values with the keys and values expanded
 to the query heads, the row padded to whole chunks with tokens that neither write nor decay
 the state, the log gates' running sums inside each sub-chunk and each chunk's total.  The
-forward pass saves the state each chunk starts from (``[B, L / C, H, Dk, Dv]`` float32).  The
+forward pass saves the state each chunk starts from (``[B, L / C, H, Dk, Dv]``, input dtype).  The
 backward pass turns the kernels' ``db`` (the gradient of the gates' running sum from the row's
 start) into the log gates' gradient: the final state's share ``sum_v dS_final * S_final`` is
 added at the last token, then a reverse running sum along the row.

@@ -3,8 +3,8 @@
 Four kernels, two sequential along the row and two parallel over its chunks:
 
 * ``states`` (one program per row, head and value block) runs the recurrence once per chunk
-  and stores the state each chunk starts from, ``h [B, N, H, Dk, Dv]`` float32, and the final
-  state.
+  and stores the state each chunk starts from, ``h [B, N, H, Dk, Dv]`` in the input dtype, and the final
+  state (float32).
 * ``outputs`` (one program per chunk, row and head) computes the chunk's outputs from the
   state it starts from and its own tokens, sixteen-token sub-chunks at a time.
 * ``dstates`` (per row, head and value block) runs the recurrence of the state's gradient
@@ -129,7 +129,7 @@ def _states_kernel(k_ref, v_ref, c_ref, tot_ref, s0_ref, h_ref, final_ref, *, pl
 
     def body(n, state):
         start = n * plan.chunk
-        h_ref[row, n, head, :, columns] = state
+        h_ref[row, n, head, :, columns] = state.astype(h_ref.dtype)
         chunk = _Chunk(plan, c_ref, row, head, start)
         c = _rows(c_ref, row, start, plan.chunk, head)
         k = _rows(k_ref, row, start, plan.chunk, head) * jnp.exp(chunk.to_end(c))
@@ -180,7 +180,7 @@ def _dstates_kernel(q_ref, do_ref, c_ref, tot_ref, dfinal_ref, dh_ref, ds0_ref, 
     def body(t, dstate):
         n = plan.n_chunks - 1 - t
         start = n * plan.chunk
-        dh_ref[row, n, head, :, columns] = dstate
+        dh_ref[row, n, head, :, columns] = dstate.astype(dh_ref.dtype)
         chunk = _Chunk(plan, c_ref, row, head, start)
         c = _rows(c_ref, row, start, plan.chunk, head)
         q = _rows(q_ref, row, start, plan.chunk, head) * (plan.scale * jnp.exp(
@@ -276,8 +276,11 @@ def _call(kernel, plan, grid, inputs, outputs, options, index, interpret, name):
 
 
 def _state_shapes(plan):
+    """The per-chunk states (or their gradients) in the input dtype: they only enter matmuls,
+    which round them to it; the recurrence itself runs in float32.  The final state (or the
+    initial state's gradient) is float32."""
     b, h, dk, dv = plan.batch, plan.heads, plan.key_dim, plan.value_dim
-    return (jax.ShapeDtypeStruct((b, plan.n_chunks, h, dk, dv), jnp.float32),
+    return (jax.ShapeDtypeStruct((b, plan.n_chunks, h, dk, dv), plan.dtype),
             jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32))
 
 

@@ -1,0 +1,40 @@
+"""The linear attention benchmark's CPU smoke run: the kernel (in the Pallas interpreter) and
+the chunked form checked against the recurrence and timed, fla skipped with its reason, and the
+JSON, plot and table written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_its_files(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_linear", "--smoke", "--variants",
+         "pallas,fla-gla", "--fla-path", str(tmp_path / "no_fla_here"), "--out",
+         str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    assert "pallas check PASS" in result.stdout
+    assert "fla-gla skipped: fla not importable" in result.stdout
+    [stem] = {name.rsplit(".", 1)[0] for name in os.listdir(tmp_path) if name.endswith(".json")}
+    assert stem.startswith("bench_linear_cpu_")
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    results = json.loads((tmp_path / f"{stem}.json").read_text())["results"]
+    [row] = results["pallas"]["shapes"]
+    assert row["fwd"]["ms"] > 0 and row["fwd+bwd"]["ms"] > 0
+    assert results["pallas"]["check"]["errors"]["dlog_alpha"] < 2e-2
+    table = result.stdout.strip().splitlines()
+    assert table[-3].startswith("| variant |")
+    assert table[-1].startswith("| pallas | 16 | 64 | 1 x 2 |")
+
+
+def test_shapes_must_divide_the_budget():
+    from benchmarks import bench_linear
+    args = bench_linear.parse_args(["--lengths", "3000"])
+    with pytest.raises(SystemExit, match="multiples of L=3000"):
+        bench_linear.shapes(args)
