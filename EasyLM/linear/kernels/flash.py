@@ -2,11 +2,12 @@
 
 XLA prepares what the kernels read: queries, keys and values with the keys and values expanded
 to the query heads, the row padded to whole chunks with tokens that neither write nor decay
-the state, the log gates' running sums inside each sub-chunk and each chunk's total.  The
-forward pass saves the state each chunk starts from (``[B, L / C, H, Dk, Dv]``, input dtype).  The
-backward pass turns the kernels' ``db`` (the gradient of the gates' running sum from the row's
-start) into the log gates' gradient: the final state's share ``sum_v dS_final * S_final`` is
-added at the last token, then a reverse running sum along the row.
+the state, the log gates' running sums inside each sub-chunk and each chunk's total (gates per
+key dimension, or once per head: then the kernels take each chunk's decays as one ``[C, C]``
+matrix).  The forward pass saves the state each chunk starts from (``[B, L / C, H, Dk, Dv]``,
+input dtype).  The backward pass turns the kernels' ``db = q * dq - k * dk`` into the log
+gates' gradient chunk by chunk: each chunk's last token also takes ``sum_v dS_end * S_end`` of
+the state the chunk leaves, then a reverse running sum inside the chunk.
 """
 import dataclasses
 import functools
@@ -93,15 +94,17 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     padded = -(-length // chunk_size) * chunk_size
+    per_head = log_alpha.shape[3] == 1
     plan = triton_lowering.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
                                 value_dim=value_dim, chunk=chunk_size, sub=SUBCHUNK,
-                                block_v=block_v, scale=float(scale), dtype=jnp.dtype(q.dtype))
+                                block_v=block_v, scale=float(scale), dtype=jnp.dtype(q.dtype),
+                                per_head=per_head)
     options = triton_lowering.Options(**{
         name: (value,) * 4 if isinstance(value, int) else tuple(value)
         for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
         if value is not None})
     k, v = (expand_heads(x, heads).astype(q.dtype) for x in (k, v))
-    log_alpha = jnp.broadcast_to(log_alpha.astype(jnp.float32), q.shape)
+    log_alpha = log_alpha.astype(jnp.float32)
     state = zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q, k, v, log_alpha = (jnp.pad(x, pad) for x in (q, k, v, log_alpha))
@@ -142,11 +145,21 @@ def _forward(static, q, k, v, log_alpha, state):
 def _backward(static, residuals, cotangents):
     q, k, v, c, tot, h, final = residuals
     dout, dfinal = cotangents
-    dq, dk, dv, db, ds0 = triton_lowering.backward(
-        static.plan, q, k, v, c, tot, h, dout.astype(q.dtype), dfinal.astype(jnp.float32),
+    plan = static.plan
+    dq, dk, dv, db, ds0, dh = triton_lowering.backward(
+        plan, q, k, v, c, tot, h, dout.astype(q.dtype), dfinal.astype(jnp.float32),
         options=static.options, interpret=static.interpret)
-    db = db.at[:, -1].add(jnp.sum(dfinal * final, axis=-1))
-    dlog_alpha = lax.cumsum(db, axis=1, reverse=True)
+    # Each chunk's gates act on the state it leaves through their sum: its last token takes
+    # sum_v dS_end * S_end, and the reverse running sum stays inside the chunk.  Summed along
+    # the whole row instead, the pairs q * dq and k * dk add and subtract would cancel over
+    # many chunks, and with strong gates their rounding would swamp the result.
+    after = jnp.concatenate([h[:, 1:].astype(jnp.float32), final[:, None]], axis=1)
+    boundary = jnp.sum(dh.astype(jnp.float32) * after, axis=-1)  # [B, N, H, Dk]
+    b, length, heads, dim = db.shape
+    db = db.reshape(b, plan.n_chunks, plan.chunk, heads, dim).at[:, :, -1].add(boundary)
+    if plan.per_head:
+        db = jnp.sum(db, axis=-1, keepdims=True)
+    dlog_alpha = lax.cumsum(db, axis=2, reverse=True).reshape(b, length, heads, -1)
     return dq, dk, dv, dlog_alpha, ds0
 
 

@@ -3,8 +3,8 @@
 Four kernels, two sequential along the row and two parallel over its chunks:
 
 * ``states`` (one program per row, head and value block) runs the recurrence once per chunk
-  and stores the state each chunk starts from, ``h [B, N, H, Dk, Dv]`` in the input dtype, and the final
-  state (float32).
+  and stores the state each chunk starts from, ``h [B, N, H, Dk, Dv]`` in the input dtype,
+  and the final state (float32).
 * ``outputs`` (one program per chunk, row and head) computes the chunk's outputs from the
   state it starts from and its own tokens, sixteen-token sub-chunks at a time.
 * ``dstates`` (per row, head and value block) runs the recurrence of the state's gradient
@@ -62,6 +62,7 @@ class Plan:
     block_v: int
     scale: float
     dtype: object
+    per_head: bool = False  # one gate per head: c and tot have a last axis of 1
 
     @property
     def n_chunks(self):
@@ -117,6 +118,22 @@ class _Chunk:
         """``[1, Dk]``: log decay over the sub-chunks before sub-chunk ``i``."""
         return sum(self.totals[:i], jnp.zeros_like(self.totals[0]))
 
+    def pair_exponents(self, c, c_row, strict):
+        """``[C, C]`` log decay between query ``i`` (rows) and key ``j`` (columns) of a chunk
+        with one gate per head (``c [C, 1]``, ``c_row [1, C]``): ``c_i - c_j`` inside a
+        sub-chunk, else the query's sub-chunk up to it, the sub-chunks between and the rest
+        of the key's; ``-inf`` above the diagonal (and on it if ``strict``)."""
+        size = c.shape[0]
+        i = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+        j = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+        sub_i, sub_j = i // self.plan.sub, j // self.plan.sub
+        key_sub = lax.broadcasted_iota(jnp.int32, (1, size), 1) // self.plan.sub
+        rest = sum(jnp.where(key_sub == m, t - c_row, 0.0) for m, t in enumerate(self.totals))
+        spanned = sum(jnp.where((sub_j < m) & (m < sub_i), t, 0.0)
+                      for m, t in enumerate(self.totals))
+        gap = jnp.where(sub_i == sub_j, c - c_row, c + rest + spanned)
+        return jnp.where(j < i if strict else j <= i, gap, -jnp.inf)
+
     def key_gap(self, c_j, j, i):
         """``[S, Dk]``: log decay from each key of sub-chunk ``j`` to the start of sub-chunk
         ``i > j`` (the rest of ``j``, then the sub-chunks between)."""
@@ -141,11 +158,26 @@ def _states_kernel(k_ref, v_ref, c_ref, tot_ref, s0_ref, h_ref, final_ref, *, pl
         0, plan.n_chunks, body, s0_ref[row, head, :, columns])
 
 
+def _gate_row(c_ref, row, start, size, head):
+    """``[1, size]``: one gate per head's running sums as a row."""
+    return c_ref[row, pl.ds(start, size), head, 0][None, :]
+
+
 def _outputs_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, o_ref, *, plan):
     n, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, s = n * plan.chunk, plan.sub
     chunk = _Chunk(plan, c_ref, row, head, start)
     h = h_ref[row, n, head, :, :]
+    if plan.per_head:  # the chunk's decays are one [C, C] matrix: two matmuls
+        q = _rows(q_ref, row, start, plan.chunk, head) * plan.scale
+        c = _rows(c_ref, row, start, plan.chunk, head)
+        decay = jnp.exp(chunk.pair_exponents(c, _gate_row(c_ref, row, start, plan.chunk, head),
+                                             strict=False))
+        scores = _dot(q, _rows(k_ref, row, start, plan.chunk, head), _NT, plan.dtype) * decay
+        out = (_dot(q * jnp.exp(chunk.from_start(c)), h, _NN, plan.dtype)
+               + _dot(scores, _rows(v_ref, row, start, plan.chunk, head), _NN, plan.dtype))
+        o_ref[row, pl.ds(start, plan.chunk), head, :] = out.astype(o_ref.dtype)
+        return
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
     query = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     for i in range(plan.n_sub):
@@ -202,6 +234,10 @@ def _grads_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, do_ref, dh_ref, dq_ref, dk_
     start, s, dt = n * plan.chunk, plan.sub, plan.dtype
     chunk = _Chunk(plan, c_ref, row, head, start)
     h, dh = h_ref[row, n, head, :, :], dh_ref[row, n, head, :, :]
+    if plan.per_head:
+        _per_head_grads(plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref,
+                        do_ref, dq_ref, dk_ref, dv_ref, db_ref)
+        return
     position = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
 
@@ -258,6 +294,29 @@ def _grads_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, do_ref, dh_ref, dq_ref, dk_
         dv_ref[row, rows, head, :] = dv.astype(dv_ref.dtype)
 
 
+def _per_head_grads(plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref, do_ref,
+                    dq_ref, dk_ref, dv_ref, db_ref):
+    """The grads kernel's chunk with one gate per head: ``[C, C]`` decays, whole-chunk
+    matmuls."""
+    size, dt = plan.chunk, plan.dtype
+    q = _rows(q_ref, row, start, size, head) * plan.scale
+    k, v = _rows(k_ref, row, start, size, head), _rows(v_ref, row, start, size, head)
+    do, c = _rows(do_ref, row, start, size, head), _rows(c_ref, row, start, size, head)
+    c_row = _gate_row(c_ref, row, start, size, head)
+    scores = _dot(q, k, _NT, dt) * jnp.exp(chunk.pair_exponents(c, c_row, strict=False))
+    dscores = _dot(do, v, _NT, dt) * jnp.exp(chunk.pair_exponents(c, c_row, strict=True))
+    to_end = jnp.exp(chunk.to_end(c))
+    dq = jnp.exp(chunk.from_start(c)) * _dot(do, h, _NT, dt) + _dot(dscores, k, _NN, dt)
+    dk = to_end * _dot(v, dh, _NT, dt) + _dot(dscores, q, _TN, dt)
+    dv = _dot(k * to_end, dh, _NN, dt) + _dot(scores, do, _TN, dt)
+    rows = pl.ds(start, size)
+    db_ref[row, rows, head, :] = q * dq - k * dk
+    self_dscore = jnp.sum(do * v, axis=1, keepdims=True)
+    dq_ref[row, rows, head, :] = ((dq + self_dscore * k) * plan.scale).astype(dq_ref.dtype)
+    dk_ref[row, rows, head, :] = (dk + self_dscore * q).astype(dk_ref.dtype)
+    dv_ref[row, rows, head, :] = dv.astype(dv_ref.dtype)
+
+
 def _sequential_grid(plan):
     return (plan.value_dim // plan.block_v, plan.batch, plan.heads)
 
@@ -296,12 +355,12 @@ def forward(plan, q, k, v, c, tot, initial_state, *, options, interpret):
 
 
 def backward(plan, q, k, v, c, tot, h, do, dfinal, *, options, interpret):
-    """``(dq, dk, dv, db [B, L, H, Dk] float32, d initial state)``; ``db`` is the gradient
-    of the gates' running sum from the start of the row, the final state's part left out."""
+    """``(dq, dk, dv, db [B, L, H, Dk] float32, d initial state, dh)``: ``db = q * dq - k *
+    dk``, ``dh [B, N, H, Dk, Dv]`` the gradient each chunk's end state receives."""
     dh, ds0 = _call(_dstates_kernel, plan, _sequential_grid(plan), [q, do, c, tot, dfinal],
                     list(_state_shapes(plan)), options, 2, interpret, "linear_dstates")
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     shapes.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
     dq, dk, dv, db = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, h, do, dh],
                            shapes, options, 3, interpret, "linear_grads")
-    return dq, dk, dv, db, ds0
+    return dq, dk, dv, db, ds0, dh
