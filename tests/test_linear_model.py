@@ -41,8 +41,36 @@ def test_named_linear_configs_and_their_errors():
                                          "of 16"):
         tiny_config(linear_chunk_size=40)
     with pytest.raises(ValueError, match=r"linear_implementation 'fast': choose one of "
-                                         r"\('auto', 'scan', 'chunked'\)"):
+                                         r"\('auto', 'scan', 'chunked', 'pallas'\)"):
         tiny_config(linear_implementation="fast")
+    with pytest.raises(ValueError, match="linear_chunk_size 48: the pallas linear attention "
+                                         "kernel takes 16, 32, 64 or 128"):
+        tiny_config(linear_implementation="pallas", linear_chunk_size=48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["supra", "gla"])
+def test_the_kernel_in_a_model_equals_the_chunked_form(family):
+    """A model of linear layers (GQA) gives the same loss and parameter gradients with the
+    fused kernel (interpreted on CPU) as with the chunked form."""
+    def loss_and_grads(implementation):
+        config = tiny_config(attention_type=family, mem_layers=(), num_hidden_layers=2,
+                             hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             linear_implementation=implementation, linear_chunk_size=16)
+        model = FlaxLLaMAForCausalLMModule(config)
+        tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 40), 0, config.vocab_size)
+        params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+
+        def loss(params):
+            logits = model.apply({"params": params}, tokens).logits
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        return jax.value_and_grad(loss)(params)
+
+    (want, want_grads), (got, got_grads) = (loss_and_grads(name) for name in
+                                            ("chunked", "pallas"))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_parameters_and_partition_rules_on_8_devices():
