@@ -73,13 +73,17 @@ KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 3e-5}
 
 
 # The kernel in the Pallas interpreter: whole chunks, a row ending inside a chunk, GQA, gates
-# per key dimension and per head, value heads of another width, every chunk size it takes.
+# per key dimension (weak ones: whole-chunk matmuls; strong ones: sixteen tokens at a time)
+# and per head, value heads of another width, chunk sizes from 16 to 128.
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,per_dim,mu,options", [
     ((2, 64, 4, 2, 16), True, WEAK, dict(chunk_size=32)),
     ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64)),  # L % C != 0, GQA
     ((1, 48, 2, 2, 16), True, STRONG, dict(chunk_size=16)),
     ((1, 128, 2, 2, 16), True, WEAK, dict(chunk_size=128, value_dim=32, block_v=16)),
+    # alpha near 0.6: chunks of 64 sum near the kernel's MILD_LIMIT, some take whole-chunk
+    # matmuls and some sixteen tokens at a time
+    ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64)),
 ])
 def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
     options = dict(options)

@@ -35,6 +35,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from FoT.kernels.triton_lowering import _whole_array
 
+# A chunk whose gates sum to more than -MILD_LIMIT in every key dimension takes whole-chunk
+# matmuls with factored decays (exp(F_i) and exp(-F_j) within exp(+-40) of 1); a stronger one,
+# sixteen tokens at a time with every exponent <= 0.
+MILD_LIMIT = 40.0
+
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -99,6 +104,12 @@ class _Chunk:
         self.plan, self.start = plan, start
         self.totals = [c_ref[row, pl.ds(start + (j + 1) * plan.sub - 1, 1), head, :]
                        for j in range(plan.n_sub)]
+
+    def mild(self):
+        """Whether every key dimension decays by less than ``exp(-MILD_LIMIT)`` over the chunk:
+        then ``exp(F_i) * exp(-F_j)`` of the running sum ``F`` from the chunk's start stays in
+        float32's range, and the chunk's pairs are whole-chunk matmuls."""
+        return jnp.min(sum(self.totals)) > -MILD_LIMIT
 
     def _sub_of_row(self, rows):
         return lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // self.plan.sub
@@ -165,19 +176,68 @@ def _gate_row(c_ref, row, start, size, head):
 
 def _outputs_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, o_ref, *, plan):
     n, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    start, s = n * plan.chunk, plan.sub
+    start = n * plan.chunk
     chunk = _Chunk(plan, c_ref, row, head, start)
     h = h_ref[row, n, head, :, :]
-    if plan.per_head:  # the chunk's decays are one [C, C] matrix: two matmuls
-        q = _rows(q_ref, row, start, plan.chunk, head) * plan.scale
-        c = _rows(c_ref, row, start, plan.chunk, head)
-        decay = jnp.exp(chunk.pair_exponents(c, _gate_row(c_ref, row, start, plan.chunk, head),
-                                             strict=False))
-        scores = _dot(q, _rows(k_ref, row, start, plan.chunk, head), _NT, plan.dtype) * decay
-        out = (_dot(q * jnp.exp(chunk.from_start(c)), h, _NN, plan.dtype)
-               + _dot(scores, _rows(v_ref, row, start, plan.chunk, head), _NN, plan.dtype))
-        o_ref[row, pl.ds(start, plan.chunk), head, :] = out.astype(o_ref.dtype)
-        return
+    args = (plan, chunk, row, head, start, h, q_ref, k_ref, v_ref, c_ref, o_ref)
+    if plan.per_head:
+        _whole_chunk_outputs(*args)
+    else:
+        mild = chunk.mild()
+        pl.when(mild)(lambda: _whole_chunk_outputs(*args))
+        pl.when(jnp.logical_not(mild))(lambda: _sub_chunk_outputs(*args))
+
+
+class _Decays:
+    """A chunk's pair decays for whole-chunk matmuls: one gate per head, an exact ``[C, C]``
+    matrix; a gate per key dimension (a mild chunk), the factors ``exp(F_i)`` of the query
+    and ``exp(-F_j)`` of the key, ``F`` the running sum from the chunk's start."""
+
+    def __init__(self, plan, chunk, c_ref, row, head, start, c):
+        self.per_head = plan.per_head
+        self.from_start = chunk.from_start(c)
+        self.to_end = jnp.exp(chunk.to_end(c))
+        size = plan.chunk
+        if plan.per_head:
+            c_row = _gate_row(c_ref, row, start, size, head)
+            self.inclusive = jnp.exp(chunk.pair_exponents(c, c_row, strict=False))
+            self.strict = jnp.exp(chunk.pair_exponents(c, c_row, strict=True))
+        else:
+            i = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+            j = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+            self.causal_inclusive, self.causal_strict = j <= i, j < i
+
+    def query_factor(self):
+        return jnp.exp(self.from_start)
+
+    def key_side(self, k):
+        """Keys as the score matmul takes them (factored: ``k * exp(-F)``)."""
+        return k if self.per_head else k * jnp.exp(-self.from_start)
+
+    def weigh(self, products, strict):
+        """Pair products ``[C, C]`` (of the factored queries and keys, or plain) to weights."""
+        if self.per_head:
+            return products * (self.strict if strict else self.inclusive)
+        return jnp.where(self.causal_strict if strict else self.causal_inclusive, products, 0.0)
+
+
+def _whole_chunk_outputs(plan, chunk, row, head, start, h, q_ref, k_ref, v_ref, c_ref, o_ref):
+    """A chunk's outputs from whole-chunk matmuls."""
+    size, dt = plan.chunk, plan.dtype
+    q = _rows(q_ref, row, start, size, head) * plan.scale
+    decays = _Decays(plan, chunk, c_ref, row, head, start, _rows(c_ref, row, start, size, head))
+    q_decayed = q * decays.query_factor()
+    k = decays.key_side(_rows(k_ref, row, start, size, head))
+    scores = decays.weigh(_dot(q_decayed if not plan.per_head else q, k, _NT, dt), strict=False)
+    out = (_dot(q_decayed, h, _NN, dt)
+           + _dot(scores, _rows(v_ref, row, start, size, head), _NN, dt))
+    o_ref[row, pl.ds(start, size), head, :] = out.astype(o_ref.dtype)
+
+
+def _sub_chunk_outputs(plan, chunk, row, head, start, h, q_ref, k_ref, v_ref, c_ref, o_ref):
+    """A chunk's outputs sixteen query tokens at a time, each key dimension's decay explicit
+    inside a sub-chunk: exact however strong the gates."""
+    s = plan.sub
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
     query = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     for i in range(plan.n_sub):
@@ -231,13 +291,23 @@ def _grads_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, do_ref, dh_ref, dq_ref, dk_
     end state gradient, the later sub-chunks' queries and its own), then its queries' dq (from
     the start state, the earlier sub-chunks' keys and its own), then ``db``."""
     n, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    start, s, dt = n * plan.chunk, plan.sub, plan.dtype
+    start = n * plan.chunk
     chunk = _Chunk(plan, c_ref, row, head, start)
     h, dh = h_ref[row, n, head, :, :], dh_ref[row, n, head, :, :]
+    args = (plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref, do_ref, dq_ref,
+            dk_ref, dv_ref, db_ref)
     if plan.per_head:
-        _per_head_grads(plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref,
-                        do_ref, dq_ref, dk_ref, dv_ref, db_ref)
-        return
+        _whole_chunk_grads(*args)
+    else:
+        mild = chunk.mild()
+        pl.when(mild)(lambda: _whole_chunk_grads(*args))
+        pl.when(jnp.logical_not(mild))(lambda: _sub_chunk_grads(*args))
+
+
+def _sub_chunk_grads(plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref, do_ref,
+                     dq_ref, dk_ref, dv_ref, db_ref):
+    """The grads of a chunk sixteen tokens at a time (see :func:`_grads_kernel`)."""
+    s, dt = plan.sub, plan.dtype
     position = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
 
@@ -294,21 +364,27 @@ def _grads_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, do_ref, dh_ref, dq_ref, dk_
         dv_ref[row, rows, head, :] = dv.astype(dv_ref.dtype)
 
 
-def _per_head_grads(plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref, do_ref,
-                    dq_ref, dk_ref, dv_ref, db_ref):
-    """The grads kernel's chunk with one gate per head: ``[C, C]`` decays, whole-chunk
-    matmuls."""
+def _whole_chunk_grads(plan, chunk, row, head, start, h, dh, q_ref, k_ref, v_ref, c_ref,
+                       do_ref, dq_ref, dk_ref, dv_ref, db_ref):
+    """The grads of a chunk from whole-chunk matmuls (:class:`_Decays`)."""
     size, dt = plan.chunk, plan.dtype
     q = _rows(q_ref, row, start, size, head) * plan.scale
     k, v = _rows(k_ref, row, start, size, head), _rows(v_ref, row, start, size, head)
-    do, c = _rows(do_ref, row, start, size, head), _rows(c_ref, row, start, size, head)
-    c_row = _gate_row(c_ref, row, start, size, head)
-    scores = _dot(q, k, _NT, dt) * jnp.exp(chunk.pair_exponents(c, c_row, strict=False))
-    dscores = _dot(do, v, _NT, dt) * jnp.exp(chunk.pair_exponents(c, c_row, strict=True))
-    to_end = jnp.exp(chunk.to_end(c))
-    dq = jnp.exp(chunk.from_start(c)) * _dot(do, h, _NT, dt) + _dot(dscores, k, _NN, dt)
-    dk = to_end * _dot(v, dh, _NT, dt) + _dot(dscores, q, _TN, dt)
-    dv = _dot(k * to_end, dh, _NN, dt) + _dot(scores, do, _TN, dt)
+    do = _rows(do_ref, row, start, size, head)
+    decays = _Decays(plan, chunk, c_ref, row, head, start, _rows(c_ref, row, start, size, head))
+    query_factor = decays.query_factor()
+    q_side = q if plan.per_head else q * query_factor
+    k_side = decays.key_side(k)
+    scores = decays.weigh(_dot(q_side, k_side, _NT, dt), strict=False)
+    dscores = decays.weigh(_dot(do, v, _NT, dt), strict=True)
+    from_keys = _dot(dscores, k_side, _NN, dt)
+    from_queries = _dot(dscores, q_side, _TN, dt)
+    if not plan.per_head:  # the factors left outside the products
+        from_keys = from_keys * query_factor
+        from_queries = from_queries * jnp.exp(-decays.from_start)
+    dq = query_factor * _dot(do, h, _NT, dt) + from_keys
+    dk = decays.to_end * _dot(v, dh, _NT, dt) + from_queries
+    dv = _dot(k * decays.to_end, dh, _NN, dt) + _dot(scores, do, _TN, dt)
     rows = pl.ds(start, size)
     db_ref[row, rows, head, :] = q * dq - k * dk
     self_dscore = jnp.sum(do * v, axis=1, keepdims=True)
