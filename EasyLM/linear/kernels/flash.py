@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from EasyLM.linear.kernels import triton_lowering
+from EasyLM.linear.kernels import tiles, triton_lowering
 from EasyLM.linear.scan import expand_heads, zero_state
 from FoT.kernels.flash import NATIVE_PLATFORM, check_compiled
 
@@ -95,7 +95,7 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
         scale = 1.0 / math.sqrt(key_dim)
     padded = -(-length // chunk_size) * chunk_size
     per_head = log_alpha.shape[3] == 1
-    plan = triton_lowering.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
+    plan = tiles.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
                                 value_dim=value_dim, chunk=chunk_size, sub=SUBCHUNK,
                                 block_v=block_v, scale=float(scale), dtype=jnp.dtype(q.dtype),
                                 per_head=per_head)
