@@ -86,6 +86,39 @@ KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 3e-5}
     ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64)),
 ])
 def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
+    check_kernel(shape, per_dim, mu, options)
+
+
+# The Mosaic (TPU) lowering in the TPU interpreter: the same maths in another grid.
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,per_dim,mu,options", [
+    ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64)),
+    ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64)),
+])
+def test_mosaic_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
+    check_kernel(shape, per_dim, mu, dict(options, backend="mosaic"))
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic")])
+@pytest.mark.parametrize("per_dim", [True, False])
+def test_kernel_lowers_for_the_hardware(platform, backend, per_dim):
+    """Forward and backward lower to Triton IR / Mosaic MLIR at a training shape (GQA, a row
+    ending inside a chunk); the hardware compiler itself only runs on the device."""
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1000, 4, 128), jnp.bfloat16)
+    log_alpha = jax.ShapeDtypeStruct((2, 1000, 8, 128 if per_dim else 1), jnp.float32)
+
+    def forward_backward(*args):
+        out, vjp = jax.vjp(lambda *x: linear_attention(
+            *x, implementation="pallas", backend=backend, interpret=False), *args)
+        return vjp(out)
+
+    lowered = jax.jit(forward_backward).trace(q, kv, kv, log_alpha).lower(
+        lowering_platforms=(platform,))
+    assert lowered.as_text()
+
+
+def check_kernel(shape, per_dim, mu, options):
     options = dict(options)
     args = inputs(*shape, per_dim=per_dim, mu=mu, value_dim=options.pop("value_dim", None))
     want = outputs_and_gradients("scan", args)

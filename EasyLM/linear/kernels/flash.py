@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from EasyLM.linear.kernels import tiles, triton_lowering
+from EasyLM.linear.kernels import mosaic_lowering, tiles, triton_lowering
 from EasyLM.linear.scan import expand_heads, zero_state
-from FoT.kernels.flash import NATIVE_PLATFORM, check_compiled
+from FoT.kernels.flash import (NATIVE_PLATFORM, check_compiled, check_triton_settings,
+                               pick_backend)
 
 KERNEL = "the fused linear attention kernel"
 SUBCHUNK = 16
 SUPPORTED_DIMS = (16, 32, 64, 128, 256)
-BACKENDS = ("triton",)
+_LOWERINGS = {"triton": triton_lowering, "mosaic": mosaic_lowering}
 
 
 def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
@@ -48,21 +49,10 @@ def check_supported(key_dim, value_dim, dtype, chunk_size, *, backend=None, inte
     """None when :func:`fused_linear_attention` runs these settings on this platform, else
     ``NotImplementedError`` saying why (so that a caller falls back).  Without ``interpret``
     the kernel counts only where it compiles (a GPU)."""
-    backend = _pick_backend(backend)
+    backend = pick_backend(backend)
     check_inputs(key_dim, value_dim, dtype, chunk_size)
     if not interpret:
         check_compiled(backend, KERNEL)
-
-
-def _pick_backend(backend):
-    if backend is None:
-        if jax.default_backend() == "tpu":
-            raise NotImplementedError(f"{KERNEL} has a Triton (GPU) lowering only; on TPU use "
-                                      f"the chunked variant")
-        return "triton"
-    if backend not in BACKENDS:
-        raise NotImplementedError(f"{KERNEL} has no {backend!r} lowering; it has {BACKENDS}")
-    return backend
 
 
 def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
@@ -76,14 +66,16 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
       q, k, v, log_alpha, initial_state: as :func:`EasyLM.linear.linear_attention` takes
         them (``log_alpha`` per key dimension or per head, ``<= 0``).
       chunk_size: tokens per chunk (16, 32, 64 or 128); sub-chunks are 16 tokens.
-      backend: ``"triton"`` (the only lowering).  interpret: run in the Pallas interpreter;
-        ``None``: unless a GPU is present.
+      backend: ``"triton"`` (Pallas on GPU) or ``"mosaic"`` (Pallas on TPU); ``None``:
+        ``"mosaic"`` on TPU, else ``"triton"``.  interpret: run in the Pallas interpreter;
+        ``None``: unless the backend's hardware is present.
       block_v: value columns per program of the two sequential kernels (``None``: all, or
         64 for heads wider than 64).
       num_warps, num_stages: Triton settings, an int for all four kernels (states, outputs,
-        dstates, grads) or a 4-tuple.
+        dstates, grads) or a 4-tuple.  block_v is also the Triton lowering's alone.
     """
-    backend = _pick_backend(backend)
+    backend = pick_backend(backend)
+    check_triton_settings(backend, num_warps, num_stages)
     if interpret is None:
         interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
     batch, length, heads, key_dim = q.shape
@@ -108,7 +100,8 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     state = zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q, k, v, log_alpha = (jnp.pad(x, pad) for x in (q, k, v, log_alpha))
-    out, final = _fused(_Static(plan, options, bool(interpret)), q, k, v, log_alpha, state)
+    out, final = _fused(_Static(plan, options, _LOWERINGS[backend], bool(interpret)), q, k, v,
+                        log_alpha, state)
     return out[:, :length], final
 
 
@@ -116,6 +109,7 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
 class _Static:
     plan: object
     options: object
+    lowering: object
     interpret: bool
 
 
@@ -136,7 +130,7 @@ def _fused(static, q, k, v, log_alpha, state):
 
 def _forward(static, q, k, v, log_alpha, state):
     c, tot = _gate_sums(static.plan, log_alpha)
-    out, h, final = triton_lowering.forward(static.plan, q, k, v, c, tot, state,
+    out, h, final = static.lowering.forward(static.plan, q, k, v, c, tot, state,
                                             options=static.options,
                                             interpret=static.interpret)
     return (out, final), (q, k, v, c, tot, h, final)
@@ -146,7 +140,7 @@ def _backward(static, residuals, cotangents):
     q, k, v, c, tot, h, final = residuals
     dout, dfinal = cotangents
     plan = static.plan
-    dq, dk, dv, db, ds0, dh = triton_lowering.backward(
+    dq, dk, dv, db, ds0, dh = static.lowering.backward(
         plan, q, k, v, c, tot, h, dout.astype(q.dtype), dfinal.astype(jnp.float32),
         options=static.options, interpret=static.interpret)
     # Each chunk's gates act on the state it leaves through their sum: its last token takes

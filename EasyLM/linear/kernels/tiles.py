@@ -84,7 +84,7 @@ class Chunk:
         return jnp.min(self.total()) > -MILD_LIMIT
 
     def _sub_of_row(self, rows):
-        return lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // self.plan.sub
+        return lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), self.plan.sub)
 
     def from_start(self, c):
         """``[C, Dk]``: log decay from the chunk's start through each token (inclusive)."""
@@ -109,8 +109,8 @@ class Chunk:
         size = c.shape[0]
         i = lax.broadcasted_iota(jnp.int32, (size, size), 0)
         j = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-        sub_i, sub_j = i // self.plan.sub, j // self.plan.sub
-        key_sub = lax.broadcasted_iota(jnp.int32, (1, size), 1) // self.plan.sub
+        sub_i, sub_j = lax.div(i, self.plan.sub), lax.div(j, self.plan.sub)
+        key_sub = lax.div(lax.broadcasted_iota(jnp.int32, (1, size), 1), self.plan.sub)
         rest = sum(jnp.where(key_sub == m, t - c_row, 0.0) for m, t in enumerate(self.totals))
         spanned = sum(jnp.where((sub_j < m) & (m < sub_i), t, 0.0)
                       for m, t in enumerate(self.totals))
