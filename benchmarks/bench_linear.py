@@ -42,6 +42,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks.bench_attention import peak_bytes
+from benchmarks.device_memory import subprocess_environment
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("pallas", "pallas-head", "chunked", "fla-gla", "fla-simple")
 PEER = {"pallas": "fla-gla", "pallas-head": "fla-simple", "chunked": "fla-gla"}
@@ -55,6 +58,8 @@ GRAD_NAMES = ("out", "dq", "dk", "dv", "dlog_alpha")
 
 
 # --- inputs, shared by both workers (numpy, so that fla's side needs no JAX on the GPU) ---
+# Everything that imports JAX is imported inside the workers: the driver imports none, and the
+# fla worker keeps JAX on the CPU.
 
 def numpy_inputs(shape, per_head, gate_mu, seed):
     """float32 ``q, k, v, log_alpha, cotangent``."""
@@ -129,7 +134,6 @@ def jax_worker(job):
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.bench_attention import peak_bytes
     variant, per_head = job["variant"], job["variant"] in PER_HEAD
     f = jax_attention(variant, job.get("kernel_options"))
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shapes=[])
@@ -265,7 +269,6 @@ def run_worker(args, variant, shape_list):
                min_time=args.min_time, check=not args.no_check,
                kernel_options=args.kernel_options,
                check_shape=SMOKE_CHECK_SHAPE if args.smoke else CHECK_SHAPE)
-    from benchmarks.device_memory import subprocess_environment
     env, memory = subprocess_environment()
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(

@@ -44,6 +44,9 @@ for _jax_module in ("EasyLM.models.llama.llama_model", "EasyLM.models.llama.wind
                     "FoT.inference"):
     DEFERRED[("benchmarks.bench_inference", _jax_module)] = \
         "JAX, only with --framework jax: JAX preallocates the GPU the PyTorch run measures"
+for _module in ("EasyLM.linear", "EasyLM.linear.scan"):
+    DEFERRED[("benchmarks.bench_linear", _module)] = \
+        "JAX, in the worker subprocesses only (the fla worker keeps it on the CPU)"
 DEFERRED[("benchmarks.bench_train", "benchmarks.collectives")] = \
     "the collectives part's driver, beside the JAX imports of the worker that runs it"
 
