@@ -45,6 +45,24 @@ def loss_curves(path, positions, curves, title, window=None):
     plt.close(fig)
 
 
+def token_curves(path, tokens, curves, references, title):
+    """Loss against training tokens: one line per ``curves`` entry (label -> loss at each of
+    ``tokens``), and a dashed horizontal line per ``references`` entry (label -> loss, e.g.
+    the base model's), in the colour of the curve of the same index."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (label, values) in enumerate(curves.items()):
+        ax.plot(tokens, values, marker="o", label=label, color=f"C{index}")
+    for index, (label, value) in enumerate(references.items()):
+        ax.axhline(value, color=f"C{index}", linestyle="--", linewidth=0.9, label=label)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("mean next-token loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
 def accuracy_curves(path, memory_windows, curves, title, chance=None):
     """Accuracy (0..1) against memory size in windows (log-2 x axis), one line per ``curves``
     entry (label -> accuracy per size); a dashed line marks ``chance``."""

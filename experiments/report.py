@@ -7,6 +7,8 @@ docs/forgetting.md).
         runs/code/eval_fot/loss_by_position.json runs/code/eval_range0/loss_by_position.json
     python -m experiments.report position --split 8192 --labels base,fox --output_dir DIR \\
         BASE/loss_by_position.json FOX/loss_by_position.json
+    python -m experiments.report tokens --spans 2048,8192 --output_dir DIR \\
+        BASE/loss_by_position.json RUN_STEP_200/loss_by_position.json ...
 
 Each input is the JSON an evaluation in ``eval/`` wrote for one model; the figure puts the
 models together (``dictionary_lookup.png`` / ``code_loss_by_position.png`` /
@@ -14,7 +16,10 @@ models together (``dictionary_lookup.png`` / ``code_loss_by_position.png`` /
 (docs/results.md is generated from the JSON).  ``position`` compares models that read each
 document as one window (FoX against LLaMA, an uptrained model against its base): the loss of
 the tokens before position ``--split`` (the training length, the base model's native context)
-and from it on.
+and from it on.  ``tokens`` follows one run's checkpoints: the mean loss within the first
+``--spans`` tokens of the documents against the tokens each checkpoint was trained on (its
+step times the tokens a step of its run's ``config.json``), beside the models without a step
+(the base model), drawn as horizontal lines (``token_loss.png``).
 """
 import argparse
 import json
@@ -23,7 +28,7 @@ import os
 import numpy as np
 
 from EasyLM import cli
-from eval.plots import accuracy_curves, loss_curves
+from eval.plots import accuracy_curves, loss_curves, token_curves
 
 
 def _load(paths):
@@ -89,6 +94,52 @@ def position_report(results, output_dir, split):
     return _markdown(header, rows)
 
 
+def tokens_report(results, output_dir, spans):
+    """Checkpoints of one run against models without a training step (see the module)."""
+    size = results[0]["bucket_size"]
+    if any(r["bucket_size"] != size for r in results) or any(s % size for s in spans):
+        raise cli.UsageError(f"every --spans value must be a multiple of the results' bucket "
+                             f"size, and the results must share one ({size})")
+    trained = sorted((r for r in results if _trained_tokens(r) is not None),
+                     key=_trained_tokens)
+    if not trained:
+        raise cli.UsageError("no result comes from a training checkpoint (.../step_N): "
+                             "give the evaluations of a run's checkpoints")
+    references = [r for r in results if _trained_tokens(r) is None]
+    tokens = [_trained_tokens(r) for r in trained]
+    curves = {f"within {span}": [float(_mean_loss(r, True, span)) for r in trained]
+              for span in spans}
+    lines = {f"{_label(r)} within {span}": float(_mean_loss(r, True, span))
+             for span in spans for r in references}
+    token_curves(os.path.join(output_dir, "token_loss.png"), tokens, curves, lines,
+                 "held-out loss within the first tokens of each document")
+    header = ["model", "training tokens"] + [f"loss within {span}" for span in spans]
+    rows = [[_label(r), "-"] + [_mean_loss(r, True, span) for span in spans]
+            for r in references]
+    rows += [[_label(r), f"{n:,}"] + [_mean_loss(r, True, span) for span in spans]
+             for r, n in zip(trained, tokens)]
+    return _markdown(header, rows)
+
+
+def _trained_tokens(result):
+    """Tokens a checkpoint ``.../<run>/checkpoints/step_N`` was trained on (``N`` times the
+    batch of its run's ``config.json``), or None for a model that is not such a checkpoint."""
+    path = result["model"].split("::")[-1].rstrip("/")
+    name = os.path.basename(path)
+    if not name.startswith("step_") or not name[5:].isdigit():
+        return None
+    config_path = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except OSError as e:
+        raise cli.UsageError(f"{result['model']}: cannot read its run's {config_path} ({e}), "
+                             "which gives the tokens a step") from None
+    kind = config.get("train_dataset.type", "json")
+    batch = config[f"train_dataset.{kind}_dataset.batch_size"]
+    return int(name[5:]) * batch * config[f"train_dataset.{kind}_dataset.seq_length"]
+
+
 def _mean_loss(result, before, split):
     """The mean loss of the tokens before (or from) position ``split``, a bucket boundary, or
     "-" where there are none."""
@@ -114,7 +165,8 @@ def _markdown(header, rows):
 
 REPORTS = {"dictionary": (dictionary_report, "dictionary_lookup.md"),
            "code": (code_report, "code_perplexity.md"),
-           "position": (position_report, "position_loss.md")}
+           "position": (position_report, "position_loss.md"),
+           "tokens": (tokens_report, "token_loss.md")}
 
 
 def main(argv=None):
@@ -126,12 +178,18 @@ def main(argv=None):
     parser.add_argument("--split", type=cli.integer(1), default=None,
                         help="position: the loss before and from this position (the training "
                              "length, a base model's native context)")
+    parser.add_argument("--spans", type=cli.number_list(int, low=1), default=None,
+                        help="tokens: the loss within the first N tokens of the documents, "
+                             "for each N (multiples of the bucket size)")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     with cli.user_errors(parser.prog):
         if (args.split is None) != (args.experiment != "position"):
             raise cli.UsageError("--split goes with position, and position needs it: the "
                                  "position (e.g. the training length) to split the loss at")
+        if (args.spans is None) != (args.experiment != "tokens"):
+            raise cli.UsageError("--spans goes with tokens, and tokens needs it: the lengths "
+                                 "to take the loss within, e.g. 2048,8192")
         labels = args.labels.split(",") if args.labels else None
         if labels and len(labels) != len(args.results):
             raise cli.UsageError(f"--labels names {len(labels)} models for "
@@ -142,6 +200,8 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         report, name = REPORTS[args.experiment]
         extra = {"split": args.split} if args.split else {}
+        if args.spans:
+            extra = {"spans": args.spans}
         text = report(results, args.output_dir, **extra)
     with open(os.path.join(args.output_dir, name), "w") as f:
         f.write(text)

@@ -15,8 +15,9 @@
 # The model (hf/, tokenizer/) and the corpus (data/) are those of experiments/pretrained_fot.sh
 # under the same UPTRAIN_OUT (runs/smollm2), built once for all; this recipe adds
 # FAMILY_init/ (the converted model), FAMILY/ (the run) and eval/FAMILY/ (one folder per
-# evaluation, and report/: position_loss.png and .md). An evaluation whose JSON exists is not
-# run again: delete it (or eval/FAMILY) to evaluate a later checkpoint.
+# evaluation, and report/: position_loss.png and .md, and token_loss.png and .md: the loss
+# within the first UPTRAIN_SPANS (2048,NATIVE) tokens at every checkpoint). An evaluation whose
+# JSON exists is not run again: delete it (or eval/FAMILY) to evaluate a later checkpoint.
 # UPTRAIN_CONFIG (configs/smollm2_FAMILY.json), UPTRAIN_GGUF (a carried .gguf file: no
 # download), UPTRAIN_TOKENIZER (OUT/tokenizer), UPTRAIN_DATA_ARGS (experiments.code_corpus),
 # UPTRAIN_NATIVE (the base model's context, 8192), UPTRAIN_LONG (the long documents, 32768),
@@ -95,7 +96,18 @@ for stage in $stages; do
     done
     labels="base on $native,$label init on $native,$label on $native,base on $long"
     python -m experiments.report position --split $native \
-      --output_dir $out/eval/$family/report --labels "$labels,$label on $long" "${paths[@]}" ;;
+      --output_dir $out/eval/$family/report --labels "$labels,$label on $long" "${paths[@]}"
+    # As a function of the tokens trained on: every checkpoint within the native context (the
+    # last one's evaluation is the one above), against the base model.
+    paths=($out/eval/$family/base_native/loss_by_position.json)
+    for step in $(ls -d $out/$family/*/checkpoints/step_* | sort -V); do
+      name=${family}_native_$(basename $step)
+      [ "$step" = "$checkpoint" ] && name=${family}_native
+      evaluate $name $native --load_checkpoint "$step" --last_context_length $native
+      paths+=($out/eval/$family/$name/loss_by_position.json)
+    done
+    python -m experiments.report tokens --spans ${UPTRAIN_SPANS:-2048,$native} \
+      --output_dir $out/eval/$family/report "${paths[@]}" ;;
   *) echo "unknown stage $stage (model data train eval)" >&2; exit 2 ;;
   esac
 done

@@ -243,7 +243,7 @@ def test_the_supra_uptraining_recipe_runs_end_to_end(docs_page_run):
     results = {path.parent.name: json.loads(path.read_text())
                for path in (out / "eval" / "supra").glob("*/loss_by_position.json")}
     assert sorted(results) == ["base_long", "base_native", "init_native", "supra_long",
-                               "supra_native"]
+                               "supra_native", "supra_native_step_2"]
     for name, result in results.items():
         assert np.isfinite(result["with_memory"]).all(), name
     # The SUPRA model reads the long documents in one window of their length (its state
@@ -252,6 +252,11 @@ def test_the_supra_uptraining_recipe_runs_end_to_end(docs_page_run):
     assert results["supra_native"]["with_memory"] != results["init_native"]["with_memory"]
     table = (out / "eval" / "supra" / "report" / "position_loss.md").read_text()
     assert "| SUPRA init on 128 | 2 |" in table and "| SUPRA on 256 | 2 |" in table
+    # loss against training tokens: the checkpoints of steps 2 and 4 of 4 x 128 tokens a step
+    tokens = (out / "eval" / "supra" / "report" / "token_loss.md").read_text().splitlines()
+    assert tokens[0] == "| model | training tokens | loss within 64 | loss within 128 |"
+    assert tokens[3].startswith("| step_2 | 1,024 |") and tokens[4].startswith("| step_4 | 2,048 |")
+    assert (out / "eval" / "supra" / "report" / "token_loss.png").stat().st_size > 0
     gla = checkout / "runs" / "code_gla_cpu"
     assert load_llama_config(str(next(gla.glob("gla/*/checkpoints/step_10")))
                              ).attention_type == "gla"

@@ -44,6 +44,37 @@ def test_the_position_report_splits_the_loss_at_a_bucket_boundary(tmp_path, caps
         assert message in error and error.count("\n") == 1, error
 
 
+def test_the_tokens_report_follows_a_runs_checkpoints(tmp_path, capsys):
+    """Each checkpoint's tokens are its step times its run's batch (config.json); a model that
+    is no checkpoint is a reference line; the loss is taken within the first --spans tokens."""
+    run = tmp_path / "run" / "2026-12-06_00-00-00"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({
+        "train_dataset.type": "json", "train_dataset.json_dataset.batch_size": 4,
+        "train_dataset.json_dataset.seq_length": 8}))
+    paths = []
+    for name, model, curve in [("late", f"trainstate::{run}/checkpoints/step_20", [2.0, 4.0]),
+                               ("base", "hf_base", [1.0, 3.0]),
+                               ("early", f"{run}/checkpoints/step_10", [5.0, 7.0])]:
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(dict(loss_result(curve, [1, 3]), model=model)))
+    out = tmp_path / "out"
+    report.main(["tokens", "--spans", "2,4", "--output_dir", str(out), *map(str, paths)])
+    assert (out / "token_loss.md").read_text() == (
+        "| model | training tokens | loss within 2 | loss within 4 |\n"
+        "| --- | --- | --- | --- |\n| hf_base | - | 1.0000 | 2.5000 |\n"
+        "| step_10 | 320 | 5.0000 | 6.5000 |\n| step_20 | 640 | 2.0000 | 3.5000 |\n")
+    assert (out / "token_loss.png").read_bytes()[:8] == PNG_MAGIC
+    (run / "config.json").unlink()
+    for argv, message in [(["--spans", "3"], "multiple of the results' bucket size"),
+                          ([], "tokens needs it"),
+                          (["--spans", "2"], "cannot read its run's")]:
+        with pytest.raises(SystemExit):
+            report.main(["tokens", *argv, "--output_dir", str(out), *map(str, paths)])
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
+
+
 # As docs/forgetting.md's cpu block names it.  That block runs the whole script on the page's
 # random tiny LLaMA (GQA; context NATIVE): the run these tests read.
 PAGE_OUT = "runs/uptrain_cpu"

@@ -3,8 +3,8 @@ a recurrent state instead of a window of keys and values.
 
 Both compute, per head, ``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T`` and ``o_t = q_t^T S_t /
 sqrt(d)`` (:mod:`EasyLM.linear`; ``linear_implementation`` picks the variant, ``auto``: the
-fused kernel on a GPU, else the chunked form; ``linear_chunk_size`` tokens a chunk).  They differ in the feature map, the
-decay and the output:
+fused kernel on a GPU, else the chunked form; ``linear_chunk_size`` tokens a chunk).  They
+differ in the feature map, the decay and the output:
 
 * ``supra`` (SUPRA, Mercat et al. 2024: a pretrained softmax layer turned recurrent, all its
   weights kept): queries and keys through ``phi(x) = ReLU(W x + b)``, a new ``[D, D]`` map
