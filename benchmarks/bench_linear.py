@@ -43,6 +43,8 @@ import sys
 import time
 
 from benchmarks.bench_attention import peak_bytes
+# The shapes of a run: bench_forgetting's (a token budget and a width per head size and length).
+from benchmarks.bench_forgetting import shapes
 from benchmarks.device_memory import subprocess_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,18 +252,6 @@ def parse_args(argv=None):
         for name, value in SMOKE.items():
             setattr(args, name, value)
     return args
-
-
-def shapes(args):
-    rows = []
-    for d in (int(x) for x in args.head_dims.split(",")):
-        for length in (int(x) for x in args.lengths.split(",")):
-            if args.tokens % length or args.width % d:
-                raise SystemExit(f"--tokens {args.tokens} and --width {args.width} must be "
-                                 f"multiples of L={length} and D={d}")
-            rows.append(dict(batch=args.tokens // length, length=length,
-                             heads=args.width // d, head_dim=d))
-    return rows
 
 
 def run_worker(args, variant, shape_list):
