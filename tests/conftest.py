@@ -20,6 +20,8 @@ that grew expensive is seen at the next quick check.
 """
 import os
 import resource
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,26 +32,70 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from helpers import GPU_SKIP_REASON  # noqa: E402
+from helpers import GPU_SKIP_REASON, REPO  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FAST_TEST_CPU_SECONDS = 5.0
 
 
+def pages_wanted(items):
+    """The docs pages the selected tests read through ``docs_page_run``, in the order they
+    are first read: a test_readme_commands test names its page as the parameter ``path``,
+    other modules list theirs in ``DOCS_PAGES`` (paths from the repository's root)."""
+    pages = []
+    for item in items:
+        if "docs_page_run" not in getattr(item, "fixturenames", ()):
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "path" in callspec.params:
+            wanted = [callspec.params["path"]]
+        else:
+            wanted = [os.path.join(REPO, p) for p in getattr(item.module, "DOCS_PAGES", ())]
+        pages += [os.path.abspath(p) for p in wanted if os.path.abspath(p) not in pages]
+    return pages
+
+
+@pytest.fixture(scope="session", autouse=True)
+def docs_pages_ahead(request, tmp_path_factory):
+    """``{path: future of run_page}``: the pages the session will read start at once, one at a
+    time in a background thread, while the in-process tests run beside them (each page is a
+    chain of subprocesses; on 2 cores this takes minutes off the full run).  A page still
+    running when the session ends (an interrupt) is killed."""
+    pages = pages_wanted(request.session.items)
+    if not pages:
+        yield {}
+        return
+    from test_readme_commands import run_page, stop_pages
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docs-page")
+    futures = {p: pool.submit(run_page, p, tmp_path_factory.mktemp("docs_page")) for p in pages}
+    try:
+        yield futures
+    finally:
+        for future in futures.values():
+            future.cancel()
+        stop_pages()
+        pool.shutdown(wait=True)
+
+
 @pytest.fixture(scope="session")
-def docs_page_run(tmp_path_factory):
+def docs_page_run(tmp_path_factory, docs_pages_ahead):
     """``run(path) -> (checkout, completed process)``: the ``cpu`` blocks of a README or docs
     page run once per session in a fresh copy of the checkout
-    (``test_readme_commands.run_page``), for every test that reads what they wrote."""
+    (``test_readme_commands.run_page``), for every test that reads what they wrote; pages the
+    session was known to need at its start are already running (``docs_pages_ahead``)."""
     runs = {}
 
     def run(path):
         path = os.path.abspath(path)
         if path not in runs:
-            from test_readme_commands import run_page
+            if path in docs_pages_ahead:
+                runs[path] = docs_pages_ahead[path].result()
+            else:
+                from test_readme_commands import run_page
 
-            runs[path] = run_page(path, tmp_path_factory.mktemp("docs_page"))
+                runs[path] = run_page(path, tmp_path_factory.mktemp("docs_page"))
         return runs[path]
     return run
 
@@ -65,7 +111,9 @@ def pytest_collection_modifyitems(config, items):
 def _cpu_seconds():
     own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                           resource.RUSAGE_CHILDREN))
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    # Less the docs pages run in the background, which end during whichever test is running.
+    pages = getattr(sys.modules.get("test_readme_commands"), "REAPED_CPU_SECONDS", [0.0])[0]
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime - pages
 
 
 _expensive = {}  # node id -> CPU seconds of an unmarked test over the limit

@@ -329,6 +329,7 @@ def page_outputs(docs_page_run, directory):
     return checkout / directory
 
 
+DOCS_PAGES = ("docs/experiments.md",)  # read through docs_page_run (conftest runs it ahead)
 DICT_OUT = "runs/dictionary_cpu"  # as docs/experiments.md's cpu block names them
 CODE_OUT = "runs/code_cpu"
 

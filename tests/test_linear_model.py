@@ -22,6 +22,7 @@ from helpers import tiny_config
 
 SUPRA = dict(mem_layers=(), attention_type="supra")
 GLA = dict(mem_layers=(), attention_type="gla")
+DOCS_PAGES = ("docs/linear.md",)  # read through docs_page_run (conftest runs it ahead)
 
 
 def abstract_params(config):

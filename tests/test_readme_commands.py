@@ -18,8 +18,10 @@ names must exist, so a README command cannot name a missing file again.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from importlib.util import find_spec
 
 import pytest
@@ -141,11 +143,18 @@ def script(path, directory):
     return "\n".join(lines) + "\n"
 
 
+PAGE_TIMEOUT = 1500  # seconds a page's commands may take together
+RUNNING = {}  # pid -> Popen of each page being run, for stop_pages
+REAPED_CPU_SECONDS = [0.0]  # CPU time of finished page runs (conftest's per-test accounting)
+
+
 def run_page(path, tmp_path):
     """Runs the ``cpu`` blocks of ``path`` in order in a fresh copy of the checkout under
-    ``tmp_path``; ``(checkout, completed process)``.  Through the session fixture
-    ``docs_page_run`` (conftest.py) each page runs once: this module checks that it ran, and
-    tests of what its commands wrote (tests/test_experiments.py) read the same outputs."""
+    ``tmp_path``; ``(checkout, completed process)`` with stdout and stderr together in
+    ``stdout``.  Through the session fixture ``docs_page_run`` (conftest.py) each page runs
+    once, ahead of the tests that read it: this module checks that it ran, and tests of what its
+    commands wrote (tests/test_experiments.py) read the same outputs.  Thread-safe: conftest
+    runs pages in a background thread while other tests run."""
     checkout = tmp_path / "checkout"
     checkout_copy(checkout)
     steps = script(os.path.join(checkout, os.path.relpath(path, REPO)), checkout)
@@ -155,9 +164,34 @@ def run_page(path, tmp_path):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop("XLA_FLAGS", None)  # as a user's shell has it: commands that want devices say so
-    done = subprocess.run(["bash", "-c", steps], cwd=checkout, env=env, capture_output=True,
-                          text=True, timeout=1500)
-    return checkout, done
+    log = tmp_path / "output.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(["bash", "-c", steps], cwd=checkout, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    RUNNING[process.pid] = process
+    timer = threading.Timer(PAGE_TIMEOUT, stop_pages, [[process]])
+    timer.start()
+    try:
+        # wait4, not wait: the run's own CPU time, whichever test happens to be running.
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        timer.cancel()
+        RUNNING.pop(process.pid, None)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    REAPED_CPU_SECONDS[0] += usage.ru_utime + usage.ru_stime
+    output = log.read_text()
+    if process.returncode == -signal.SIGKILL:
+        output += f"\nstopped: the page's commands ran past {PAGE_TIMEOUT} s or the session ended"
+    return checkout, subprocess.CompletedProcess(steps, process.returncode, output, "")
+
+
+def stop_pages(processes=None):
+    """Kills the page runs (all running ones by default) with every process they started."""
+    for process in list(RUNNING.values() if processes is None else processes):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
