@@ -78,3 +78,21 @@ def assert_same_batches(resumed, expected, names):
             for key, value in batch.items():
                 np.testing.assert_array_equal(resumed[f"{i}/{j}/{key}"], value,
                                               err_msg=f"{names[i]} batch {j} {key}")
+
+
+class MarkingProcessor:
+    """A record processor for tokenizer-pool tests: writes ``DIR/start_N`` when it takes record
+    ``{"n": N}``, sleeps ``seconds``, then writes ``DIR/end_N`` and returns N (picklable, so
+    spawned workers run it)."""
+
+    def __init__(self, directory, seconds):
+        self.directory, self.seconds = str(directory), seconds
+
+    def __call__(self, example):
+        import time
+
+        n = example["n"]
+        open(os.path.join(self.directory, f"start_{n}"), "w").close()
+        time.sleep(self.seconds)
+        open(os.path.join(self.directory, f"end_{n}"), "w").close()
+        return n

@@ -3,6 +3,7 @@ import base64
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
 
@@ -301,3 +302,22 @@ def test_huggingface_dataset_local_json_with_shuffle_and_resume(tmp_path, tokeni
 
 if __name__ == "__main__":
     resume_batches(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.slow
+def test_closing_a_pooled_stream_lets_the_workers_finish_what_they_hold(tmp_path):
+    """Closing the stream (an evaluation resetting its dataset) stops the tokenizer processes
+    only once the batch in flight is done: a worker killed while it writes its result can leave
+    the pool waiting forever for the rest of the message (a runner hung so under load)."""
+    from EasyLM.data.tokenizer_pool import tokenized
+    from helpers import MarkingProcessor
+
+    records = ((n, "line", json.dumps({"n": n}).encode()) for n in range(40))
+    stream = tokenized(records, MarkingProcessor(tmp_path, 0.5), processes=2, batch_size=4,
+                       chunk_size=1)
+    assert [next(stream)[2] for _ in range(2)] == [0, 1]
+    stream.close()  # batch 4-7 is being processed
+    started = sorted(p.name[6:] for p in tmp_path.glob("start_*"))
+    finished = sorted(p.name[4:] for p in tmp_path.glob("end_*"))
+    assert set(started) >= {"4", "5"} and started == finished
+    assert not multiprocessing.active_children()

@@ -4,11 +4,13 @@ import collections
 import itertools
 import multiprocessing
 import os
+import time
 
 from EasyLM.data.text import process_record
 
 _worker_processor = None
 WORKER_START_SECONDS = 120
+STOP_SECONDS = 60  # for the batches in flight to finish when the stream is closed
 
 
 def _start_worker(processor):
@@ -55,4 +57,22 @@ def tokenized(records, processor, processes, batch_size, chunk_size):
             for (position, where, _), outcome in zip(batch, outcomes.get()):
                 yield position, where, outcome
     finally:
+        stop(pool, [outcomes for _, outcomes in in_flight])
+
+
+def stop(pool, pending):
+    """Ends ``pool`` once the ``pending`` results have arrived (at most ``STOP_SECONDS``).
+
+    Killing the workers at once (``Pool.terminate``) can hang: a worker killed while it writes
+    a result leaves half a message in the result pipe, and the pool's result thread, draining
+    the pipe as it stops, waits for the rest forever (a runner closing its evaluation stream
+    under load did).  Idle workers leave cleanly; a pool that does not finish in time is
+    terminated as before."""
+    deadline = time.monotonic() + STOP_SECONDS
+    for outcomes in pending:
+        outcomes.wait(max(0.0, deadline - time.monotonic()))
+    if all(outcomes.ready() for outcomes in pending):
+        pool.close()
+        pool.join()
+    else:
         pool.terminate()
