@@ -5,6 +5,7 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from EasyLM.config import ConfigError  # noqa: E402
 from EasyLM.data import DatasetFactory, DocumentError, TextProcessor, process_record  # noqa: E402
 from EasyLM.tokenizer import load_tokenizer  # noqa: E402
-from helpers import TINY_CORPUS, assert_same_batches, batches_after_restore, save_batches  # noqa: E402
+from helpers import (REPO, TINY_CORPUS, assert_same_batches, batches_after_restore,  # noqa: E402
+                     save_batches)
 from helpers import TINY_SP as TINY_MODEL  # noqa: E402
 
 
@@ -321,3 +323,23 @@ def test_closing_a_pooled_stream_lets_the_workers_finish_what_they_hold(tmp_path
     finished = sorted(p.name[4:] for p in tmp_path.glob("end_*"))
     assert set(started) >= {"4", "5"} and started == finished
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.slow
+def test_a_pooled_stream_left_open_does_not_hold_up_the_interpreters_exit(tmp_path):
+    """A script that never closes its stream: at exit multiprocessing stops the pool before the
+    stream is finalized, and closing it must not then wait for batches that cannot come."""
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from EasyLM.data.tokenizer_pool import tokenized\n"
+        "from helpers import MarkingProcessor\n"
+        "if __name__ == '__main__':\n"
+        "    records = ((n, 'line', json.dumps({'n': n}).encode()) for n in range(40))\n"
+        f"    stream = tokenized(records, MarkingProcessor({str(tmp_path)!r}, 0.5), 2, 4, 1)\n"
+        "    print(next(stream)[2])\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=40)
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr[-2000:]

@@ -3,6 +3,7 @@ order."""
 import collections
 import itertools
 import multiprocessing
+import multiprocessing.util
 import os
 import time
 
@@ -67,7 +68,11 @@ def stop(pool, pending):
     a result leaves half a message in the result pipe, and the pool's result thread, draining
     the pipe as it stops, waits for the rest forever (a runner closing its evaluation stream
     under load did).  Idle workers leave cleanly; a pool that does not finish in time is
-    terminated as before."""
+    terminated as before.  At interpreter exit (a stream left open is finalized after
+    multiprocessing has stopped every pool) there is nothing left to wait for."""
+    if multiprocessing.util.is_exiting():
+        pool.terminate()
+        return
     deadline = time.monotonic() + STOP_SECONDS
     for outcomes in pending:
         outcomes.wait(max(0.0, deadline - time.monotonic()))
