@@ -23,7 +23,9 @@ import resource
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from helpers import cpu_xla_flags  # noqa: E402  (imports no JAX)
+
+os.environ.setdefault("XLA_FLAGS", cpu_xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One thread per PyTorch op: its pool costs the tiny models more than it gains, and competes

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cpu_xla_flags
 
 from benchmarks import bench_train, device_memory
 from running_utils import runner_utils
@@ -151,8 +152,8 @@ def test_processes_joined_by_jax_distributed_train_as_one(tmp_path):
     batch; the losses are the one-process run's on as many devices, and the halo and
     all-to-all layouts of the sharded memory layers agree too."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    whole = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=cpu_xla_flags(2))
+    whole = dict(env, XLA_FLAGS=cpu_xla_flags(4))
     runs = {}
     for name, environment, argv in (
             ("one", whole, []), ("two", env, ["--processes", "2"]),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as PS
+from helpers import cpu_xla_flags
 
 from EasyLM import checkpoint, run_dirs
 from EasyLM.jax_utils import get_jax_mesh
@@ -91,7 +92,7 @@ KILLED_SAVE = textwrap.dedent("""
 def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=cpu_xla_flags(1))
     result = subprocess.run([sys.executable, "-c", KILLED_SAVE, run], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]

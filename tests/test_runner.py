@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import cpu_xla_flags
 
 from EasyLM import run
 from EasyLM.checkpoint import (TrainCheckpointer, load_llama_config, load_params, read_metadata,
@@ -54,7 +55,7 @@ def compilation_cache(tmp_path_factory):
 
 def cpu_env(cache, devices=1, **extra):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=cpu_xla_flags(devices),
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.update(extra)
