@@ -4,7 +4,7 @@ marker's skip, and a report of the fast lane's expensive tests.
 The lanes (markers declared in pytest.ini):
 
 - ``python -m pytest -m "not slow" tests``: the developers' quick check, under a minute on
-  2 cores (42 s of pytest, 2026-12-06).  It still builds, trains, converts and decodes tiny
+  2 cores (47 s of pytest, 2026-12-07).  It still builds, trains, converts and decodes tiny
   models, reads data and checks the command-line errors; what takes seconds per test is left
   to the full run.
 - ``python -m pytest tests``: everything (CI, ``.ci/run``).

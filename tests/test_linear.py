@@ -10,7 +10,9 @@ import pytest
 
 from EasyLM.linear import (FALLBACK_ORDER, IMPLEMENTATIONS, check_supported,
                            linear_attention, resolve_implementation)
-from EasyLM.linear.kernels import fused_linear_attention
+from EasyLM.linear.kernels import (TRITON_SHARED_MEMORY_LIMIT, fused_linear_attention,
+                                   triton_shared_memory)
+from EasyLM.linear.kernels import flash as kernel_flash
 from EasyLM.models.llama.attention.linear import group_norm_heads, supra_log_decay
 
 WEAK, STRONG = 4.0, -3.0  # gate logits' mean: alpha near 0.98 or near 0.05 per token
@@ -138,10 +140,19 @@ def check_kernel(shape, per_dim, mu, options):
     ((2, 512, 4, 1, 128), False, WEAK),
 ])
 def test_gpu_kernel(shape, per_dim, mu, dtype, tolerance):
+    """Settings the kernel declares beyond its shared memory (float32, 128-wide heads, one
+    gate per head, chunks of 64: measured to fail to compile on an H100) are refused before
+    compiling, and run with chunks of 32."""
     args = inputs(*shape, per_dim=per_dim, mu=mu, seed=3)
     want = outputs_and_gradients("scan", args)
     lowered = tuple(x.astype(dtype) for x in args[:3]) + args[3:]
-    got = outputs_and_gradients("pallas", lowered, interpret=False)
+    options = dict(interpret=False)
+    if triton_shared_memory(shape[4], shape[4], dtype, 64, not per_dim) > (
+            TRITON_SHARED_MEMORY_LIMIT):
+        with pytest.raises(NotImplementedError, match="KiB of shared memory"):
+            outputs_and_gradients("pallas", lowered, **options)
+        options["chunk_size"] = 32
+    got = outputs_and_gradients("pallas", lowered, **options)
     for name, a, b in zip(NAMES, got, want):
         assert relative(a.astype(jnp.float32), b) < tolerance, (name, relative(a, b))
 
@@ -241,6 +252,34 @@ def test_declarations_and_errors_say_what_is_wrong():
         linear_attention(q, k, v, log_alpha[..., :8])
     with pytest.raises(ValueError, match="initial_state has shape"):
         linear_attention(q, k, v, log_alpha, initial_state=jnp.zeros((1, 4, 16, 8)))
+
+
+def test_the_kernel_declares_what_exceeds_a_gpus_shared_memory(monkeypatch):
+    """Float32 with 128-wide heads, one gate per head and chunks of 64 failed to compile on an
+    H100 (294,912 bytes of shared memory asked for, 232,448 there); a gate per key dimension,
+    or bfloat16, compiled.  The kernel refuses the first before compiling, saying what to
+    change, and ``auto`` takes the chunked form for it."""
+    assert triton_shared_memory(128, 128, jnp.float32, 64, per_head=True) == 294_912
+    assert triton_shared_memory(128, 128, jnp.float32, 64, per_head=False) <= (
+        TRITON_SHARED_MEMORY_LIMIT)
+    with pytest.raises(NotImplementedError, match=(
+            "needs about 288 KiB of shared memory for float32 heads of 128x128, chunks of 64 "
+            "and one gate per head .* use bfloat16 inputs or smaller chunks")):
+        fused_linear_attention(*inputs(1, 64, 2, 1, 128, per_dim=False, mu=WEAK)[:4],
+                               backend="triton", interpret=False)
+    # as on a GPU: only the shared memory decides
+    monkeypatch.setattr(kernel_flash, "check_compiled", lambda backend, kernel: None)
+    shapes = dict(key_dim=128, value_dim=128)
+    assert resolve_implementation("auto", dtype=jnp.float32, per_head=True,
+                                  **shapes) == "chunked"
+    assert resolve_implementation("auto", dtype=jnp.float32, per_head=True, chunk_size=32,
+                                  **shapes) == "pallas"
+    assert resolve_implementation("auto", dtype=jnp.bfloat16, per_head=True,
+                                  **shapes) == "pallas"
+    assert resolve_implementation("auto", dtype=jnp.float32, **shapes) == "pallas"
+    # and the Mosaic lowering (TPU) is not held to it
+    assert kernel_flash.check_supported(128, 128, jnp.float32, 64, per_head=True,
+                                        backend="mosaic") is None
 
 
 def test_supra_decays_and_group_norm():

@@ -42,12 +42,13 @@ def _check_name(implementation, allowed=IMPLEMENTATIONS):
 
 
 def check_supported(implementation, *, chunk_size=DEFAULT_CHUNK_SIZE,
-                    subchunk=DEFAULT_SUBCHUNK, key_dim=None, value_dim=None, dtype=None):
+                    subchunk=DEFAULT_SUBCHUNK, key_dim=None, value_dim=None, dtype=None,
+                    per_head=False):
     """None when ``implementation`` runs with these settings on this platform, else
     ``NotImplementedError`` saying why.  ``scan`` and ``chunked`` take any length, head size,
     dtype and padding; ``pallas`` runs on a GPU (not in the interpreter) with the head sizes,
-    dtypes and chunks :func:`EasyLM.linear.kernels.check_supported` lists, and needs them
-    given."""
+    dtypes and chunks :func:`EasyLM.linear.kernels.check_supported` lists, within its shared
+    memory (which ``per_head``, one gate per head, changes), and needs them given."""
     _check_name(implementation)
     if implementation == "chunked":
         try:
@@ -61,11 +62,12 @@ def check_supported(implementation, *, chunk_size=DEFAULT_CHUNK_SIZE,
         if key_dim is None or value_dim is None or dtype is None:
             raise NotImplementedError("the fused linear attention kernel's support depends on "
                                       "the head sizes and dtype; none were given")
-        kernels.check_supported(key_dim, value_dim, dtype, chunk_size)
+        kernels.check_supported(key_dim, value_dim, dtype, chunk_size, per_head=per_head)
 
 
 def resolve_implementation(configured, *, chunk_size=DEFAULT_CHUNK_SIZE,
-                           subchunk=DEFAULT_SUBCHUNK, key_dim=None, value_dim=None, dtype=None):
+                           subchunk=DEFAULT_SUBCHUNK, key_dim=None, value_dim=None, dtype=None,
+                           per_head=False):
     """The variant a layer runs when configured with ``configured`` (``"auto"`` or one of
     :data:`IMPLEMENTATIONS`): ``auto`` takes the first of :data:`FALLBACK_ORDER` that
     :func:`check_supported` accepts (the kernel on a GPU, else the chunked form); an explicit
@@ -75,7 +77,7 @@ def resolve_implementation(configured, *, chunk_size=DEFAULT_CHUNK_SIZE,
         return configured
     return first_supported(FALLBACK_ORDER, lambda name: check_supported(
         name, chunk_size=chunk_size, subchunk=subchunk, key_dim=key_dim, value_dim=value_dim,
-        dtype=dtype))
+        dtype=dtype, per_head=per_head))
 
 
 def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *, scale=None,
@@ -102,7 +104,7 @@ def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *
     if implementation == "auto":
         implementation = resolve_implementation(
             "auto", chunk_size=chunk_size, subchunk=subchunk, key_dim=q.shape[3],
-            value_dim=v.shape[3], dtype=q.dtype)
+            value_dim=v.shape[3], dtype=q.dtype, per_head=log_alpha.shape[3] == 1)
     _check_name(implementation)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])

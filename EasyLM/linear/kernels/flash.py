@@ -45,14 +45,51 @@ def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
                                   f"16 that divides the value head size {value_dim}")
 
 
-def check_supported(key_dim, value_dim, dtype, chunk_size, *, backend=None, interpret=False):
+# Shared memory of the Triton lowering.  Triton keeps there the tiles the chunk kernels work
+# on; the grads kernel holds the most: the state the chunk starts from and its end state's
+# gradient ([Dk, Dv] each), the chunk's q, k, v and dO ([C, D] each) and, with one gate per
+# head, the two [C, C] decay matrices, all in the input dtype (triton_shared_memory counts
+# them).  Measured on an H100 (2026-12-07, 227 KiB a block): float32 with 128-wide heads and
+# chunks of 64 compiled with a gate per key dimension (counted: 256 KiB; the count is above
+# what the GPU has, so Triton keeps less than it counts) and failed with one gate per head
+# (counted: 288 KiB, exactly the 294,912 bytes Triton asked for).  Settings counted above the
+# largest that compiled are declared unsupported, so that ``auto`` takes the chunked form.
+TRITON_SHARED_MEMORY_LIMIT = 256 * 1024
+
+
+def triton_shared_memory(key_dim, value_dim, dtype, chunk_size, per_head):
+    """Bytes of the tiles the Triton lowering's grads kernel holds (see above)."""
+    elements = 2 * key_dim * value_dim + chunk_size * (2 * key_dim + 2 * value_dim)
+    if per_head:
+        elements += 2 * chunk_size * chunk_size
+    return elements * jnp.dtype(dtype).itemsize
+
+
+def check_shared_memory(key_dim, value_dim, dtype, chunk_size, per_head):
+    """``NotImplementedError`` (one line, naming what to change) when the compiled Triton
+    lowering would need more shared memory than a GPU block has."""
+    needed = triton_shared_memory(key_dim, value_dim, dtype, chunk_size, per_head)
+    if needed > TRITON_SHARED_MEMORY_LIMIT:
+        gates = "one gate per head" if per_head else "a gate per key dimension"
+        raise NotImplementedError(
+            f"{KERNEL} on a GPU needs about {needed // 1024} KiB of shared memory for "
+            f"{jnp.dtype(dtype).name} heads of {key_dim}x{value_dim}, chunks of {chunk_size} "
+            f"and {gates} (at most {TRITON_SHARED_MEMORY_LIMIT // 1024} KiB compile); use "
+            f"bfloat16 inputs or smaller chunks, or the chunked form")
+
+
+def check_supported(key_dim, value_dim, dtype, chunk_size, *, per_head=False, backend=None,
+                    interpret=False):
     """None when :func:`fused_linear_attention` runs these settings on this platform, else
     ``NotImplementedError`` saying why (so that a caller falls back).  Without ``interpret``
-    the kernel counts only where it compiles (a GPU)."""
+    the kernel counts only where it compiles (a GPU), and the Triton lowering only within its
+    shared memory (:func:`check_shared_memory`).  ``per_head``: one gate per head."""
     backend = pick_backend(backend)
     check_inputs(key_dim, value_dim, dtype, chunk_size)
     if not interpret:
         check_compiled(backend, KERNEL)
+        if backend == "triton":
+            check_shared_memory(key_dim, value_dim, dtype, chunk_size, per_head)
 
 
 def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
@@ -87,6 +124,8 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
         scale = 1.0 / math.sqrt(key_dim)
     padded = -(-length // chunk_size) * chunk_size
     per_head = log_alpha.shape[3] == 1
+    if backend == "triton" and not interpret:
+        check_shared_memory(key_dim, value_dim, q.dtype, chunk_size, per_head)
     plan = tiles.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
                                 value_dim=value_dim, chunk=chunk_size, sub=SUBCHUNK,
                                 block_v=block_v, scale=float(scale), dtype=jnp.dtype(q.dtype),
@@ -159,4 +198,5 @@ def _backward(static, residuals, cotangents):
 
 _fused.defvjp(_forward, _backward)
 
-__all__ = ["SUPPORTED_DIMS", "check_inputs", "check_supported", "fused_linear_attention"]
+__all__ = ["SUPPORTED_DIMS", "TRITON_SHARED_MEMORY_LIMIT", "check_inputs", "check_shared_memory",
+           "check_supported", "fused_linear_attention", "triton_shared_memory"]

@@ -113,7 +113,8 @@ class _LinearAttention(AttentionLayer):
                           resolve_implementation(cfg.linear_implementation,
                                                  chunk_size=cfg.linear_chunk_size,
                                                  key_dim=q.shape[3], value_dim=v.shape[3],
-                                                 dtype=q.dtype))
+                                                 dtype=q.dtype,
+                                                 per_head=log_alpha.shape[3] == 1))
         out, state = linear_attention(
             q, k, v, log_alpha, key_mask=mask, implementation=implementation,
             chunk_size=cfg.linear_chunk_size, initial_state=initial_state, return_state=True)
