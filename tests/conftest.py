@@ -23,7 +23,7 @@ import resource
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers import cpu_xla_flags  # noqa: E402  (imports no JAX)
+from helpers import cpu_xla_flags  # imports no JAX: the flags are set before JAX loads
 
 os.environ.setdefault("XLA_FLAGS", cpu_xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
