@@ -40,6 +40,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from benchmarks.bench_attention import peak_bytes
@@ -101,8 +102,11 @@ def reference(arrays, per_head):
 
 
 def timed(call, sync, min_time):
-    """Median seconds of ``call()`` after two warm-up calls (the first compiles)."""
+    """``(median seconds of call(), seconds of the first call)`` after two warm-up calls (the
+    first compiles: its time is mostly compilation)."""
+    t0 = time.perf_counter()
     sync(call())
+    first = time.perf_counter() - t0
     sync(call())
     times = []
     start = time.perf_counter()
@@ -110,7 +114,12 @@ def timed(call, sync, min_time):
         t0 = time.perf_counter()
         sync(call())
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), first
+
+
+def emit(tag, value):
+    """One line the driver reads as the worker goes (a timed-out worker keeps what it did)."""
+    print(f"{tag} " + json.dumps(value), flush=True)
 
 
 # --- the JAX worker ---
@@ -147,6 +156,8 @@ def jax_worker(job):
         errors = relative_errors(got, reference(arrays, per_head))
         result["check"] = dict(errors=errors, passed=all(e < CHECK_TOLERANCE
                                                          for e in errors.values()))
+        emit("CHECK", result["check"])
+    emit("DEVICE", {k: result[k] for k in ("device", "jax")})
     for shape in job["shapes"]:
         arrays = numpy_inputs(shape, per_head, job["gate_mu"], seed=0)
         leaves = [jnp.asarray(x, jnp.bfloat16) for x in arrays[:3]] + [jnp.asarray(arrays[3])]
@@ -160,12 +171,15 @@ def jax_worker(job):
         row = dict(shape)
         for mode, fn in (("fwd", jax.jit(f)), ("fwd+bwd", forward_backward)):
             try:
-                seconds = timed(lambda: fn(*leaves), jax.block_until_ready, job["min_time"])
+                seconds, first = timed(lambda: fn(*leaves), jax.block_until_ready,
+                                       job["min_time"])
             except Exception as e:  # noqa: BLE001 - one failing shape must not hide the others
                 row[mode] = dict(error=str(e).splitlines()[0][:200])
                 continue
-            row[mode] = dict(ms=seconds * 1e3, peak_gib=(peak_bytes() or 0) / 2**30)
+            row[mode] = dict(ms=seconds * 1e3, first_s=round(first, 2),
+                             peak_gib=(peak_bytes() or 0) / 2**30)
         result["shapes"].append(row)
+        emit("ROW", row)
     return result
 
 
@@ -205,6 +219,8 @@ def fla_worker(job):
         errors = relative_errors(got, reference(arrays, per_head))
         result["check"] = dict(errors=errors, passed=all(e < CHECK_TOLERANCE
                                                          for e in errors.values()))
+        emit("CHECK", result["check"])
+    emit("DEVICE", {k: result[k] for k in ("device", "torch")})
     for shape in job["shapes"]:
         leaves, cotangent = leaves_of(numpy_inputs(shape, per_head, job["gate_mu"], seed=0))
 
@@ -219,13 +235,14 @@ def fla_worker(job):
         for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             torch.cuda.reset_peak_memory_stats()
             try:
-                seconds = timed(fn, lambda _: torch.cuda.synchronize(), job["min_time"])
+                seconds, first = timed(fn, lambda _: torch.cuda.synchronize(), job["min_time"])
             except Exception as e:  # noqa: BLE001
                 row[mode] = dict(error=str(e).splitlines()[0][:200])
                 continue
-            row[mode] = dict(ms=seconds * 1e3,
+            row[mode] = dict(ms=seconds * 1e3, first_s=round(first, 2),
                              peak_gib=torch.cuda.max_memory_allocated() / 2**30)
         result["shapes"].append(row)
+        emit("ROW", row)
     return result
 
 
@@ -266,19 +283,44 @@ def run_worker(args, variant, shape_list):
         + [env.get("PYTHONPATH", "")])
     kind = "fla" if variant.startswith("fla") else "jax"
     started = time.time()
+    # The worker's lines are read as they come: progress is printed per shape, and a worker
+    # that runs past --timeout (killed by the timer) keeps the shapes it finished.
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_linear", "--worker", kind,
+                             json.dumps(job)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(args.timeout, proc.kill)
+    timer.start()
+    partial, tail = dict(shapes=[]), []
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_linear", "--worker",
-                               kind, json.dumps(job)], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {args.timeout:g} s")
-    found = re.findall(r"^RESULT (.*)$", proc.stdout, re.M)
-    if not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(error=f"worker exited {proc.returncode}: " + " | ".join(tail)[:400])
-    result = json.loads(found[-1])
-    result.update(memory=memory, seconds=round(time.time() - started, 1))
-    return result
+        for line in proc.stdout:
+            tag, _, payload = line.rstrip("\n").partition(" ")
+            if tag == "RESULT":
+                partial = json.loads(payload)
+            elif tag == "ROW":
+                row = json.loads(payload)
+                partial["shapes"].append(row)
+                cells = ", ".join(f"{m} {row[m]['ms']:.3f} ms (first call {row[m]['first_s']} s)"
+                                  if "ms" in row.get(m, {}) else f"{m} {row.get(m)}"
+                                  for m in MODES)
+                print(f"[bench_linear] {variant} L={row['length']} D={row['head_dim']}: "
+                      f"{cells}  [{time.time() - started:.0f} s]", flush=True)
+            elif tag == "CHECK":
+                partial["check"] = json.loads(payload)
+            elif tag == "DEVICE":
+                partial.update(json.loads(payload))
+            else:
+                tail = (tail + [line.strip()])[-3:]
+        proc.wait()
+    finally:
+        timed_out = not timer.is_alive() and proc.returncode not in (0, None)
+        timer.cancel()
+    if timed_out:
+        partial["error"] = (f"timed out after {args.timeout:g} s with {len(partial['shapes'])} "
+                            f"of {len(shape_list)} shapes done")
+    elif proc.returncode != 0:
+        partial["error"] = f"worker exited {proc.returncode}: " + " | ".join(tail)[:400]
+    partial.update(memory=memory, seconds=round(time.time() - started, 1))
+    return partial
 
 
 def table(results):
