@@ -97,10 +97,6 @@ class Chunk:
         rest = sum(jnp.where(sub == j, t - c, 0.0) for j, t in enumerate(self.totals))
         return rest + sum(jnp.where(sub < j, t, 0.0) for j, t in enumerate(self.totals))
 
-    def before(self, i):
-        """``[1, Dk]``: log decay over the sub-chunks before sub-chunk ``i``."""
-        return sum(self.totals[:i], jnp.zeros_like(self.totals[0]))
-
     def pair_exponents(self, c, c_row, strict):
         """``[C, C]`` log decay between query ``i`` (rows) and key ``j`` (columns) of a chunk
         with one gate per head (``c [C, 1]``, ``c_row [1, C]``): ``c_i - c_j`` inside a
@@ -116,11 +112,6 @@ class Chunk:
                       for m, t in enumerate(self.totals))
         gap = jnp.where(sub_i == sub_j, c - c_row, c + rest + spanned)
         return jnp.where(j < i if strict else j <= i, gap, -jnp.inf)
-
-    def key_gap(self, c_j, j, i):
-        """``[S, Dk]``: log decay from each key of sub-chunk ``j`` to the start of sub-chunk
-        ``i > j`` (the rest of ``j``, then the sub-chunks between)."""
-        return (self.totals[j] - c_j) + sum(self.totals[j + 1:i], jnp.zeros_like(c_j))
 
 
 def written_keys(plan, io, chunk):
@@ -214,22 +205,32 @@ def _whole_chunk_outputs(plan, io, chunk, h, transposed):
 
 def _sub_chunk_outputs(plan, io, chunk, h, transposed):
     """Sixteen query tokens at a time, each key dimension's decay explicit inside a sub-chunk:
-    exact however strong the gates."""
+    exact however strong the gates.  The sub-chunks, the earlier sub-chunks each reads and
+    the keys inside it are loops, not unrolled code: this path is taken by few chunks, and
+    its size is the kernel's compile time."""
     s, dt = plan.sub, plan.dtype
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
     query = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
-    for i in range(plan.n_sub):
+    zero = jnp.zeros((1, plan.key_dim), jnp.float32)
+
+    def sub_chunk(i, before):  # before: [1, Dk], the log decay of the sub-chunks before i
         first = i * s
         q = io.load("q", first, s) * plan.scale
         c = io.load("c", first, s)
-        acc = _state_product(q * jnp.exp(c + chunk.before(i)), h, NN, plan, transposed)
+        acc = _state_product(q * jnp.exp(c + before), h, NN, plan, transposed)
         q_hat = q * jnp.exp(c)
-        for j in range(i):
-            c_j = io.load("c", j * s, s)
-            k_hat = io.load("k", j * s, s) * jnp.exp(chunk.key_gap(c_j, j, i))
-            acc += dot(dot(q_hat, k_hat, NT, dt), io.load("v", j * s, s), NN, dt)
 
-        def key(t, scores, first=first, q=q, c=c):
+        def earlier(t, carry):  # sub-chunk j = i - 1 - t, nearest first
+            acc, between = carry  # between: the log decay of the sub-chunks after j, before i
+            j_first = (i - 1 - t) * s
+            c_j, total_j = io.load("c", j_first, s), io.load("c", j_first + s - 1, 1)
+            k_hat = io.load("k", j_first, s) * jnp.exp((total_j - c_j) + between)
+            acc += dot(dot(q_hat, k_hat, NT, dt), io.load("v", j_first, s), NN, dt)
+            return acc, between + total_j
+
+        acc, _ = lax.fori_loop(0, i, earlier, (acc, zero))
+
+        def key(t, scores):
             k_t, c_t = io.load("k", first + t, 1), io.load("c", first + t, 1)
             e = jnp.exp(jnp.where(query >= t, c - c_t, -jnp.inf))
             weight = jnp.sum(q * k_t * e, axis=1, keepdims=True)
@@ -238,6 +239,9 @@ def _sub_chunk_outputs(plan, io, chunk, h, transposed):
         scores = lax.fori_loop(0, s, key, jnp.zeros((s, s), jnp.float32))
         acc += dot(scores, io.load("v", first, s), NN, dt)
         io.store("o", first, acc)
+        return before + io.load("c", first + s - 1, 1)
+
+    lax.fori_loop(0, plan.n_sub, sub_chunk, zero)
 
 
 def _store_grads(plan, io, first, q, k, v, do, dq, dk, dv):
@@ -272,38 +276,54 @@ def _whole_chunk_grads(plan, io, chunk, h, dh, transposed):
 
 
 def _sub_chunk_grads(plan, io, chunk, h, dh, transposed):
-    """For each sub-chunk ``p`` in turn: its keys' dk and dv (from the chunk's end state
-    gradient, the later sub-chunks' queries and its own), then its queries' dq (from the start
-    state, the earlier sub-chunks' keys and its own)."""
+    """For each sub-chunk ``p`` in turn: its keys' dk and dv (from the later sub-chunks'
+    queries, the chunk's end state gradient and its own), then its queries' dq (from the start
+    state, the earlier sub-chunks' keys and its own).  Loops, not unrolled code, as in
+    :func:`_sub_chunk_outputs`."""
     s, dt = plan.sub, plan.dtype
     position = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
+    zero = jnp.zeros((1, plan.key_dim), jnp.float32)
 
-    def tiles(i):
-        first = i * s
-        return (first, io.load("q", first, s) * plan.scale, io.load("k", first, s),
-                io.load("v", first, s), io.load("do", first, s), io.load("c", first, s))
+    def sub_chunk(p, before):  # before: [1, Dk], the log decay of the sub-chunks before p
+        first = p * s
+        q, k = io.load("q", first, s) * plan.scale, io.load("k", first, s)
+        v, do, c = io.load("v", first, s), io.load("do", first, s), io.load("c", first, s)
+        rest = io.load("c", first + s - 1, 1) - c  # [S, Dk]: after each key to p's end
 
-    for p in range(plan.n_sub):
-        first, q, k, v, do, c = tiles(p)
-        end_gap = jnp.exp(chunk.key_gap(c, p, plan.n_sub))
-        dk = end_gap * _state_product(v, dh, NT, plan, transposed)
-        dv = _state_product(k * end_gap, dh, NN, plan, transposed)
-        for i in range(p + 1, plan.n_sub):
-            _, q_i, _, _, do_i, c_i = tiles(i)
-            gap = jnp.exp(chunk.key_gap(c, p, i))
+        def later(t, carry):  # the queries of sub-chunk i = p + 1 + t
+            dk, dv, between = carry  # between: the log decay of the sub-chunks after p, before i
+            i_first = first + (t + 1) * s
+            q_i, do_i = io.load("q", i_first, s) * plan.scale, io.load("do", i_first, s)
+            c_i = io.load("c", i_first, s)
+            gap = jnp.exp(rest + between)
             q_hat = q_i * jnp.exp(c_i)
             scores = dot(q_hat, k * gap, NT, dt)  # [queries of i, keys of p]
             dv += dot(scores, do_i, TN, dt)
             dk += gap * dot(dot(do_i, v, NT, dt), q_hat, TN, dt)
-        dq = jnp.exp(c + chunk.before(p)) * _state_product(do, h, NT, plan, transposed)
-        for j in range(p):
-            _, _, k_j, v_j, _, c_j = tiles(j)
-            k_hat = k_j * jnp.exp(chunk.key_gap(c_j, j, p))
-            dq += jnp.exp(c) * dot(dot(do, v_j, NT, dt), k_hat, NN, dt)
+            return dk, dv, between + io.load("c", i_first + s - 1, 1)
+
+        zeros = jnp.zeros((s, plan.key_dim), jnp.float32)
+        dk, dv, after = lax.fori_loop(
+            0, plan.n_sub - 1 - p, later,
+            (zeros, jnp.zeros((s, plan.value_dim), jnp.float32), zero))
+        end_gap = jnp.exp(rest + after)
+        dk += end_gap * _state_product(v, dh, NT, plan, transposed)
+        dv += _state_product(k * end_gap, dh, NN, plan, transposed)
+
+        def earlier(t, carry):  # the keys of sub-chunk j = p - 1 - t, nearest first
+            dq, between = carry  # between: the log decay of the sub-chunks after j, before p
+            j_first = first - (t + 1) * s
+            c_j, total_j = io.load("c", j_first, s), io.load("c", j_first + s - 1, 1)
+            k_hat = io.load("k", j_first, s) * jnp.exp((total_j - c_j) + between)
+            dq += jnp.exp(c) * dot(dot(do, io.load("v", j_first, s), NT, dt), k_hat, NN, dt)
+            return dq, between + total_j
+
+        dq = jnp.exp(c + before) * _state_product(do, h, NT, plan, transposed)
+        dq, _ = lax.fori_loop(0, p, earlier, (dq, zero))
 
         # Pairs inside p, one key t at a time, the pair of a token with itself left out.
-        def key(t, carry, first=first, q=q, do=do, c=c):
+        def key(t, carry):
             dq, dk, scores = carry
             k_t, v_t = io.load("k", first + t, 1), io.load("v", first + t, 1)
             c_t = io.load("c", first + t, 1)
@@ -319,3 +339,6 @@ def _sub_chunk_grads(plan, io, chunk, h, dh, transposed):
         scores = jnp.where(column == position, jnp.sum(q * k, axis=1, keepdims=True), scores)
         dv += dot(scores, do, TN, dt)
         _store_grads(plan, io, first, q, k, v, do, dq, dk, dv)
+        return before + io.load("c", first + s - 1, 1)
+
+    lax.fori_loop(0, plan.n_sub, sub_chunk, zero)
