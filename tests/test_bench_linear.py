@@ -52,3 +52,18 @@ def test_a_worker_past_its_timeout_is_reported_and_the_run_still_writes(tmp_path
     assert result["error"] == "timed out after 0.3 s with 0 of 1 shapes done"
     assert result["shapes"] == []
     assert any(name.endswith(".json") for name in os.listdir(tmp_path))
+
+
+def test_a_check_that_raises_is_recorded_and_the_variant_still_runs():
+    """fla-core 0.6.0's simple-GLA backward refuses Triton 3.6 on Hopper: the check says
+    what stopped it instead of ending the worker before the forward is timed."""
+    from benchmarks import bench_linear
+
+    def refuses(arrays):
+        raise RuntimeError("long traceback\nTriton >= 3.4.0 and < 3.7.1 on Hopper GPUs ...")
+    arrays = bench_linear.numpy_inputs(bench_linear.SMOKE_CHECK_SHAPE, True, 0.0, seed=1)
+    record = bench_linear.check_record(refuses, arrays, per_head=True)
+    assert record == dict(error="Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs ...", passed=False)
+    exact = bench_linear.check_record(
+        lambda a: bench_linear.reference(a, per_head=True), arrays, per_head=True)
+    assert exact["passed"] and max(exact["errors"].values()) == 0.0
