@@ -12,7 +12,8 @@ the four kernels of :mod:`EasyLM.linear.kernels.triton_lowering` in turn:
    x warps x stages, the forward timed;
 2. ``outputs`` (per chunk): warps x stages, the forward timed;
 3. ``dstates`` (sequential): warps x stages, forward + backward timed;
-4. ``grads`` (per chunk): warps x stages, forward + backward timed.
+4. ``grads`` (per chunk): one kernel or two (``split_grads``: dq apart from dk and dv) x
+   warps x stages (both kernels'), forward + backward timed.
 
 Each stage starts from the best so far, and the first stage from the kernel's defaults, so
 the defaults are always among the candidates and the result is never slower than them on the
@@ -49,10 +50,10 @@ KERNELS = ("states", "outputs", "dstates", "grads")
 GRIDS = dict(states=dict(block_v=(32, 64, 128), warps=(4, 8), stages=(1, 2, 3)),
              outputs=dict(warps=(4, 8), stages=(1, 2)),
              dstates=dict(warps=(4, 8), stages=(1, 2, 3)),
-             grads=dict(warps=(4, 8), stages=(1, 2)))
+             grads=dict(split=(False, True), warps=(4, 8), stages=(1, 2)))
 SMOKE_GRIDS = dict(states=dict(block_v=(16,), warps=(4,), stages=(2,)),
                    outputs=dict(warps=(4,), stages=(1,)), dstates=dict(warps=(4,), stages=(2,)),
-                   grads=dict(warps=(8,), stages=(1,)))
+                   grads=dict(split=(True,), warps=(8,), stages=(1,)))
 AGREEMENT = 2e-2  # bf16: the best setting against the defaults, outputs and gradients
 MODE_OF_STAGE = dict(states="fwd", outputs="fwd", dstates="fwd+bwd", grads="fwd+bwd")
 
@@ -79,7 +80,7 @@ def defaults(value_dim):
     """The kernel's own settings, spelled out (``block_v`` as the kernel picks it)."""
     options = dataclasses.asdict(Options())
     return dict(block_v=min(value_dim, 64), num_warps=tuple(options["num_warps"]),
-                num_stages=tuple(options["num_stages"]))
+                num_stages=tuple(options["num_stages"]), split_grads=options["split_grads"])
 
 
 class Search:
@@ -162,6 +163,8 @@ def candidates(incumbent, stage, grids, value_dim):
             if c["block_v"] > value_dim:
                 continue
             options["block_v"] = c["block_v"]
+        if "split" in c:
+            options["split_grads"] = c["split"]
         found.append(triton_settings(options, kernel, c["warps"], c["stages"]))
     return found
 
@@ -190,7 +193,8 @@ def search_shape(shape, args, interpret, grids):
 
 def describe(options):
     return (f"block_v {options['block_v']} warps {','.join(map(str, options['num_warps']))} "
-            f"stages {','.join(map(str, options['num_stages']))}")
+            f"stages {','.join(map(str, options['num_stages']))}"
+            + (" split grads" if options["split_grads"] else ""))
 
 
 def table(results):

@@ -86,6 +86,9 @@ KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 3e-5}
     # alpha near 0.6: chunks of 64 sum near the kernel's MILD_LIMIT, some take whole-chunk
     # matmuls and some sixteen tokens at a time
     ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64)),
+    # the backward's per-chunk work in two kernels (dq; dk and dv), both paths, and per head
+    ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64, split_grads=True)),
+    ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64, split_grads=True)),
 ])
 def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
     check_kernel(shape, per_dim, mu, options)
@@ -101,9 +104,10 @@ def test_mosaic_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, opti
     check_kernel(shape, per_dim, mu, dict(options, backend="mosaic"))
 
 
-@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic")])
+@pytest.mark.parametrize("platform,backend,options", [
+    ("cuda", "triton", {}), ("cuda", "triton", dict(split_grads=True)), ("tpu", "mosaic", {})])
 @pytest.mark.parametrize("per_dim", [True, False])
-def test_kernel_lowers_for_the_hardware(platform, backend, per_dim):
+def test_kernel_lowers_for_the_hardware(platform, backend, options, per_dim):
     """Forward and backward lower to Triton IR / Mosaic MLIR at a training shape (GQA, a row
     ending inside a chunk); the hardware compiler itself only runs on the device."""
     q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
@@ -112,7 +116,7 @@ def test_kernel_lowers_for_the_hardware(platform, backend, per_dim):
 
     def forward_backward(*args):
         out, vjp = jax.vjp(lambda *x: linear_attention(
-            *x, implementation="pallas", backend=backend, interpret=False), *args)
+            *x, implementation="pallas", backend=backend, interpret=False, **options), *args)
         return vjp(out)
 
     lowered = jax.jit(forward_backward).trace(q, kv, kv, log_alpha).lower(
@@ -240,6 +244,9 @@ def test_declarations_and_errors_say_what_is_wrong():
     with pytest.raises(NotImplementedError, match="chunks of 16, 32, 64 or 128 tokens, not 48"):
         fused_linear_attention(*inputs(1, 8, 2, 2, 16, per_dim=True, mu=WEAK)[:4],
                                chunk_size=48, interpret=True)
+    with pytest.raises(ValueError, match="split_grads is a setting of the Triton lowering"):
+        fused_linear_attention(*inputs(1, 8, 2, 2, 16, per_dim=True, mu=WEAK)[:4],
+                               backend="mosaic", split_grads=True, interpret=True)
     assert resolve_implementation("scan") == "scan"
     with pytest.raises(ValueError, match="unknown linear attention implementation 'fast'"):
         resolve_implementation("fast")

@@ -9,15 +9,17 @@ from benchmarks import tune_linear
 
 def test_candidates_start_from_the_incumbent_and_fit_the_head():
     incumbent = tune_linear.defaults(64)
-    assert incumbent == dict(block_v=64, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1))
+    assert incumbent == dict(block_v=64, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1),
+                             split_grads=False)
     found = tune_linear.candidates(incumbent, "states", tune_linear.GRIDS, 64)
     assert found[0] == incumbent
     assert {c["block_v"] for c in found} == {32, 64}  # 128 does not divide a 64-wide head
     grads = tune_linear.candidates(incumbent, "grads", tune_linear.GRIDS, 64)
     # Only the grads kernel's (the fourth) warps and stages change.
     assert {(c["num_warps"][:3], c["num_stages"][:3]) for c in grads} == {((4, 4, 4), (2, 1, 2))}
-    assert {(c["num_warps"][3], c["num_stages"][3]) for c in grads} == {
-        (4, 1), (4, 2), (8, 1), (8, 2)}
+    assert {(c["split_grads"], c["num_warps"][3], c["num_stages"][3]) for c in grads} == {
+        (split, warps, stages) for split in (False, True) for warps in (4, 8)
+        for stages in (1, 2)}
 
 
 def test_an_interpreted_kernel_is_not_timed_as_compiled():
@@ -31,7 +33,7 @@ def test_smoke_search_writes_the_defaults_and_the_best(tmp_path, capsys):
     assert result["tried"][0]["stage"] == "default"
     assert result["tried"][0]["options"] == tune_linear.defaults(32)
     assert result["default_ms"]["fwd+bwd"] > 0 and result["best_ms"]["fwd+bwd"] > 0
-    # The smoke grid tries block_v 16 and 8 warps for the grads kernel: both run.
+    # The smoke grid tries block_v 16, and two grads kernels of 8 warps: both run.
     assert {r["stage"] for r in result["tried"]} >= {"states", "grads"}
     assert not [r for r in result["tried"] if "error" in r]
     if result["best"] != result["default"]:

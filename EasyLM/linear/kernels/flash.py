@@ -94,7 +94,7 @@ def check_supported(key_dim, value_dim, dtype, chunk_size, *, per_head=False, ba
 
 def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
                            initial_state=None, backend=None, interpret=None, block_v=None,
-                           num_warps=None, num_stages=None):
+                           num_warps=None, num_stages=None, split_grads=None):
     """``(out [B, L, H, Dv] in q.dtype, final state [B, H, Dk, Dv] float32)`` as
     :func:`EasyLM.linear.scan.scan_linear_attention` computes them, fused; differentiable in
     ``q``, ``k``, ``v``, ``log_alpha`` and ``initial_state``.
@@ -109,10 +109,15 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
       block_v: value columns per program of the two sequential kernels (``None``: all, or
         64 for heads wider than 64).
       num_warps, num_stages: Triton settings, an int for all four kernels (states, outputs,
-        dstates, grads) or a 4-tuple.  block_v is also the Triton lowering's alone.
+        dstates, grads) or a 4-tuple.  split_grads: the backward's per-chunk work in two
+        kernels, dq apart from dk and dv (``None``: one kernel).  block_v, too, is the Triton
+        lowering's alone.
     """
     backend = pick_backend(backend)
     check_triton_settings(backend, num_warps, num_stages)
+    if backend == "mosaic" and split_grads:
+        raise ValueError("split_grads is a setting of the Triton lowering; the mosaic backend "
+                         "computes each chunk's gradients in one kernel")
     if interpret is None:
         interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
     batch, length, heads, key_dim = q.shape
@@ -133,7 +138,7 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     options = triton_lowering.Options(**{
         name: (value,) * 4 if isinstance(value, int) else tuple(value)
         for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
-        if value is not None})
+        if value is not None}, **({} if split_grads is None else dict(split_grads=split_grads)))
     k, v = (expand_heads(x, heads).astype(q.dtype) for x in (k, v))
     log_alpha = log_alpha.astype(jnp.float32)
     state = zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)

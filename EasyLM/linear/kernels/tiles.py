@@ -170,17 +170,27 @@ def chunk_outputs(plan, io, h, transposed=False):
     io.when(jnp.logical_not(mild), lambda: _sub_chunk_outputs(plan, io, chunk, h, transposed))
 
 
-def chunk_grads(plan, io, h, dh, transposed=False):
+GRAD_PARTS = ("all", "dq", "dkdv")
+
+
+def chunk_grads(plan, io, h, dh, transposed=False, part="all"):
     """Writes ``dq``, ``dk``, ``dv`` and ``db = q * dq - k * dk`` (each token's pair with
     itself left out of ``db``: its weight is exactly 1 and has no gate gradient) of one chunk
-    that starts from state ``h`` and whose end state's gradient is ``dh``."""
+    that starts from state ``h`` and whose end state's gradient is ``dh``.
+
+    ``part``: ``"all"``; ``"dq"``, only ``dq`` and ``db = q * dq`` (``dh`` unused); or
+    ``"dkdv"``, only ``dk``, ``dv`` and ``db = -k * dk`` (``h`` unused): two programs that
+    each hold fewer tiles, their ``db`` summed by the caller."""
+    if part not in GRAD_PARTS:
+        raise ValueError(f"part must be one of {GRAD_PARTS}, not {part!r}")
     chunk = Chunk(plan, io)
     if plan.per_head:
-        _whole_chunk_grads(plan, io, chunk, h, dh, transposed)
+        _whole_chunk_grads(plan, io, chunk, h, dh, transposed, part)
         return
     mild = chunk.mild()
-    io.when(mild, lambda: _whole_chunk_grads(plan, io, chunk, h, dh, transposed))
-    io.when(jnp.logical_not(mild), lambda: _sub_chunk_grads(plan, io, chunk, h, dh, transposed))
+    io.when(mild, lambda: _whole_chunk_grads(plan, io, chunk, h, dh, transposed, part))
+    io.when(jnp.logical_not(mild),
+            lambda: _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part))
 
 
 def _state_product(x, state, dims, plan, transposed):
@@ -244,16 +254,20 @@ def _sub_chunk_outputs(plan, io, chunk, h, transposed):
     lax.fori_loop(0, plan.n_sub, sub_chunk, zero)
 
 
-def _store_grads(plan, io, first, q, k, v, do, dq, dk, dv):
-    """``db`` from dq and dk without each token's pair with itself, then that pair added."""
-    io.store("db", first, q * dq - k * dk)
+def _store_grads(plan, io, first, q, k, v, do, dq, dk, dv, part):
+    """``db`` from dq and dk (those of ``part``) without each token's pair with itself, then
+    that pair added."""
+    db = {"all": lambda: q * dq - k * dk, "dq": lambda: q * dq, "dkdv": lambda: -(k * dk)}
+    io.store("db", first, db[part]())
     self_dscore = jnp.sum(do * v, axis=1, keepdims=True)
-    io.store("dq", first, (dq + self_dscore * k) * plan.scale)
-    io.store("dk", first, dk + self_dscore * q)
-    io.store("dv", first, dv)
+    if part != "dkdv":
+        io.store("dq", first, (dq + self_dscore * k) * plan.scale)
+    if part != "dq":
+        io.store("dk", first, dk + self_dscore * q)
+        io.store("dv", first, dv)
 
 
-def _whole_chunk_grads(plan, io, chunk, h, dh, transposed):
+def _whole_chunk_grads(plan, io, chunk, h, dh, transposed, part):
     size, dt = plan.chunk, plan.dtype
     q = io.load("q", 0, size) * plan.scale
     k, v, do = io.load("k", 0, size), io.load("v", 0, size), io.load("do", 0, size)
@@ -261,25 +275,29 @@ def _whole_chunk_grads(plan, io, chunk, h, dh, transposed):
     query_factor = decays.query_factor()
     q_side = q if plan.per_head else q * query_factor
     k_side = decays.key_side(k)
-    scores = decays.weigh(dot(q_side, k_side, NT, dt), strict=False)
     dscores = decays.weigh(dot(do, v, NT, dt), strict=True)
-    from_keys = dot(dscores, k_side, NN, dt)
-    from_queries = dot(dscores, q_side, TN, dt)
-    if not plan.per_head:  # the factors left outside the products
-        from_keys = from_keys * query_factor
-        from_queries = from_queries * jnp.exp(-decays.from_start)
-    dq = query_factor * _state_product(do, h, NT, plan, transposed) + from_keys
-    dk = decays.to_end * _state_product(v, dh, NT, plan, transposed) + from_queries
-    dv = (_state_product(k * decays.to_end, dh, NN, plan, transposed)
-          + dot(scores, do, TN, dt))
-    _store_grads(plan, io, 0, q, k, v, do, dq, dk, dv)
+    dq = dk = dv = None
+    if part != "dkdv":
+        from_keys = dot(dscores, k_side, NN, dt)
+        if not plan.per_head:  # the factor left outside the product
+            from_keys = from_keys * query_factor
+        dq = query_factor * _state_product(do, h, NT, plan, transposed) + from_keys
+    if part != "dq":
+        scores = decays.weigh(dot(q_side, k_side, NT, dt), strict=False)
+        from_queries = dot(dscores, q_side, TN, dt)
+        if not plan.per_head:
+            from_queries = from_queries * jnp.exp(-decays.from_start)
+        dk = decays.to_end * _state_product(v, dh, NT, plan, transposed) + from_queries
+        dv = (_state_product(k * decays.to_end, dh, NN, plan, transposed)
+              + dot(scores, do, TN, dt))
+    _store_grads(plan, io, 0, q, k, v, do, dq, dk, dv, part)
 
 
-def _sub_chunk_grads(plan, io, chunk, h, dh, transposed):
+def _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part):
     """For each sub-chunk ``p`` in turn: its keys' dk and dv (from the later sub-chunks'
     queries, the chunk's end state gradient and its own), then its queries' dq (from the start
-    state, the earlier sub-chunks' keys and its own).  Loops, not unrolled code, as in
-    :func:`_sub_chunk_outputs`."""
+    state, the earlier sub-chunks' keys and its own); those of ``part``.  Loops, not unrolled
+    code, as in :func:`_sub_chunk_outputs`."""
     s, dt = plan.sub, plan.dtype
     position = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
@@ -289,56 +307,65 @@ def _sub_chunk_grads(plan, io, chunk, h, dh, transposed):
         first = p * s
         q, k = io.load("q", first, s) * plan.scale, io.load("k", first, s)
         v, do, c = io.load("v", first, s), io.load("do", first, s), io.load("c", first, s)
-        rest = io.load("c", first + s - 1, 1) - c  # [S, Dk]: after each key to p's end
 
-        def later(t, carry):  # the queries of sub-chunk i = p + 1 + t
-            dk, dv, between = carry  # between: the log decay of the sub-chunks after p, before i
-            i_first = first + (t + 1) * s
-            q_i, do_i = io.load("q", i_first, s) * plan.scale, io.load("do", i_first, s)
-            c_i = io.load("c", i_first, s)
-            gap = jnp.exp(rest + between)
-            q_hat = q_i * jnp.exp(c_i)
-            scores = dot(q_hat, k * gap, NT, dt)  # [queries of i, keys of p]
-            dv += dot(scores, do_i, TN, dt)
-            dk += gap * dot(dot(do_i, v, NT, dt), q_hat, TN, dt)
-            return dk, dv, between + io.load("c", i_first + s - 1, 1)
+        # The pairs inside p, one key t at a time; the pair of a token with itself is left out
+        # (_store_grads adds it), but counts in the scores dv takes.
+        def decay_from(t):
+            return jnp.exp(jnp.where(position > t, c - io.load("c", first + t, 1), -jnp.inf))
 
-        zeros = jnp.zeros((s, plan.key_dim), jnp.float32)
-        dk, dv, after = lax.fori_loop(
-            0, plan.n_sub - 1 - p, later,
-            (zeros, jnp.zeros((s, plan.value_dim), jnp.float32), zero))
-        end_gap = jnp.exp(rest + after)
-        dk += end_gap * _state_product(v, dh, NT, plan, transposed)
-        dv += _state_product(k * end_gap, dh, NN, plan, transposed)
+        def key_of_dq(t, dq):
+            dscore = jnp.sum(do * io.load("v", first + t, 1), axis=1, keepdims=True)
+            return dq + dscore * decay_from(t) * io.load("k", first + t, 1)
 
-        def earlier(t, carry):  # the keys of sub-chunk j = p - 1 - t, nearest first
-            dq, between = carry  # between: the log decay of the sub-chunks after j, before p
-            j_first = first - (t + 1) * s
-            c_j, total_j = io.load("c", j_first, s), io.load("c", j_first + s - 1, 1)
-            k_hat = io.load("k", j_first, s) * jnp.exp((total_j - c_j) + between)
-            dq += jnp.exp(c) * dot(dot(do, io.load("v", j_first, s), NT, dt), k_hat, NN, dt)
-            return dq, between + total_j
-
-        dq = jnp.exp(c + before) * _state_product(do, h, NT, plan, transposed)
-        dq, _ = lax.fori_loop(0, p, earlier, (dq, zero))
-
-        # Pairs inside p, one key t at a time, the pair of a token with itself left out.
-        def key(t, carry):
-            dq, dk, scores = carry
-            k_t, v_t = io.load("k", first + t, 1), io.load("v", first + t, 1)
-            c_t = io.load("c", first + t, 1)
-            e = jnp.exp(jnp.where(position > t, c - c_t, -jnp.inf))  # [queries of p, Dk]
-            dscore = jnp.sum(do * v_t, axis=1, keepdims=True)
-            dq += dscore * e * k_t
+        def key_of_dk(t, carry):
+            dk, scores = carry
+            e = decay_from(t)  # [queries of p, Dk]
+            dscore = jnp.sum(do * io.load("v", first + t, 1), axis=1, keepdims=True)
             dk_t = jnp.sum(dscore * e * q, axis=0, keepdims=True)
-            dk = jnp.where(position == t, dk + dk_t, dk)
-            weight = jnp.sum(q * k_t * e, axis=1, keepdims=True)
-            return dq, dk, jnp.where(column == t, weight, scores)
+            weight = jnp.sum(q * io.load("k", first + t, 1) * e, axis=1, keepdims=True)
+            return (jnp.where(position == t, dk + dk_t, dk),
+                    jnp.where(column == t, weight, scores))
 
-        dq, dk, scores = lax.fori_loop(0, s, key, (dq, dk, jnp.zeros((s, s), jnp.float32)))
-        scores = jnp.where(column == position, jnp.sum(q * k, axis=1, keepdims=True), scores)
-        dv += dot(scores, do, TN, dt)
-        _store_grads(plan, io, first, q, k, v, do, dq, dk, dv)
+        dq = dk = dv = None
+        if part != "dq":
+            rest = io.load("c", first + s - 1, 1) - c  # [S, Dk]: after each key to p's end
+
+            def later(t, carry):  # the queries of sub-chunk i = p + 1 + t
+                dk, dv, between = carry  # the log decay of the sub-chunks after p, before i
+                i_first = first + (t + 1) * s
+                q_i, do_i = io.load("q", i_first, s) * plan.scale, io.load("do", i_first, s)
+                gap = jnp.exp(rest + between)
+                q_hat = q_i * jnp.exp(io.load("c", i_first, s))
+                scores = dot(q_hat, k * gap, NT, dt)  # [queries of i, keys of p]
+                dv += dot(scores, do_i, TN, dt)
+                dk += gap * dot(dot(do_i, v, NT, dt), q_hat, TN, dt)
+                return dk, dv, between + io.load("c", i_first + s - 1, 1)
+
+            dk, dv, after = lax.fori_loop(
+                0, plan.n_sub - 1 - p, later,
+                (jnp.zeros((s, plan.key_dim), jnp.float32),
+                 jnp.zeros((s, plan.value_dim), jnp.float32), zero))
+            end_gap = jnp.exp(rest + after)
+            dk += end_gap * _state_product(v, dh, NT, plan, transposed)
+            dv += _state_product(k * end_gap, dh, NN, plan, transposed)
+            dk, scores = lax.fori_loop(0, s, key_of_dk, (dk, jnp.zeros((s, s), jnp.float32)))
+            scores = jnp.where(column == position, jnp.sum(q * k, axis=1, keepdims=True),
+                               scores)
+            dv += dot(scores, do, TN, dt)
+        if part != "dkdv":
+            def earlier(t, carry):  # the keys of sub-chunk j = p - 1 - t, nearest first
+                dq, between = carry  # the log decay of the sub-chunks after j, before p
+                j_first = first - (t + 1) * s
+                c_j, total_j = io.load("c", j_first, s), io.load("c", j_first + s - 1, 1)
+                k_hat = io.load("k", j_first, s) * jnp.exp((total_j - c_j) + between)
+                dq += jnp.exp(c) * dot(dot(do, io.load("v", j_first, s), NT, dt), k_hat, NN,
+                                       dt)
+                return dq, between + total_j
+
+            dq = jnp.exp(c + before) * _state_product(do, h, NT, plan, transposed)
+            dq, _ = lax.fori_loop(0, p, earlier, (dq, zero))
+            dq = lax.fori_loop(0, s, key_of_dq, dq)
+        _store_grads(plan, io, first, q, k, v, do, dq, dk, dv, part)
         return before + io.load("c", first + s - 1, 1)
 
     lax.fori_loop(0, plan.n_sub, sub_chunk, zero)

@@ -10,7 +10,9 @@ Four kernels, two sequential along the row and two parallel over its chunks:
 * ``dstates`` (per row, head and value block) runs the recurrence of the state's gradient
   backwards and stores the gradient each chunk's end receives, and the initial state's.
 * ``grads`` (per chunk, row and head) computes dq, dk, dv and ``db = q * dq - k * dk``
-  (:func:`EasyLM.linear.kernels.tiles.chunk_grads`).
+  (:func:`EasyLM.linear.kernels.tiles.chunk_grads`); with ``Options.split_grads``, two kernels
+  do instead, one for dq and one for dk and dv (each holds fewer tiles: wide heads), their
+  ``db`` summed in XLA.
 
 Inputs are the model's ``[B, L, H, D]`` layout, the keys and values already expanded to the
 query heads, the row padded to whole chunks, entering as whole-array refs that each program
@@ -33,9 +35,11 @@ from FoT.kernels.triton_lowering import _whole_array
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Warps and pipeline stages of the states, outputs, dstates and grads kernels."""
+    """Warps and pipeline stages of the states, outputs, dstates and grads kernels (the
+    grads kernel's apply to both halves when ``split_grads``)."""
     num_warps: tuple = (4, 4, 4, 4)
     num_stages: tuple = (2, 1, 2, 1)
+    split_grads: bool = False
 
     def params(self, kernel):
         return plgpu.CompilerParams(num_warps=self.num_warps[kernel],
@@ -104,12 +108,17 @@ def _dstates_kernel(q_ref, do_ref, c_ref, tot_ref, dfinal_ref, dh_ref, ds0_ref, 
         0, plan.n_chunks, body, dfinal_ref[row, head, :, columns])
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, do_ref, dh_ref, dq_ref, dk_ref, dv_ref,
-                  db_ref, *, plan):
+def _grads_kernel(*refs, plan, part):
+    """``part`` "all": dq, dk, dv and db; "dq": dq and db (no dh); "dkdv": dk, dv, db (no h)."""
     n, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    io = _IO(dict(q=q_ref, k=k_ref, v=v_ref, c=c_ref, do=do_ref, dq=dq_ref, dk=dk_ref,
-                  dv=dv_ref, db=db_ref), row, head, n * plan.chunk)
-    tiles.chunk_grads(plan, io, h_ref[row, n, head, :, :], dh_ref[row, n, head, :, :])
+    names = dict(all=("q", "k", "v", "c", "h", "do", "dh", "dq", "dk", "dv", "db"),
+                 dq=("q", "k", "v", "c", "h", "do", "dq", "db"),
+                 dkdv=("q", "k", "v", "c", "do", "dh", "dk", "dv", "db"))[part]
+    refs = dict(zip(names, refs))
+    io = _IO(refs, row, head, n * plan.chunk)
+    h = refs["h"][row, n, head, :, :] if "h" in refs else None
+    dh = refs["dh"][row, n, head, :, :] if "dh" in refs else None
+    tiles.chunk_grads(plan, io, h, dh, part=part)
 
 
 def _sequential_grid(plan):
@@ -120,9 +129,9 @@ def _chunk_grid(plan):
     return (plan.n_chunks, plan.batch, plan.heads)
 
 
-def _call(kernel, plan, grid, inputs, outputs, options, index, interpret, name):
+def _call(kernel, plan, grid, inputs, outputs, options, index, interpret, name, **static):
     return pl.pallas_call(
-        functools.partial(kernel, plan=plan), grid=grid,
+        functools.partial(kernel, plan=plan, **static), grid=grid,
         in_specs=[_whole_array(x.shape) for x in inputs],
         out_specs=[_whole_array(o.shape) for o in outputs],
         out_shape=outputs, compiler_params=None if interpret else options.params(index),
@@ -154,8 +163,16 @@ def backward(plan, q, k, v, c, tot, h, do, dfinal, *, options, interpret):
     dk``, ``dh [B, N, H, Dk, Dv]`` the gradient each chunk's end state receives."""
     dh, ds0 = _call(_dstates_kernel, plan, _sequential_grid(plan), [q, do, c, tot, dfinal],
                     list(_state_shapes(plan)), options, 2, interpret, "linear_dstates")
-    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
-    shapes.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    dq, dk, dv, db = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, h, do, dh],
-                           shapes, options, 3, interpret, "linear_grads")
-    return dq, dk, dv, db, ds0, dh
+    dq_shape, dk_shape, dv_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    db_shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    if not options.split_grads:
+        dq, dk, dv, db = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, h, do, dh],
+                               [dq_shape, dk_shape, dv_shape, db_shape], options, 3, interpret,
+                               "linear_grads", part="all")
+        return dq, dk, dv, db, ds0, dh
+    dq, db_q = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, h, do],
+                     [dq_shape, db_shape], options, 3, interpret, "linear_grads_dq", part="dq")
+    dk, dv, db_k = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, do, dh],
+                         [dk_shape, dv_shape, db_shape], options, 3, interpret,
+                         "linear_grads_dkdv", part="dkdv")
+    return dq, dk, dv, db_q + db_k, ds0, dh
