@@ -50,16 +50,21 @@ SMOKE_GRID = dict(forward=dict(block_q=(32, 64), block_k=(32,), warps=(4,), stag
                   dkv=dict(block_q_dkv=(32,), block_k_dkv=(32, 64), warps=(4,), stages=(2,)))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def search_arguments(p, gate_mu, budget):
+    """The arguments of a kernel settings search (this one's and tune_linear's)."""
     p.add_argument("--shapes", default="4096x64,4096x128", help="LxD, comma-separated")
     p.add_argument("--tokens", type=int, default=32768, help="B * L of every shape")
     p.add_argument("--width", type=int, default=2048, help="H * D of every shape")
-    p.add_argument("--gate-mu", type=float, default=3.0)
+    p.add_argument("--gate-mu", type=float, default=gate_mu, help="mean of the gates' logits")
     p.add_argument("--min-time", type=float, default=0.25, help="seconds of timed calls")
-    p.add_argument("--budget", type=float, default=150, help="seconds of search per shape")
+    p.add_argument("--budget", type=float, default=budget, help="seconds of search per shape")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shape and grid, interpreted")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    search_arguments(p, gate_mu=3.0, budget=150)
     args = p.parse_args(argv)
     if args.smoke:
         args.shapes, args.tokens, args.width, args.min_time = "64x64", 128, 128, 0.0
@@ -224,10 +229,7 @@ def table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    interpret = jax.default_backend() != "gpu"
-    if interpret and not args.smoke:
-        raise SystemExit("tune_forgetting times the compiled kernel: run it on a GPU "
-                         "(or --smoke, interpreted, to check the script)")
+    interpret = interpreted("tune_forgetting", args)
     grids = SMOKE_GRID if args.smoke else dict(forward=FORWARD_GRID, dq=DQ_GRID, dkv=DKV_GRID)
     results = []
     for length, head_dim in parse_shapes(args.shapes):
@@ -238,23 +240,42 @@ def main(argv=None):
         print(f"L={length} D={head_dim}: {len(results[-1]['tried'])} settings in "
               f"{time.perf_counter() - started:.0f} s; best {describe(results[-1]['best'])}",
               flush=True)
-    device = jax.devices()[0].device_kind
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"tune_forgetting_{slug}_{datetime.date.today()}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(device=device, jax=jax.__version__, date=str(datetime.date.today()),
-                       results=results), f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_results("tune_forgetting", args, results)
     print(table(results))
     for result in results:
         if result["best_tflops"]["fwd+bwd"] is None:
-            errors = [r["error"] for r in result["tried"] if "error" in r]
-            raise SystemExit(f"L={result['shape']['length']} D={result['shape']['head_dim']}: "
-                             f"no setting ran; first error: {errors[0]}")
+            fail(result, "no setting ran")
     return results
+
+
+def interpreted(name, args):
+    """Whether the kernels run in the interpreter here: only ``--smoke`` may (its timings mean
+    nothing, it checks the script)."""
+    interpret = jax.default_backend() != "gpu"
+    if interpret and not args.smoke:
+        raise SystemExit(f"{name} times the compiled kernel: run it on a GPU (or --smoke, "
+                         f"interpreted, to check the script)")
+    return interpret
+
+
+def write_results(name, args, results):
+    """``<name>_<device>_<date>.json`` under ``--out``, written whole or not at all."""
+    device = jax.devices()[0].device_kind
+    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}_{slug}_{datetime.date.today()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(device=device, jax=jax.__version__, date=str(datetime.date.today()),
+                       args=vars(args), results=results), f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+def fail(result, what):
+    """Ends the run naming the shape, ``what`` went wrong and the search's first error."""
+    errors = [r["error"] for r in result["tried"] if "error" in r]
+    raise SystemExit(f"L={result['shape']['length']} D={result['shape']['head_dim']}: {what}; "
+                     f"first error: {errors[0] if errors else '-'}")
 
 
 if __name__ == "__main__":

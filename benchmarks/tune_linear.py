@@ -29,10 +29,8 @@ kernel's defaults (:class:`EasyLM.linear.kernels.triton_lowering.Options`, ``blo
 """
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import re
 import time
 
 import jax
@@ -41,7 +39,8 @@ import numpy as np
 
 from benchmarks.bench_attention import timed
 from benchmarks.bench_linear import numpy_inputs
-from benchmarks.tune_forgetting import grid, parse_shapes, triton_settings
+from benchmarks.tune_forgetting import (fail, grid, interpreted, parse_shapes,
+                                         search_arguments, triton_settings, write_results)
 from EasyLM.linear import linear_attention
 from EasyLM.linear.kernels.triton_lowering import Options
 
@@ -60,16 +59,9 @@ MODE_OF_STAGE = dict(states="fwd", outputs="fwd", dstates="fwd+bwd", grads="fwd+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="4096x64,4096x128", help="LxD, comma-separated")
     p.add_argument("--gates", default="dim", choices=("dim", "head"),
                    help="a gate per key dimension (GLA) or one per head (SUPRA)")
-    p.add_argument("--tokens", type=int, default=32768, help="B * L of every shape")
-    p.add_argument("--width", type=int, default=2048, help="H * D of every shape")
-    p.add_argument("--gate-mu", type=float, default=0.0, help="mean of the gates' logits")
-    p.add_argument("--min-time", type=float, default=0.25, help="seconds of timed calls")
-    p.add_argument("--budget", type=float, default=240, help="seconds of search per shape")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
-    p.add_argument("--smoke", action="store_true", help="tiny shape and grid, interpreted")
+    search_arguments(p, gate_mu=0.0, budget=240)
     args = p.parse_args(argv)
     if args.smoke:
         args.shapes, args.tokens, args.width, args.min_time = "64x32", 64, 64, 0.0
@@ -216,10 +208,7 @@ def table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    interpret = jax.default_backend() != "gpu"
-    if interpret and not args.smoke:
-        raise SystemExit("tune_linear times the compiled kernel: run it on a GPU (or --smoke, "
-                         "interpreted, to check the script)")
+    interpret = interpreted("tune_linear", args)
     grids = SMOKE_GRIDS if args.smoke else GRIDS
     results = []
     for length, head_dim in parse_shapes(args.shapes):
@@ -235,25 +224,14 @@ def main(argv=None):
               f"{len(result['tried'])} settings in {time.perf_counter() - started:.0f} s; "
               f"best {describe(result['best'])} ({result['best_ms']}, defaults "
               f"{result['default_ms']}); agreement {result.get('agreement')}", flush=True)
-    device = jax.devices()[0].device_kind
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"tune_linear_{slug}_{datetime.date.today()}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(device=device, jax=jax.__version__, date=str(datetime.date.today()),
-                       args=vars(args), results=results), f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    write_results("tune_linear", args, results)
     print(table(results))
     for result in results:
         if result["best_ms"].get("fwd+bwd") is None:
-            errors = [r["error"] for r in result["tried"] if "error" in r]
-            raise SystemExit(f"L={result['shape']['length']} D={result['shape']['head_dim']}: "
-                             f"no setting ran; first error: {errors[0] if errors else '-'}")
+            fail(result, "no setting ran")
         if result.get("agreement", 0.0) > AGREEMENT:
-            raise SystemExit(f"L={result['shape']['length']} D={result['shape']['head_dim']}: "
-                             f"the best setting differs from the defaults by "
-                             f"{result['agreement']:.2e} (more than {AGREEMENT})")
+            fail(result, f"the best setting differs from the defaults by "
+                         f"{result['agreement']:.2e} (more than {AGREEMENT})")
     return results
 
 
