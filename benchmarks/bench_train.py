@@ -177,14 +177,39 @@ def model_config(case):
     return LLaMAConfig.load_config(case["model"], **overrides)
 
 
+def resolved_attention(config, length):
+    """What the model's attention layers run, as the table shows it: the softmax layers'
+    implementation (memory layers' local attention included), and ``family:implementation``
+    for each other family present, e.g. ``gla:pallas`` or ``cudnn+forgetting:pallas``."""
+    import jax.numpy as jnp
+
+    from EasyLM import forgetting, linear
+    from EasyLM.models.llama.attention import MEMORY_FAMILY, layer_attention_types
+    from EasyLM.models.llama.llama_model import resolve_attention_implementation
+
+    families = set(layer_attention_types(config))
+    parts = []
+    if families & {"softmax", MEMORY_FAMILY}:
+        parts.append(resolve_attention_implementation(config, "bfloat16"))
+    if "forgetting" in families:
+        parts.append("forgetting:" + forgetting.resolve_implementation(
+            config.forgetting_implementation, length=length, head_dim=config.head_dim,
+            dtype=jnp.bfloat16, padded=False))
+    for family in sorted(families & {"gla", "supra"}):
+        parts.append(f"{family}:" + linear.resolve_implementation(
+            config.linear_implementation, chunk_size=config.linear_chunk_size,
+            key_dim=config.head_dim, value_dim=config.head_dim, dtype=jnp.bfloat16,
+            per_head=family == "supra"))
+    return "+".join(parts)
+
+
 def run_case(case):
     import jax
     import numpy as np
 
     from EasyLM import optimizers
     from EasyLM.jax_utils import get_jax_mesh
-    from EasyLM.models.llama.llama_model import (resolve_attention_implementation,
-                                                 resolve_cross_batch_implementation)
+    from EasyLM.models.llama.llama_model import resolve_cross_batch_implementation
     from EasyLM.trainer import LoopSettings, Trainer, data_split, fit
 
     config = model_config(case)
@@ -200,7 +225,7 @@ def run_case(case):
                                                            case["length"]))
     device = jax.local_devices()[0]
     result = dict(device=device.device_kind, jax=jax.__version__, devices=jax.device_count(),
-                  attention_resolved=resolve_attention_implementation(config, "bfloat16"),
+                  attention_resolved=resolved_attention(config, case["length"]),
                   cross_batch_resolved=(resolve_cross_batch_implementation(
                       config, case["length"], "bfloat16") if case["C"] > 0 else "-"))
     result["processes"] = jax.process_count()

@@ -172,3 +172,18 @@ def test_processes_joined_by_jax_distributed_train_as_one(tmp_path):
     assert runs["two_heads"]["flip"] is True
     for name in ("two", "two_heads"):
         assert runs[name]["losses"] == pytest.approx(runs["one"]["losses"], rel=1e-4), name
+
+
+def test_the_attention_column_names_every_family_the_model_runs():
+    """A linear or forgetting model's table row says which of its implementations ran (on a
+    CPU the chunked and blockwise forms: the kernels need a GPU), not only the softmax one."""
+    from EasyLM.models.llama.llama_model import LLaMAConfig
+    assert bench_train.resolved_attention(LLaMAConfig.load_config("debug"), 256) == "xla"
+    assert bench_train.resolved_attention(LLaMAConfig.load_config("debug_gla"), 256) == (
+        "gla:chunked")
+    assert bench_train.resolved_attention(LLaMAConfig.load_config("debug_supra"), 256) == (
+        "supra:chunked")
+    assert bench_train.resolved_attention(LLaMAConfig.load_config("debug_fox"), 256) == (
+        "forgetting:blockwise")
+    hybrid = LLaMAConfig.load_config("debug_gla", mem_layers=(1,))
+    assert bench_train.resolved_attention(hybrid, 256) == "xla+gla:chunked"
