@@ -36,7 +36,8 @@ DEFERRED = {
 # fraction, XLA flags) must be set before JAX loads, so everything that imports JAX is
 # imported in the worker functions.
 for _module in ("EasyLM.jax_utils", "EasyLM.models.llama.llama_model",
-                "EasyLM.optimizers", "EasyLM.trainer"):
+                "EasyLM.optimizers", "EasyLM.trainer", "EasyLM.forgetting", "EasyLM.linear",
+                "EasyLM.models.llama.attention"):
     DEFERRED[("benchmarks.bench_train", _module)] = "JAX, in the worker subprocess only"
 for _module in ("EasyLM.flops", "FoT.cross_batch", "FoT.slots"):
     DEFERRED[("benchmarks.bench_attention", _module)] = "JAX, in the worker subprocess only"
