@@ -16,11 +16,18 @@ after warmup.  Weight decay is decoupled (AdamW) and skips parameters whose path
 the comma-separated regexes in ``weight_decay_exclusions`` (default: the RMSNorm scales and the
 gate biases of forgetting layers, which decay would pull towards strong forgetting).
 ``clip_gradient > 0`` clips the global gradient norm before the update.
+
+``trainable`` (comma-separated regexes of parameter paths, e.g. ``h/(8|16|24)/attention/``)
+trains only the parameters whose path matches one of them: the others keep their values, get
+no optimizer state (no moments in memory or in checkpoints) and count neither in the clipped
+gradient norm nor in weight decay.  Empty (the default): every parameter trains.  A run whose
+patterns match no parameter is refused before it starts (:func:`trainable_counts`).
 """
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from EasyLM.config import ConfigDict, ConfigError, Option, check_ranges
@@ -52,6 +59,9 @@ def _schedule_defaults():
 def get_default_config(updates=None):
     config = ConfigDict(
         type=Option("adamw", "adamw or adafactor; only that optimizer's group is used"),
+        trainable=Option("", "comma-separated regexes of the parameter paths that train (e.g. "
+                         "'h/(8|16|24)/attention/'); the others stay as loaded and get no "
+                         "optimizer state; empty: all train"),
         accumulate_gradient_steps=Option(1, "micro-batches per optimizer update; each is "
                                          "batch_size / this many rows (less memory, same "
                                          "update)"),
@@ -96,11 +106,13 @@ def validate(config, prefix="optimizer."):
         raise ConfigError(f"{sub}lr_decay_steps={opt.lr_decay_steps} must exceed "
                           f"{sub}lr_warmup_steps={opt.lr_warmup_steps} (it counts from step 0, "
                           f"warmup included), or be 0 for no decay")
-    for pattern in _exclusions(opt.weight_decay_exclusions):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"{sub}weight_decay_exclusions: bad regex {pattern!r}: {e}")
+    for key, text in ((f"{sub}weight_decay_exclusions", opt.weight_decay_exclusions),
+                      (f"{prefix}trainable", config.trainable)):
+        for pattern in _exclusions(text):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{key}: bad regex {pattern!r}: {e}")
 
 
 def learning_rate_schedule(opt):
@@ -128,15 +140,40 @@ def _exclusions(text):
     return [p.strip() for p in str(text or "").split(",") if p.strip()]
 
 
+def _path_matcher(text):
+    """``params -> tree of bool``: True where a parameter's path matches a regex of ``text``
+    (comma-separated)."""
+    patterns = [re.compile(p) for p in _exclusions(text)]
+
+    def matches(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: any(p.search(tree_path_name(path)) for p in patterns), params)
+
+    return matches
+
+
 def weight_decay_mask(exclusions):
     """``params -> tree of bool``: True where weight decay applies."""
-    patterns = [re.compile(p) for p in _exclusions(exclusions)]
+    excluded = _path_matcher(exclusions)
+    return lambda params: jax.tree_util.tree_map(lambda x: not x, excluded(params))
 
-    def mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(p.search(tree_path_name(path)) for p in patterns), params)
 
-    return mask
+def trainable_counts(config, params):
+    """``(trainable, total)`` parameter counts of ``params`` (arrays or shapes) under
+    ``optimizer.trainable``; ``ConfigError`` naming the key when its patterns match none."""
+    sizes = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: int(np.prod(x.shape)),
+                                                             params))
+    total = sum(sizes)
+    if not _exclusions(config.trainable):
+        return total, total
+    flags = jax.tree_util.tree_leaves(_path_matcher(config.trainable)(params))
+    trained = sum(size for size, flag in zip(sizes, flags) if flag)
+    if trained == 0:
+        names = [tree_path_name(path) for path, _ in
+                 jax.tree_util.tree_flatten_with_path(params)[0][:3]]
+        raise ConfigError(f"optimizer.trainable={config.trainable!r} matches no parameter; "
+                          f"paths look like {', '.join(names)}")
+    return trained, total
 
 
 def get_optimizer(config):
@@ -157,4 +194,10 @@ def get_optimizer(config):
             weight_decay_rate=opt.weight_decay or None, weight_decay_mask=mask)
     if opt.clip_gradient > 0:
         core = optax.chain(optax.clip_by_global_norm(opt.clip_gradient), core)
+    if _exclusions(config.trainable):
+        trained = _path_matcher(config.trainable)
+        core = optax.multi_transform(
+            {"train": core, "frozen": optax.set_to_zero()},
+            lambda params: jax.tree_util.tree_map(lambda t: "train" if t else "frozen",
+                                                  trained(params)))
     return core, schedule

@@ -248,6 +248,10 @@ def train(trainer, llama_config, train_data, settings, *, run_dir, resume_from, 
             checkpoint.write_json(os.path.join(run_dir, "config.json"), run_config)
         log.info("run directory %s (%d processes, %d devices, mesh %s)", run_dir,
                  jax.process_count(), jax.device_count(), dict(trainer.mesh.shape))
+        trained, total = trainer.trainable_counts
+        if trained < total:
+            log.info("training %d of %d parameters (optimizer.trainable); the others stay "
+                     "as loaded", trained, total)
         with jax.set_mesh(trainer.mesh):
             state, dataset_state = initial_state(trainer, start, resume_from)
             if dataset_state is not None:

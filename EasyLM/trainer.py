@@ -32,7 +32,7 @@ from EasyLM.logging_utils import ConsoleProgress
 from EasyLM.losses import DEFAULT_LOSS_CHUNK_TOKENS, chunked_token_sums, token_sums
 from EasyLM.models.llama.llama_model import (FlaxLLaMAForCausalLMModule, get_partition_rules,
                                              output_head_kernel)
-from EasyLM.optimizers import get_optimizer
+from EasyLM.optimizers import get_optimizer, trainable_counts
 from FoT.batch import Batch
 
 
@@ -97,6 +97,8 @@ class Trainer:
         self.accumulate = int(optimizer_config.accumulate_gradient_steps)
         self.skip_nonfinite = skip_nonfinite
         self.state_shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        # (trainable, total) parameters; refuses optimizer.trainable patterns matching none.
+        self.trainable_counts = trainable_counts(optimizer_config, self.state_shapes["params"])
         self.state_shardings = named_shardings(mesh, state_partition_specs(self.state_shapes))
         self.params_shardings = {"params": self.state_shardings["params"]}
         self.batch_sharding = NamedSharding(mesh, PS(BATCH_AXES))

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from EasyLM.checkpoint import (TrainCheckpointer, load_llama_config, load_params
                                save_params)
 from EasyLM.config import ConfigError
 from EasyLM.models.llama import convert_easylm_to_hf, llama_train
+from EasyLM.jax_utils import tree_path_name
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule, LLaMAConfig
 from EasyLM.run_dirs import latest_train_checkpoint
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
@@ -417,3 +419,43 @@ def test_export_of_a_run_windows_by_its_rows_and_takes_long_inputs(reference_run
         transformers_log.removeHandler(handler)
     assert out.shape[1] == ids.shape[1] + 2
     assert not [w for w in warnings if "length" in w], warnings
+
+
+@pytest.mark.slow
+def test_trainable_parameters_train_alone_and_resume(tmp_path, compilation_cache):
+    """--optimizer.trainable through the runner: the log says how many parameters train, the
+    others keep their values from checkpoint to checkpoint, and a resumed run restores the
+    optimizer state that holds moments for the trained ones only."""
+    pattern = "h/[01]/attention/"
+
+    def run(steps):
+        result = subprocess.run(
+            runner_command(tmp_path, *QUIET, f"--optimizer.trainable={pattern}",
+                           f"--total_steps={steps}", "--eval_freq=0"),
+            env=cpu_env(compilation_cache), cwd=REPO, capture_output=True, text=True,
+            timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    def params(step):
+        variables = load_params(f"trainstate::{run_dir}/checkpoints/step_{step}")
+        return {tree_path_name(path): np.asarray(leaf) for path, leaf in
+                jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
+
+    run(8)
+    run_dir = run_dir_of(tmp_path)
+    first, second = params(4), params(8)
+    run(12)  # resumes from step 8
+    third = params(12)
+    trained = {name for name in first if re.search(pattern, name)}
+    assert len(trained) == 8 and len(first) > len(trained)
+    for name in first:
+        if name in trained:
+            assert not np.array_equal(first[name], second[name]), name
+            assert not np.array_equal(second[name], third[name]), name
+        else:
+            np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+            np.testing.assert_array_equal(second[name], third[name], err_msg=name)
+    with open(os.path.join(run_dir, "train.log")) as f:
+        text = f.read()
+    assert re.search(r"training \d+ of \d+ parameters \(optimizer.trainable\)", text)
+    assert "resuming from" in text

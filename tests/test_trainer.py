@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from EasyLM import logging_utils
 from EasyLM.data import DatasetFactory
 from EasyLM.flops import flops_per_step
-from EasyLM.jax_utils import MESH_AXES, get_jax_mesh
+from EasyLM.jax_utils import MESH_AXES, get_jax_mesh, tree_path_name
 from EasyLM.models.llama.llama_model import with_cross_batch
 from EasyLM.optimizers import get_default_config as optimizer_config
 from EasyLM.tokenizer import get_default_config as tokenizer_config
@@ -358,3 +358,43 @@ def test_console_shows_a_bar_on_a_terminal_with_the_lines_above_it(
     for step in (0, 2, 3, 4):  # each line is a line of its own, never glued to the bar
         assert any(segment.startswith(f"step {step}/4 |") for segment in segments), text
     assert not any("it/s" in segment and "/4 |" in segment for segment in segments), text
+
+
+def test_only_the_trainable_parameters_train_and_hold_optimizer_state():
+    """optimizer.trainable on a sharded mesh: the matched parameters move, the others stay bit
+    for bit, Adam keeps moments for the matched ones only, and patterns matching nothing are
+    refused naming the key and what paths look like."""
+    from EasyLM.config import ConfigError
+    pattern = r"h/0/attention/w[qk]/"
+    config = tiny_config()
+    mesh = get_jax_mesh("1,-1,1")
+    trainer = Trainer(mesh, config, optimizer_config(dict(OPTIMIZER.to_dict(),
+                                                          trainable=pattern)))
+    shapes = trainer.state_shapes["params"]
+    named = {tree_path_name(path): int(np.prod(leaf.shape))
+             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    trained = {name for name in named if re.search(pattern, name)}
+    assert trained == {"transformer/h/0/attention/wq/kernel", "transformer/h/0/attention/wk/kernel"}
+    assert trainer.trainable_counts == (sum(named[n] for n in trained), sum(named.values()))
+    moments = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(
+        trainer.state_shapes["opt_state"]) if leaf.ndim)
+    assert moments == 2 * trainer.trainable_counts[0]  # Adam's mu and nu, nothing else
+    batch, _ = next(iter(dataset("doc_aware")))
+    with jax.set_mesh(mesh):
+        state = trainer.init_state(0)
+        before = jax.device_get(state["params"])
+        for _ in range(2):
+            state, metrics = trainer.train_step(state, trainer.global_batch(batch, 8))
+        after = jax.device_get(state["params"])
+    assert np.isfinite(metrics["loss"])
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0],
+                                jax.tree_util.tree_leaves(after)):
+        if tree_path_name(path) in trained:
+            assert not np.array_equal(old, new), tree_path_name(path)
+        else:
+            np.testing.assert_array_equal(old, new, err_msg=tree_path_name(path))
+    with pytest.raises(ConfigError, match=r"optimizer.trainable='mlp/' matches no parameter; "
+                                          r"paths look like lm_head/kernel, transformer/h/0/"):
+        Trainer(mesh, config, optimizer_config(dict(OPTIMIZER.to_dict(), trainable="mlp/")))
+    with pytest.raises(ConfigError, match=r"optimizer.trainable: bad regex '\('"):
+        Trainer(mesh, config, optimizer_config(dict(OPTIMIZER.to_dict(), trainable="(")))
