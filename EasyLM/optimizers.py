@@ -108,7 +108,7 @@ def validate(config, prefix="optimizer."):
                           f"warmup included), or be 0 for no decay")
     for key, text in ((f"{sub}weight_decay_exclusions", opt.weight_decay_exclusions),
                       (f"{prefix}trainable", config.trainable)):
-        for pattern in _exclusions(text):
+        for pattern in _patterns(text):
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -136,14 +136,14 @@ def learning_rate_schedule(opt):
     return schedule
 
 
-def _exclusions(text):
+def _patterns(text):
     return [p.strip() for p in str(text or "").split(",") if p.strip()]
 
 
 def _path_matcher(text):
     """``params -> tree of bool``: True where a parameter's path matches a regex of ``text``
     (comma-separated)."""
-    patterns = [re.compile(p) for p in _exclusions(text)]
+    patterns = [re.compile(p) for p in _patterns(text)]
 
     def matches(params):
         return jax.tree_util.tree_map_with_path(
@@ -164,7 +164,7 @@ def trainable_counts(config, params):
     sizes = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: int(np.prod(x.shape)),
                                                              params))
     total = sum(sizes)
-    if not _exclusions(config.trainable):
+    if not _patterns(config.trainable):
         return total, total
     flags = jax.tree_util.tree_leaves(_path_matcher(config.trainable)(params))
     trained = sum(size for size, flag in zip(sizes, flags) if flag)
@@ -194,7 +194,7 @@ def get_optimizer(config):
             weight_decay_rate=opt.weight_decay or None, weight_decay_mask=mask)
     if opt.clip_gradient > 0:
         core = optax.chain(optax.clip_by_global_norm(opt.clip_gradient), core)
-    if _exclusions(config.trainable):
+    if _patterns(config.trainable):
         trained = _path_matcher(config.trainable)
         core = optax.multi_transform(
             {"train": core, "frozen": optax.set_to_zero()},

@@ -257,8 +257,12 @@ def _sub_chunk_outputs(plan, io, chunk, h, transposed):
 def _store_grads(plan, io, first, q, k, v, do, dq, dk, dv, part):
     """``db`` from dq and dk (those of ``part``) without each token's pair with itself, then
     that pair added."""
-    db = {"all": lambda: q * dq - k * dk, "dq": lambda: q * dq, "dkdv": lambda: -(k * dk)}
-    io.store("db", first, db[part]())
+    if part == "all":
+        io.store("db", first, q * dq - k * dk)
+    elif part == "dq":
+        io.store("db", first, q * dq)
+    else:
+        io.store("db", first, -(k * dk))
     self_dscore = jnp.sum(do * v, axis=1, keepdims=True)
     if part != "dkdv":
         io.store("dq", first, (dq + self_dscore * k) * plan.scale)
@@ -307,25 +311,6 @@ def _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part):
         first = p * s
         q, k = io.load("q", first, s) * plan.scale, io.load("k", first, s)
         v, do, c = io.load("v", first, s), io.load("do", first, s), io.load("c", first, s)
-
-        # The pairs inside p, one key t at a time; the pair of a token with itself is left out
-        # (_store_grads adds it), but counts in the scores dv takes.
-        def decay_from(t):
-            return jnp.exp(jnp.where(position > t, c - io.load("c", first + t, 1), -jnp.inf))
-
-        def key_of_dq(t, dq):
-            dscore = jnp.sum(do * io.load("v", first + t, 1), axis=1, keepdims=True)
-            return dq + dscore * decay_from(t) * io.load("k", first + t, 1)
-
-        def key_of_dk(t, carry):
-            dk, scores = carry
-            e = decay_from(t)  # [queries of p, Dk]
-            dscore = jnp.sum(do * io.load("v", first + t, 1), axis=1, keepdims=True)
-            dk_t = jnp.sum(dscore * e * q, axis=0, keepdims=True)
-            weight = jnp.sum(q * io.load("k", first + t, 1) * e, axis=1, keepdims=True)
-            return (jnp.where(position == t, dk + dk_t, dk),
-                    jnp.where(column == t, weight, scores))
-
         dq = dk = dv = None
         if part != "dq":
             rest = io.load("c", first + s - 1, 1) - c  # [S, Dk]: after each key to p's end
@@ -348,10 +333,6 @@ def _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part):
             end_gap = jnp.exp(rest + after)
             dk += end_gap * _state_product(v, dh, NT, plan, transposed)
             dv += _state_product(k * end_gap, dh, NN, plan, transposed)
-            dk, scores = lax.fori_loop(0, s, key_of_dk, (dk, jnp.zeros((s, s), jnp.float32)))
-            scores = jnp.where(column == position, jnp.sum(q * k, axis=1, keepdims=True),
-                               scores)
-            dv += dot(scores, do, TN, dt)
         if part != "dkdv":
             def earlier(t, carry):  # the keys of sub-chunk j = p - 1 - t, nearest first
                 dq, between = carry  # the log decay of the sub-chunks after j, before p
@@ -364,7 +345,30 @@ def _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part):
 
             dq = jnp.exp(c + before) * _state_product(do, h, NT, plan, transposed)
             dq, _ = lax.fori_loop(0, p, earlier, (dq, zero))
-            dq = lax.fori_loop(0, s, key_of_dq, dq)
+
+        # The pairs inside p, one key t at a time (the part's gradients: None stays None); a
+        # token's pair with itself is left out (_store_grads adds it) but counts in the scores
+        # dv takes.
+        def key(t, carry):
+            dq, dk, scores = carry
+            k_t, v_t = io.load("k", first + t, 1), io.load("v", first + t, 1)
+            e = jnp.exp(jnp.where(position > t, c - io.load("c", first + t, 1), -jnp.inf))
+            dscore = jnp.sum(do * v_t, axis=1, keepdims=True)  # [queries of p, 1]
+            if dq is not None:
+                dq = dq + dscore * e * k_t
+            if dk is not None:
+                dk_t = jnp.sum(dscore * e * q, axis=0, keepdims=True)
+                dk = jnp.where(position == t, dk + dk_t, dk)
+                weight = jnp.sum(q * k_t * e, axis=1, keepdims=True)
+                scores = jnp.where(column == t, weight, scores)
+            return dq, dk, scores
+
+        scores = None if dk is None else jnp.zeros((s, s), jnp.float32)
+        dq, dk, scores = lax.fori_loop(0, s, key, (dq, dk, scores))
+        if dk is not None:
+            scores = jnp.where(column == position, jnp.sum(q * k, axis=1, keepdims=True),
+                               scores)
+            dv += dot(scores, do, TN, dt)
         _store_grads(plan, io, first, q, k, v, do, dq, dk, dv, part)
         return before + io.load("c", first + s - 1, 1)
 
