@@ -13,6 +13,7 @@ the four kernels of :mod:`EasyLM.linear.kernels.triton_lowering` in turn:
 2. ``outputs`` (per chunk): warps x stages, the forward timed;
 3. ``dstates`` (sequential): warps x stages, forward + backward timed;
 4. ``grads`` (per chunk): one kernel or two (``split_grads``: dq apart from dk and dv) x
+   value columns all at once or in blocks (``grads_block_v``, where it divides the head) x
    warps x stages (both kernels'), forward + backward timed.
 
 Each stage starts from the best so far, and the first stage from the kernel's defaults, so
@@ -49,10 +50,11 @@ KERNELS = ("states", "outputs", "dstates", "grads")
 GRIDS = dict(states=dict(block_v=(32, 64, 128), warps=(4, 8), stages=(1, 2, 3)),
              outputs=dict(warps=(4, 8), stages=(1, 2)),
              dstates=dict(warps=(4, 8), stages=(1, 2, 3)),
-             grads=dict(split=(False, True), warps=(4, 8), stages=(1, 2)))
+             grads=dict(split=(False, True), grads_block_v=(None, 64), warps=(4, 8),
+                        stages=(1, 2)))
 SMOKE_GRIDS = dict(states=dict(block_v=(16,), warps=(4,), stages=(2,)),
                    outputs=dict(warps=(4,), stages=(1,)), dstates=dict(warps=(4,), stages=(2,)),
-                   grads=dict(split=(True,), warps=(8,), stages=(1,)))
+                   grads=dict(split=(True,), grads_block_v=(16,), warps=(8,), stages=(1,)))
 AGREEMENT = 2e-2  # bf16: the best setting against the defaults, outputs and gradients
 MODE_OF_STAGE = dict(states="fwd", outputs="fwd", dstates="fwd+bwd", grads="fwd+bwd")
 
@@ -72,7 +74,8 @@ def defaults(value_dim):
     """The kernel's own settings, spelled out (``block_v`` as the kernel picks it)."""
     options = dataclasses.asdict(Options())
     return dict(block_v=min(value_dim, 64), num_warps=tuple(options["num_warps"]),
-                num_stages=tuple(options["num_stages"]), split_grads=options["split_grads"])
+                num_stages=tuple(options["num_stages"]), split_grads=options["split_grads"],
+                grads_block_v=options["grads_block_v"])
 
 
 class Search:
@@ -157,6 +160,10 @@ def candidates(incumbent, stage, grids, value_dim):
             options["block_v"] = c["block_v"]
         if "split" in c:
             options["split_grads"] = c["split"]
+        if "grads_block_v" in c:
+            if c["grads_block_v"] is not None and c["grads_block_v"] >= value_dim:
+                continue  # one block: the kernel at once, in a loop of one step
+            options["grads_block_v"] = c["grads_block_v"]
         found.append(triton_settings(options, kernel, c["warps"], c["stages"]))
     return found
 
@@ -186,7 +193,9 @@ def search_shape(shape, args, interpret, grids):
 def describe(options):
     return (f"block_v {options['block_v']} warps {','.join(map(str, options['num_warps']))} "
             f"stages {','.join(map(str, options['num_stages']))}"
-            + (" split grads" if options["split_grads"] else ""))
+            + (" split grads" if options["split_grads"] else "")
+            + (f" grads block_v {options['grads_block_v']}" if options.get("grads_block_v")
+               else ""))
 
 
 def table(results):

@@ -94,6 +94,36 @@ def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
     check_kernel(shape, per_dim, mu, options)
 
 
+# The backward's per-chunk work over the value columns in blocks (grads_block_v), two or four
+# of them, in one kernel and split (dq; dk and dv): gates per key dimension weak (whole-chunk
+# matmuls), strong (sixteen tokens at a time) and both in one row, and per head.
+@pytest.mark.slow
+@pytest.mark.parametrize("split_grads", [False, True], ids=["one-kernel", "split"])
+@pytest.mark.parametrize("shape,per_dim,mu,options", [
+    ((1, 64, 2, 2, 16), True, WEAK, dict(chunk_size=32, value_dim=32, grads_block_v=16)),
+    ((1, 64, 2, 1, 16), True, STRONG, dict(chunk_size=32, value_dim=32, grads_block_v=16)),
+    ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64, value_dim=64, grads_block_v=16)),
+    ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64, grads_block_v=16)),  # L % C != 0
+], ids=["gla-weak", "gla-strong", "gla-mixed-4-blocks", "per-head"])
+def test_kernel_grads_in_value_blocks_equal_the_recurrence(shape, per_dim, mu, options,
+                                                            split_grads):
+    check_kernel(shape, per_dim, mu, dict(options, split_grads=split_grads))
+
+
+def test_grads_block_v_is_checked():
+    """A power of two from 16 dividing the value head size, or None; the Triton lowering's."""
+    q, k, v, log_alpha, _ = inputs(1, 8, 2, 2, 16, per_dim=True, mu=WEAK, value_dim=32)
+    for bad in (8, 24, 64, 0, True):
+        with pytest.raises(ValueError, match=(
+                f"grads_block_v must be None or a power of two from 16 that divides the value "
+                f"head size 32, not {bad!r}")):
+            linear_attention(q, k, v, log_alpha, implementation="pallas", interpret=True,
+                             grads_block_v=bad)
+    with pytest.raises(ValueError, match="grads_block_v is a setting of the Triton lowering"):
+        fused_linear_attention(q, k, v, log_alpha, backend="mosaic", grads_block_v=16,
+                               interpret=True)
+
+
 # The Mosaic (TPU) lowering in the TPU interpreter: the same maths in another grid.
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,per_dim,mu,options", [
@@ -105,7 +135,10 @@ def test_mosaic_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, opti
 
 
 @pytest.mark.parametrize("platform,backend,options", [
-    ("cuda", "triton", {}), ("cuda", "triton", dict(split_grads=True)), ("tpu", "mosaic", {})])
+    ("cuda", "triton", {}), ("cuda", "triton", dict(split_grads=True)), ("tpu", "mosaic", {}),
+    pytest.param("cuda", "triton", dict(grads_block_v=64), id="cuda-triton-grads_block_v"),
+    pytest.param("cuda", "triton", dict(split_grads=True, grads_block_v=64),
+                 id="cuda-triton-split-grads_block_v")])
 @pytest.mark.parametrize("per_dim", [True, False])
 def test_kernel_lowers_for_the_hardware(platform, backend, options, per_dim):
     """Forward and backward lower to Triton IR / Mosaic MLIR at a training shape (GQA, a row

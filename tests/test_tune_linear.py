@@ -10,16 +10,21 @@ from benchmarks import tune_linear
 def test_candidates_start_from_the_incumbent_and_fit_the_head():
     incumbent = tune_linear.defaults(64)
     assert incumbent == dict(block_v=64, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1),
-                             split_grads=False)
+                             split_grads=False, grads_block_v=None)
     found = tune_linear.candidates(incumbent, "states", tune_linear.GRIDS, 64)
     assert found[0] == incumbent
     assert {c["block_v"] for c in found} == {32, 64}  # 128 does not divide a 64-wide head
     grads = tune_linear.candidates(incumbent, "grads", tune_linear.GRIDS, 64)
     # Only the grads kernel's (the fourth) warps and stages change.
     assert {(c["num_warps"][:3], c["num_stages"][:3]) for c in grads} == {((4, 4, 4), (2, 1, 2))}
-    assert {(c["split_grads"], c["num_warps"][3], c["num_stages"][3]) for c in grads} == {
-        (split, warps, stages) for split in (False, True) for warps in (4, 8)
-        for stages in (1, 2)}
+    assert {(c["split_grads"], c["grads_block_v"], c["num_warps"][3], c["num_stages"][3])
+            for c in grads} == {
+        (split, None, warps, stages) for split in (False, True) for warps in (4, 8)
+        for stages in (1, 2)}  # value blocks of 64 are the whole 64-wide head: not tried
+    wide = tune_linear.candidates(tune_linear.defaults(128), "grads", tune_linear.GRIDS, 128)
+    assert {(c["split_grads"], c["grads_block_v"]) for c in wide} == {
+        (split, block) for split in (False, True) for block in (None, 64)}
+    assert tune_linear.describe(wide[-1]).endswith(" split grads grads block_v 64")
 
 
 def test_an_interpreted_kernel_is_not_timed_as_compiled():
@@ -33,7 +38,8 @@ def test_smoke_search_writes_the_defaults_and_the_best(tmp_path, capsys):
     assert result["tried"][0]["stage"] == "default"
     assert result["tried"][0]["options"] == tune_linear.defaults(32)
     assert result["default_ms"]["fwd+bwd"] > 0 and result["best_ms"]["fwd+bwd"] > 0
-    # The smoke grid tries block_v 16, and two grads kernels of 8 warps: both run.
+    # The smoke grid tries block_v 16, and two grads kernels of 8 warps in value blocks of
+    # 16: both run.
     assert {r["stage"] for r in result["tried"]} >= {"states", "grads"}
     assert not [r for r in result["tried"] if "error" in r]
     if result["best"] != result["default"]:

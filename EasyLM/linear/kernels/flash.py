@@ -45,6 +45,18 @@ def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
                                   f"16 that divides the value head size {value_dim}")
 
 
+def check_grads_block_v(grads_block_v, value_dim):
+    """``ValueError`` (one line) unless ``grads_block_v`` is None or a power of two from 16
+    that divides the value head size."""
+    if grads_block_v is None:
+        return
+    if (not isinstance(grads_block_v, int) or isinstance(grads_block_v, bool)
+            or grads_block_v < 16 or grads_block_v & (grads_block_v - 1)
+            or value_dim % grads_block_v):
+        raise ValueError(f"grads_block_v must be None or a power of two from 16 that divides "
+                         f"the value head size {value_dim}, not {grads_block_v!r}")
+
+
 # Shared memory of the Triton lowering.  Triton keeps there the tiles the chunk kernels work
 # on; the grads kernel holds the most: the state the chunk starts from and its end state's
 # gradient ([Dk, Dv] each), the chunk's q, k, v and dO ([C, D] each) and, with one gate per
@@ -54,6 +66,9 @@ def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
 # what the GPU has, so Triton keeps less than it counts) and failed with one gate per head
 # (counted: 288 KiB, exactly the 294,912 bytes Triton asked for).  Settings counted above the
 # largest that compiled are declared unsupported, so that ``auto`` takes the chunked form.
+# The count is the single grads kernel's at full width: split_grads and grads_block_v (v, dO
+# and the states a block of value columns at a time) hold fewer of these tiles at once, but
+# what they need has not been measured, so they are held to the same count.
 TRITON_SHARED_MEMORY_LIMIT = 256 * 1024
 
 
@@ -94,7 +109,8 @@ def check_supported(key_dim, value_dim, dtype, chunk_size, *, per_head=False, ba
 
 def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
                            initial_state=None, backend=None, interpret=None, block_v=None,
-                           num_warps=None, num_stages=None, split_grads=None):
+                           num_warps=None, num_stages=None, split_grads=None,
+                           grads_block_v=None):
     """``(out [B, L, H, Dv] in q.dtype, final state [B, H, Dk, Dv] float32)`` as
     :func:`EasyLM.linear.scan.scan_linear_attention` computes them, fused; differentiable in
     ``q``, ``k``, ``v``, ``log_alpha`` and ``initial_state``.
@@ -110,14 +126,19 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
         64 for heads wider than 64).
       num_warps, num_stages: Triton settings, an int for all four kernels (states, outputs,
         dstates, grads) or a 4-tuple.  split_grads: the backward's per-chunk work in two
-        kernels, dq apart from dk and dv (``None``: one kernel).  block_v, too, is the Triton
-        lowering's alone.
+        kernels, dq apart from dk and dv (``None``: one kernel).  grads_block_v: that work
+        (either kernel's) takes the value columns this many at a time, a power of two from 16
+        that divides the value head size (``None``: all at once).  block_v, too, is the
+        Triton lowering's alone.
     """
     backend = pick_backend(backend)
     check_triton_settings(backend, num_warps, num_stages)
     if backend == "mosaic" and split_grads:
         raise ValueError("split_grads is a setting of the Triton lowering; the mosaic backend "
                          "computes each chunk's gradients in one kernel")
+    if backend == "mosaic" and grads_block_v is not None:
+        raise ValueError("grads_block_v is a setting of the Triton lowering; the mosaic "
+                         "backend computes each chunk's gradients with its states whole")
     if interpret is None:
         interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
     batch, length, heads, key_dim = q.shape
@@ -125,6 +146,7 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     if block_v is None:
         block_v = min(value_dim, 64)
     check_inputs(key_dim, value_dim, q.dtype, chunk_size, block_v)
+    check_grads_block_v(grads_block_v, value_dim)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     padded = -(-length // chunk_size) * chunk_size
@@ -138,7 +160,8 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     options = triton_lowering.Options(**{
         name: (value,) * 4 if isinstance(value, int) else tuple(value)
         for name, value in (("num_warps", num_warps), ("num_stages", num_stages))
-        if value is not None}, **({} if split_grads is None else dict(split_grads=split_grads)))
+        if value is not None}, **({} if split_grads is None else dict(split_grads=split_grads)),
+        grads_block_v=grads_block_v)
     k, v = (expand_heads(x, heads).astype(q.dtype) for x in (k, v))
     log_alpha = log_alpha.astype(jnp.float32)
     state = zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)

@@ -34,20 +34,28 @@ from FoT.kernels.mosaic_lowering import _head_major, _interpreter, _semantics
 class _IO:
     """One chunk's blocks (``refs``: name -> ``[C, D]`` ref) and, with one gate per head, the
     row's gates as a ``[1, L]`` row ``c_row`` (a ``[1, C]`` block would break Mosaic's rule
-    that a block's last dimension is a multiple of 128), the chunk starting at ``start``."""
+    that a block's last dimension is a multiple of 128), the chunk starting at ``start``;
+    ``states``: the backward's ``h`` and ``dh`` (values, ``[Dv, Dk]``), given whole."""
 
-    def __init__(self, refs, start=0):
-        self.refs, self.start = refs, start
+    def __init__(self, refs, start=0, states=None):
+        self.refs, self.start, self.states = refs, start, states
 
-    def load(self, name, start, size):
-        return self.refs[name][pl.ds(start, size), :].astype(jnp.float32)
+    def load(self, name, start, size, columns=None):
+        cols = slice(None) if columns is None else columns
+        return self.refs[name][pl.ds(start, size), cols].astype(jnp.float32)
 
     def gate_row(self, start, size):
         return self.refs["c_row"][:, pl.ds(self.start + start, size)]
 
-    def store(self, name, start, value):
+    def store(self, name, start, value, columns=None):
         ref = self.refs[name]
-        ref[pl.ds(start, value.shape[0]), :] = value.astype(ref.dtype)
+        cols = slice(None) if columns is None else columns
+        ref[pl.ds(start, value.shape[0]), cols] = value.astype(ref.dtype)
+
+    def state(self, name, columns=None):
+        if columns is not None:
+            raise ValueError("the Mosaic lowering gives the states whole")
+        return self.states[name]
 
     @staticmethod
     def when(condition, body):
@@ -92,8 +100,9 @@ def _backward_kernel(*refs, plan):
     dstate = dstate_ref[...]
     dh_ref[...] = dstate.astype(dh_ref.dtype)
     io = _IO(dict(q=q_ref, k=k_ref, v=v_ref, c=c_ref, c_row=c_row, do=do_ref, dq=dq_ref,
-                  dk=dk_ref, dv=dv_ref, db=db_ref), (plan.n_chunks - 1 - t) * plan.chunk)
-    tiles.chunk_grads(plan, io, h_ref[...], dstate, transposed=True)
+                  dk=dk_ref, dv=dv_ref, db=db_ref), (plan.n_chunks - 1 - t) * plan.chunk,
+             states=dict(h=h_ref[...], dh=dstate))
+    tiles.chunk_grads(plan, io, transposed=True)
     chunk = tiles.Chunk(plan, io)
     read = dot(io.load("do", 0, plan.chunk), tiles.decayed_queries(plan, io, chunk), TN,
                plan.dtype)

@@ -3,12 +3,15 @@ lowerings.
 
 Each function computes one chunk of ``C`` tokens of one row and head.  It reads and writes
 through an ``io`` object of its lowering, at positions relative to the chunk's start:
-``io.load(name, start, size)`` gives ``[size, D]`` float32 rows of ``q``, ``k``, ``v``, ``c``
-or ``do``, ``io.gate_row(start, size)`` a ``[1, size]`` row of ``c`` (one gate per head), and
-``io.store(name, start, value)`` writes ``o``, ``dq``, ``dk``, ``dv`` or ``db``.  The state a
-chunk starts from (``h``) and the gradient its end receives (``dh``) come in as values,
-``[Dk, Dv]``, or ``[Dv, Dk]`` with ``transposed`` (the Mosaic lowering keeps the state that way,
-so that a decay per key dimension scales its last axis).
+``io.load(name, start, size, columns=None)`` gives ``[size, D]`` float32 rows of ``q``, ``k``,
+``v``, ``c`` or ``do`` (or the value columns ``columns``, a ``pl.ds``, of ``v`` or ``do``),
+``io.gate_row(start, size)`` a ``[1, size]`` row of ``c`` (one gate per head), and
+``io.store(name, start, value, columns=None)`` writes ``o``, ``dq``, ``dk``, ``dv`` (or its
+columns) or ``db``.  The state a chunk starts from (``h``) comes in as a value to
+:func:`chunk_outputs`; :func:`chunk_grads` reads it and the gradient the chunk's end receives
+(``dh``) as ``io.state(name, columns=None)``, whole or some value columns.  A state is
+``[Dk, Dv]``, or ``[Dv, Dk]`` with ``transposed`` (the Mosaic lowering keeps the state that
+way, so that a decay per key dimension scales its last axis).
 
 ``c`` is the running sum of the log gates inside each sub-chunk of ``S`` tokens.  Every
 exponent taken is a sum of few terms and at most zero (:class:`Chunk`), as in
@@ -21,6 +24,7 @@ import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 # A chunk whose gates sum to more than -MILD_LIMIT in every key dimension takes whole-chunk
 # matmuls with factored decays (exp(F_i) and exp(-F_j) within exp(+-40) of 1); a stronger one,
@@ -171,26 +175,62 @@ def chunk_outputs(plan, io, h, transposed=False):
 
 
 GRAD_PARTS = ("all", "dq", "dkdv")
+_STATES_OF_PART = dict(all=("h", "dh"), dq=("h",), dkdv=("dh",))
 
 
-def chunk_grads(plan, io, h, dh, transposed=False, part="all"):
+def chunk_grads(plan, io, transposed=False, part="all", block_v=None):
     """Writes ``dq``, ``dk``, ``dv`` and ``db = q * dq - k * dk`` (each token's pair with
     itself left out of ``db``: its weight is exactly 1 and has no gate gradient) of one chunk
-    that starts from state ``h`` and whose end state's gradient is ``dh``.
+    that starts from state ``h`` and whose end state's gradient is ``dh`` (``io.state``).
 
     ``part``: ``"all"``; ``"dq"``, only ``dq`` and ``db = q * dq`` (``dh`` unused); or
     ``"dkdv"``, only ``dk``, ``dv`` and ``db = -k * dk`` (``h`` unused): two programs that
-    each hold fewer tiles, their ``db`` summed by the caller."""
+    each hold fewer tiles, their ``db`` summed by the caller.
+
+    ``block_v``: ``None``, the states are read whole, once, and the value columns taken at
+    once; else ``block_v`` value columns at a time (:func:`_over_value_blocks`), each block's
+    columns of the states read where they are used: ``dv`` is written block by block, and
+    ``dq``, ``dk`` and each token's pair with itself, sums over the value columns, are summed
+    over the blocks (states ``[Dk, Dv]`` only, not ``transposed``)."""
     if part not in GRAD_PARTS:
         raise ValueError(f"part must be one of {GRAD_PARTS}, not {part!r}")
+    if block_v is None:
+        held = {name: io.state(name) for name in _STATES_OF_PART[part]}
+
+        def state(name, columns):
+            return held[name]
+    else:
+        state = io.state
     chunk = Chunk(plan, io)
     if plan.per_head:
-        _whole_chunk_grads(plan, io, chunk, h, dh, transposed, part)
+        _whole_chunk_grads(plan, io, chunk, state, transposed, part, block_v)
         return
     mild = chunk.mild()
-    io.when(mild, lambda: _whole_chunk_grads(plan, io, chunk, h, dh, transposed, part))
+    io.when(mild, lambda: _whole_chunk_grads(plan, io, chunk, state, transposed, part, block_v))
     io.when(jnp.logical_not(mild),
-            lambda: _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part))
+            lambda: _sub_chunk_grads(plan, io, chunk, state, transposed, part, block_v))
+
+
+def _over_value_blocks(plan, block_v, body, sums):
+    """``body(columns, sums) -> sums`` over the value columns: at once (``block_v`` None,
+    ``columns`` None), or a loop over blocks of ``block_v`` (``columns`` a ``pl.ds``), not
+    unrolled code."""
+    if block_v is None:
+        return body(None, sums)
+    return lax.fori_loop(0, plan.value_dim // block_v,
+                         lambda b, sums: body(pl.ds(b * block_v, block_v), sums), sums)
+
+
+def _initial_sums(block_v, *shapes):
+    """What :func:`_over_value_blocks` sums starts from: float32 zeros of ``shapes`` in
+    blocks; at once, ``None`` (:func:`_plus`: the one block's terms are the sums, no zero
+    added).  A shape ``None``: a sum not taken (stays ``None``)."""
+    return tuple(None if block_v is None or shape is None else jnp.zeros(shape, jnp.float32)
+                 for shape in shapes)
+
+
+def _plus(total, term):
+    return term if total is None else total + term
 
 
 def _state_product(x, state, dims, plan, transposed):
@@ -254,85 +294,94 @@ def _sub_chunk_outputs(plan, io, chunk, h, transposed):
     lax.fori_loop(0, plan.n_sub, sub_chunk, zero)
 
 
-def _store_grads(plan, io, first, q, k, v, do, dq, dk, dv, part):
+def _store_grads(plan, io, first, q, k, self_dscore, dq, dk, part):
     """``db`` from dq and dk (those of ``part``) without each token's pair with itself, then
-    that pair added."""
+    that pair added (``self_dscore``: ``sum(do * v)`` of each token, ``[rows, 1]``)."""
     if part == "all":
         io.store("db", first, q * dq - k * dk)
     elif part == "dq":
         io.store("db", first, q * dq)
     else:
         io.store("db", first, -(k * dk))
-    self_dscore = jnp.sum(do * v, axis=1, keepdims=True)
     if part != "dkdv":
         io.store("dq", first, (dq + self_dscore * k) * plan.scale)
     if part != "dq":
         io.store("dk", first, dk + self_dscore * q)
-        io.store("dv", first, dv)
 
 
-def _whole_chunk_grads(plan, io, chunk, h, dh, transposed, part):
+def _whole_chunk_grads(plan, io, chunk, state, transposed, part, block_v):
+    """Whole-chunk matmuls; v, dO, dv and the states' columns by :func:`_over_value_blocks`,
+    which sums what dq and dk take from them (``dO @ v.T`` before its decays, ``dO @ h.T``,
+    ``v @ dh.T``, and ``sum(dO * v)`` for each token's pair with itself)."""
     size, dt = plan.chunk, plan.dtype
     q = io.load("q", 0, size) * plan.scale
-    k, v, do = io.load("k", 0, size), io.load("v", 0, size), io.load("do", 0, size)
+    k = io.load("k", 0, size)
     decays = Decays(plan, chunk, io, io.load("c", 0, size))
     query_factor = decays.query_factor()
     q_side = q if plan.per_head else q * query_factor
     k_side = decays.key_side(k)
-    dscores = decays.weigh(dot(do, v, NT, dt), strict=True)
-    dq = dk = dv = None
+    if part != "dq":
+        scores = decays.weigh(dot(q_side, k_side, NT, dt), strict=False)
+        keys_to_end = k * decays.to_end
+
+    def value_block(columns, sums):
+        products, from_h, from_dh, self_dscore = sums
+        v, do = io.load("v", 0, size, columns), io.load("do", 0, size, columns)
+        products = _plus(products, dot(do, v, NT, dt))
+        self_dscore = _plus(self_dscore, jnp.sum(do * v, axis=1, keepdims=True))
+        if part != "dkdv":
+            from_h = _plus(from_h, _state_product(do, state("h", columns), NT, plan,
+                                                  transposed))
+        if part != "dq":
+            dh = state("dh", columns)
+            from_dh = _plus(from_dh, _state_product(v, dh, NT, plan, transposed))
+            io.store("dv", 0, _state_product(keys_to_end, dh, NN, plan, transposed)
+                     + dot(scores, do, TN, dt), columns)
+        return products, from_h, from_dh, self_dscore
+
+    rows = (size, plan.key_dim)
+    products, from_h, from_dh, self_dscore = _over_value_blocks(
+        plan, block_v, value_block, _initial_sums(
+            block_v, (size, size), None if part == "dkdv" else rows,
+            None if part == "dq" else rows, (size, 1)))
+    dscores = decays.weigh(products, strict=True)
+    dq = dk = None
     if part != "dkdv":
         from_keys = dot(dscores, k_side, NN, dt)
         if not plan.per_head:  # the factor left outside the product
             from_keys = from_keys * query_factor
-        dq = query_factor * _state_product(do, h, NT, plan, transposed) + from_keys
+        dq = query_factor * from_h + from_keys
     if part != "dq":
-        scores = decays.weigh(dot(q_side, k_side, NT, dt), strict=False)
         from_queries = dot(dscores, q_side, TN, dt)
         if not plan.per_head:
             from_queries = from_queries * jnp.exp(-decays.from_start)
-        dk = decays.to_end * _state_product(v, dh, NT, plan, transposed) + from_queries
-        dv = (_state_product(k * decays.to_end, dh, NN, plan, transposed)
-              + dot(scores, do, TN, dt))
-    _store_grads(plan, io, 0, q, k, v, do, dq, dk, dv, part)
+        dk = decays.to_end * from_dh + from_queries
+    _store_grads(plan, io, 0, q, k, self_dscore, dq, dk, part)
 
 
-def _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part):
-    """For each sub-chunk ``p`` in turn: its keys' dk and dv (from the later sub-chunks'
-    queries, the chunk's end state gradient and its own), then its queries' dq (from the start
-    state, the earlier sub-chunks' keys and its own); those of ``part``.  Loops, not unrolled
-    code, as in :func:`_sub_chunk_outputs`."""
+def _sub_chunk_grads(plan, io, chunk, state, transposed, part, block_v):
+    """For each sub-chunk ``p`` in turn: its queries' dq (from the start state, the earlier
+    sub-chunks' keys and its own), then its keys' dk and dv (from its own queries, the later
+    sub-chunks' and the chunk's end state gradient); those of ``part``.  Loops, not unrolled
+    code, as in :func:`_sub_chunk_outputs`.  In value blocks the state products and the
+    later sub-chunks' terms go block by block, dv written by blocks; the pairs inside ``p``
+    take its ``[S, Dv]`` tiles whole (``S`` rows: small beside the states)."""
     s, dt = plan.sub, plan.dtype
     position = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
     column = lax.broadcasted_iota(jnp.int32, (s, s), 1)
     zero = jnp.zeros((1, plan.key_dim), jnp.float32)
+    width = plan.value_dim if block_v is None else block_v
 
     def sub_chunk(p, before):  # before: [1, Dk], the log decay of the sub-chunks before p
         first = p * s
         q, k = io.load("q", first, s) * plan.scale, io.load("k", first, s)
         v, do, c = io.load("v", first, s), io.load("do", first, s), io.load("c", first, s)
-        dq = dk = dv = None
-        if part != "dq":
-            rest = io.load("c", first + s - 1, 1) - c  # [S, Dk]: after each key to p's end
+        self_dscore = jnp.sum(do * v, axis=1, keepdims=True)
 
-            def later(t, carry):  # the queries of sub-chunk i = p + 1 + t
-                dk, dv, between = carry  # the log decay of the sub-chunks after p, before i
-                i_first = first + (t + 1) * s
-                q_i, do_i = io.load("q", i_first, s) * plan.scale, io.load("do", i_first, s)
-                gap = jnp.exp(rest + between)
-                q_hat = q_i * jnp.exp(io.load("c", i_first, s))
-                scores = dot(q_hat, k * gap, NT, dt)  # [queries of i, keys of p]
-                dv += dot(scores, do_i, TN, dt)
-                dk += gap * dot(dot(do_i, v, NT, dt), q_hat, TN, dt)
-                return dk, dv, between + io.load("c", i_first + s - 1, 1)
+        def columns_of(name, whole, columns):
+            return whole if columns is None else io.load(name, first, s, columns)
 
-            dk, dv, after = lax.fori_loop(
-                0, plan.n_sub - 1 - p, later,
-                (jnp.zeros((s, plan.key_dim), jnp.float32),
-                 jnp.zeros((s, plan.value_dim), jnp.float32), zero))
-            end_gap = jnp.exp(rest + after)
-            dk += end_gap * _state_product(v, dh, NT, plan, transposed)
-            dv += _state_product(k * end_gap, dh, NN, plan, transposed)
+        dq = None
         if part != "dkdv":
             def earlier(t, carry):  # the keys of sub-chunk j = p - 1 - t, nearest first
                 dq, between = carry  # the log decay of the sub-chunks after j, before p
@@ -343,33 +392,73 @@ def _sub_chunk_grads(plan, io, chunk, h, dh, transposed, part):
                                        dt)
                 return dq, between + total_j
 
-            dq = jnp.exp(c + before) * _state_product(do, h, NT, plan, transposed)
+            def from_h(columns, sums):
+                (read,) = sums
+                return (_plus(read, _state_product(columns_of("do", do, columns),
+                                                   state("h", columns), NT, plan,
+                                                   transposed)),)
+
+            (read,) = _over_value_blocks(plan, block_v, from_h,
+                                         _initial_sums(block_v, (s, plan.key_dim)))
+            dq = jnp.exp(c + before) * read
             dq, _ = lax.fori_loop(0, p, earlier, (dq, zero))
 
         # The pairs inside p, one key t at a time (the part's gradients: None stays None); a
         # token's pair with itself is left out (_store_grads adds it) but counts in the scores
-        # dv takes.
+        # dv takes.  Each key's dk from them apart (own), added to the rest below.
         def key(t, carry):
-            dq, dk, scores = carry
+            dq, own, scores = carry
             k_t, v_t = io.load("k", first + t, 1), io.load("v", first + t, 1)
             e = jnp.exp(jnp.where(position > t, c - io.load("c", first + t, 1), -jnp.inf))
             dscore = jnp.sum(do * v_t, axis=1, keepdims=True)  # [queries of p, 1]
             if dq is not None:
                 dq = dq + dscore * e * k_t
-            if dk is not None:
-                dk_t = jnp.sum(dscore * e * q, axis=0, keepdims=True)
-                dk = jnp.where(position == t, dk + dk_t, dk)
+            if own is not None:
+                own_t = jnp.sum(dscore * e * q, axis=0, keepdims=True)
+                own = jnp.where(position == t, own + own_t, own)
                 weight = jnp.sum(q * k_t * e, axis=1, keepdims=True)
                 scores = jnp.where(column == t, weight, scores)
-            return dq, dk, scores
+            return dq, own, scores
 
-        scores = None if dk is None else jnp.zeros((s, s), jnp.float32)
-        dq, dk, scores = lax.fori_loop(0, s, key, (dq, dk, scores))
-        if dk is not None:
+        own = scores = dk = None
+        if part != "dq":
+            own, scores = (jnp.zeros((s, plan.key_dim), jnp.float32),
+                           jnp.zeros((s, s), jnp.float32))
+        dq, own, scores = lax.fori_loop(0, s, key, (dq, own, scores))
+        if part != "dq":
             scores = jnp.where(column == position, jnp.sum(q * k, axis=1, keepdims=True),
                                scores)
-            dv += dot(scores, do, TN, dt)
-        _store_grads(plan, io, first, q, k, v, do, dq, dk, dv, part)
+            rest = io.load("c", first + s - 1, 1) - c  # [S, Dk]: after each key to p's end
+
+            def keys_block(columns, dk):  # dk: from the blocks before
+                v_b, do_b = columns_of("v", v, columns), columns_of("do", do, columns)
+
+                def later(t, carry):  # the queries of sub-chunk i = p + 1 + t
+                    dk, dv, between = carry  # the log decay of the sub-chunks after p, before i
+                    i_first = first + (t + 1) * s
+                    q_i = io.load("q", i_first, s) * plan.scale
+                    do_i = io.load("do", i_first, s, columns)
+                    gap = jnp.exp(rest + between)
+                    q_hat = q_i * jnp.exp(io.load("c", i_first, s))
+                    scores = dot(q_hat, k * gap, NT, dt)  # [queries of i, keys of p]
+                    dv += dot(scores, do_i, TN, dt)
+                    dk += gap * dot(dot(do_i, v_b, NT, dt), q_hat, TN, dt)
+                    return dk, dv, between + io.load("c", i_first + s - 1, 1)
+
+                dk, dv, after = lax.fori_loop(
+                    0, plan.n_sub - 1 - p, later,
+                    (dk, jnp.zeros((s, width), jnp.float32), zero))
+                end_gap = jnp.exp(rest + after)
+                dh = state("dh", columns)
+                dk += end_gap * _state_product(v_b, dh, NT, plan, transposed)
+                dv += _state_product(k * end_gap, dh, NN, plan, transposed)
+                dv += dot(scores, do_b, TN, dt)
+                io.store("dv", first, dv, columns)
+                return dk
+
+            dk = _over_value_blocks(plan, block_v, keys_block,
+                                    jnp.zeros((s, plan.key_dim), jnp.float32)) + own
+        _store_grads(plan, io, first, q, k, self_dscore, dq, dk, part)
         return before + io.load("c", first + s - 1, 1)
 
     lax.fori_loop(0, plan.n_sub, sub_chunk, zero)

@@ -12,7 +12,10 @@ Four kernels, two sequential along the row and two parallel over its chunks:
 * ``grads`` (per chunk, row and head) computes dq, dk, dv and ``db = q * dq - k * dk``
   (:func:`EasyLM.linear.kernels.tiles.chunk_grads`); with ``Options.split_grads``, two kernels
   do instead, one for dq and one for dk and dv (each holds fewer tiles: wide heads), their
-  ``db`` summed in XLA.
+  ``db`` summed in XLA.  With ``Options.grads_block_v``, each program (of either) takes the
+  value columns that many at a time, in a loop: v, dO, dv and the states' columns one block
+  at a time, reading each block of the states where it is used, dq and dk summed over the
+  blocks (wide value heads); ``None``, all at once, the states read whole.
 
 Inputs are the model's ``[B, L, H, D]`` layout, the keys and values already expanded to the
 query heads, the row padded to whole chunks, entering as whole-array refs that each program
@@ -36,10 +39,12 @@ from FoT.kernels.triton_lowering import _whole_array
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Warps and pipeline stages of the states, outputs, dstates and grads kernels (the
-    grads kernel's apply to both halves when ``split_grads``)."""
+    grads kernel's apply to both halves when ``split_grads``); ``grads_block_v``: value
+    columns per step of the grads kernels' loop over them (``None``: all at once)."""
     num_warps: tuple = (4, 4, 4, 4)
     num_stages: tuple = (2, 1, 2, 1)
     split_grads: bool = False
+    grads_block_v: int | None = None
 
     def params(self, kernel):
         return plgpu.CompilerParams(num_warps=self.num_warps[kernel],
@@ -50,8 +55,8 @@ class _IO:
     """One chunk of one row and head of whole-array ``[B, L, H, D]`` refs (``refs``: name ->
     ref), at positions relative to the chunk's first token ``start``."""
 
-    def __init__(self, refs, row, head, start):
-        self.refs, self.row, self.head, self.start = refs, row, head, start
+    def __init__(self, refs, row, head, start, chunk=None):
+        self.refs, self.row, self.head, self.start, self.chunk = refs, row, head, start, chunk
 
     def load(self, name, start, size, columns=None):
         cols = slice(None) if columns is None else columns
@@ -61,10 +66,17 @@ class _IO:
     def gate_row(self, start, size):
         return self.refs["c"][self.row, pl.ds(self.start + start, size), self.head, 0][None, :]
 
-    def store(self, name, start, value):
+    def store(self, name, start, value, columns=None):
         ref = self.refs[name]
-        ref[self.row, pl.ds(self.start + start, value.shape[0]), self.head, :] = (
+        cols = slice(None) if columns is None else columns
+        ref[self.row, pl.ds(self.start + start, value.shape[0]), self.head, cols] = (
             value.astype(ref.dtype))
+
+    def state(self, name, columns=None):
+        """``[Dk, Dv]`` (or ``columns``) of ``h`` or ``dh`` ``[B, N, H, Dk, Dv]`` at the
+        chunk ``chunk``, in their dtype."""
+        cols = slice(None) if columns is None else columns
+        return self.refs[name][self.row, self.chunk, self.head, :, cols]
 
     @staticmethod
     def when(condition, body):
@@ -108,17 +120,15 @@ def _dstates_kernel(q_ref, do_ref, c_ref, tot_ref, dfinal_ref, dh_ref, ds0_ref, 
         0, plan.n_chunks, body, dfinal_ref[row, head, :, columns])
 
 
-def _grads_kernel(*refs, plan, part):
-    """``part`` "all": dq, dk, dv and db; "dq": dq and db (no dh); "dkdv": dk, dv, db (no h)."""
+def _grads_kernel(*refs, plan, part, block_v):
+    """``part`` "all": dq, dk, dv and db; "dq": dq and db (no dh); "dkdv": dk, dv, db (no h).
+    ``block_v``: :attr:`Options.grads_block_v`."""
     n, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     names = dict(all=("q", "k", "v", "c", "h", "do", "dh", "dq", "dk", "dv", "db"),
                  dq=("q", "k", "v", "c", "h", "do", "dq", "db"),
                  dkdv=("q", "k", "v", "c", "do", "dh", "dk", "dv", "db"))[part]
-    refs = dict(zip(names, refs))
-    io = _IO(refs, row, head, n * plan.chunk)
-    h = refs["h"][row, n, head, :, :] if "h" in refs else None
-    dh = refs["dh"][row, n, head, :, :] if "dh" in refs else None
-    tiles.chunk_grads(plan, io, h, dh, part=part)
+    io = _IO(dict(zip(names, refs)), row, head, n * plan.chunk, chunk=n)
+    tiles.chunk_grads(plan, io, part=part, block_v=block_v)
 
 
 def _sequential_grid(plan):
@@ -165,14 +175,16 @@ def backward(plan, q, k, v, c, tot, h, do, dfinal, *, options, interpret):
                     list(_state_shapes(plan)), options, 2, interpret, "linear_dstates")
     dq_shape, dk_shape, dv_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     db_shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    block_v = options.grads_block_v
     if not options.split_grads:
         dq, dk, dv, db = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, h, do, dh],
                                [dq_shape, dk_shape, dv_shape, db_shape], options, 3, interpret,
-                               "linear_grads", part="all")
+                               "linear_grads", part="all", block_v=block_v)
         return dq, dk, dv, db, ds0, dh
     dq, db_q = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, h, do],
-                     [dq_shape, db_shape], options, 3, interpret, "linear_grads_dq", part="dq")
+                     [dq_shape, db_shape], options, 3, interpret, "linear_grads_dq", part="dq",
+                     block_v=block_v)
     dk, dv, db_k = _call(_grads_kernel, plan, _chunk_grid(plan), [q, k, v, c, do, dh],
                          [dk_shape, dv_shape, db_shape], options, 3, interpret,
-                         "linear_grads_dkdv", part="dkdv")
+                         "linear_grads_dkdv", part="dkdv", block_v=block_v)
     return dq, dk, dv, db_q + db_k, ds0, dh
