@@ -124,6 +124,16 @@ def test_grads_block_v_is_checked():
                                interpret=True)
 
 
+def test_block_v_is_checked():
+    """The forward's value blocks: a power of two from 16 dividing the value head size."""
+    kernel_flash.check_inputs(64, 64, jnp.float32, 64, block_v=32)
+    for bad in (8, 24, 128, True):
+        with pytest.raises(NotImplementedError, match=(
+                f"block_v {bad} must be a power of two from 16 that divides the value head "
+                f"size 64")):
+            kernel_flash.check_inputs(64, 64, jnp.float32, 64, block_v=bad)
+
+
 # The Mosaic (TPU) lowering in the TPU interpreter: the same maths in another grid.
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,per_dim,mu,options", [

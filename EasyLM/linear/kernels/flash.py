@@ -28,6 +28,13 @@ SUPPORTED_DIMS = (16, 32, 64, 128, 256)
 _LOWERINGS = {"triton": triton_lowering, "mosaic": mosaic_lowering}
 
 
+def _divides_into_blocks(block, dim):
+    """Whether ``block`` is a width the kernel tiles a head of ``dim`` columns by: a power of
+    two from 16 that divides ``dim``."""
+    return (isinstance(block, int) and not isinstance(block, bool) and block >= 16
+            and not block & (block - 1) and not dim % block)
+
+
 def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
     """``NotImplementedError`` (one line) unless the kernel takes these settings."""
     for name, dim in (("key", key_dim), ("value", value_dim)):
@@ -40,7 +47,7 @@ def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
     if chunk_size not in (16, 32, 64, 128):
         raise NotImplementedError(f"{KERNEL} takes chunks of 16, 32, 64 or 128 tokens, not "
                                   f"{chunk_size}")
-    if block_v is not None and (block_v not in SUPPORTED_DIMS or value_dim % block_v):
+    if block_v is not None and not _divides_into_blocks(block_v, value_dim):
         raise NotImplementedError(f"{KERNEL}: block_v {block_v} must be a power of two from "
                                   f"16 that divides the value head size {value_dim}")
 
@@ -50,9 +57,7 @@ def check_grads_block_v(grads_block_v, value_dim):
     that divides the value head size."""
     if grads_block_v is None:
         return
-    if (not isinstance(grads_block_v, int) or isinstance(grads_block_v, bool)
-            or grads_block_v < 16 or grads_block_v & (grads_block_v - 1)
-            or value_dim % grads_block_v):
+    if not _divides_into_blocks(grads_block_v, value_dim):
         raise ValueError(f"grads_block_v must be None or a power of two from 16 that divides "
                          f"the value head size {value_dim}, not {grads_block_v!r}")
 
