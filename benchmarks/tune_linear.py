@@ -25,11 +25,10 @@ search: what is not reached is recorded as not tried.
 
 Writes ``tune_linear_<device>_<date>.json`` under ``--out`` and prints, last, a Markdown table
 of the defaults and the best setting, forward and forward + backward milliseconds.  The
-kernel's defaults (:class:`EasyLM.linear.kernels.triton_lowering.Options`, ``block_v`` in
-:func:`EasyLM.linear.kernels.fused_linear_attention`) are set by hand from these results.
+kernel's defaults (:func:`EasyLM.linear.kernels.flash.default_settings`: generic ones, and
+``TUNED_SETTINGS`` by head size, dtype and gates) are set by hand from these results.
 """
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -43,7 +42,7 @@ from benchmarks.bench_linear import numpy_inputs
 from benchmarks.tune_forgetting import (fail, grid, interpreted, parse_shapes,
                                          search_arguments, triton_settings, write_results)
 from EasyLM.linear import linear_attention
-from EasyLM.linear.kernels.triton_lowering import Options
+from EasyLM.linear.kernels.flash import default_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("states", "outputs", "dstates", "grads")
@@ -70,12 +69,9 @@ def parse_args(argv=None):
     return args
 
 
-def defaults(value_dim):
-    """The kernel's own settings, spelled out (``block_v`` as the kernel picks it)."""
-    options = dataclasses.asdict(Options())
-    return dict(block_v=min(value_dim, 64), num_warps=tuple(options["num_warps"]),
-                num_stages=tuple(options["num_stages"]), split_grads=options["split_grads"],
-                grads_block_v=options["grads_block_v"])
+def defaults(head_dim, per_head=False):
+    """The settings the kernel runs bf16 heads of ``head_dim`` with when given none."""
+    return default_settings(head_dim, head_dim, jnp.bfloat16, per_head)
 
 
 class Search:
@@ -170,7 +166,7 @@ def candidates(incumbent, stage, grids, value_dim):
 
 def search_shape(shape, args, interpret, grids):
     search = Search(shape, args, interpret)
-    start = defaults(shape["head_dim"])
+    start = defaults(shape["head_dim"], args.gates == "head")
     default_ms = {mode: search.run("default", start, mode) for mode in ("fwd", "fwd+bwd")}
     best = start
     for stage in KERNELS:

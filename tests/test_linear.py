@@ -134,6 +134,47 @@ def test_block_v_is_checked():
             kernel_flash.check_inputs(64, 64, jnp.float32, 64, block_v=bad)
 
 
+def test_tuned_defaults_apply_where_they_were_measured_only():
+    """bf16 128-wide heads with a gate per key dimension take the searched settings; float32,
+    one gate per head and other head sizes the generic ones; what a caller gives wins."""
+    tuned = kernel_flash.default_settings(128, 128, jnp.bfloat16, per_head=False)
+    assert tuned == dict(kernel_flash.TUNED_SETTINGS[(128, 128, "bfloat16", False)],
+                         split_grads=False, grads_block_v=None)
+    generic = dict(block_v=64, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1),
+                   split_grads=False, grads_block_v=None)
+    for key_dim, dtype, per_head in ((128, jnp.float32, False), (128, jnp.bfloat16, True),
+                                     (64, jnp.bfloat16, False)):
+        assert kernel_flash.default_settings(key_dim, key_dim, dtype, per_head) == dict(
+            generic, block_v=min(key_dim, 64))
+    seen = []
+    real = kernel_flash.tiles.Plan
+
+    def plan(**fields):
+        seen.append(fields["block_v"])
+        return real(**fields)
+    q, k, v, log_alpha, _ = inputs(1, 16, 1, 1, 128, per_dim=True, mu=WEAK)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel_flash.tiles, "Plan", plan)
+        jax.eval_shape(lambda *x: fused_linear_attention(*x, backend="triton", interpret=True),
+                       q, k, v, log_alpha)
+        jax.eval_shape(lambda *x: fused_linear_attention(*x, backend="triton", interpret=True,
+                                                         block_v=32), q, k, v, log_alpha)
+    assert seen == [128, 32]
+
+
+@pytest.mark.slow
+def test_tuned_block_v_equals_the_generic_one_in_the_interpreter():
+    """The searched settings change where the work runs, not what it computes: bf16 128-wide
+    heads, outputs and gradients equal with the value columns in one block and in two."""
+    args = inputs(1, 48, 1, 1, 128, per_dim=True, mu=0.7)
+    args = [x.astype(jnp.bfloat16) for x in args[:3]] + list(args[3:])
+    tuned = outputs_and_gradients("pallas", args, interpret=True)
+    generic = outputs_and_gradients("pallas", args, interpret=True, block_v=64)
+    for name, a, b in zip(NAMES, tuned, generic):
+        assert relative(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-6, name
+
+
 # The Mosaic (TPU) lowering in the TPU interpreter: the same maths in another grid.
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,per_dim,mu,options", [

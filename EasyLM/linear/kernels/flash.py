@@ -62,6 +62,32 @@ def check_grads_block_v(grads_block_v, value_dim):
                          f"the value head size {value_dim}, not {grads_block_v!r}")
 
 
+# The Triton lowering's settings where a search found better ones than the generic defaults
+# (``block_v`` min(value head size, 64), the settings of :class:`triton_lowering.Options`),
+# by (key head size, value head size, input dtype, one gate per head).  Measured on an H100
+# (2026-12-07, ``benchmarks.tune_linear --shapes 4096x128 --budget 180``, bf16, GLA's gates,
+# 8 rows x 16 heads of 4,096 tokens): 8 warps in the grads kernel is most of it; forward +
+# backward 8.11 -> 4.54 ms, the forward 1.30 -> 1.42 ms (the same within the timing's noise
+# in the benchmark: 1.37 ms at this shape, against 1.36 before), outputs and gradients
+# bit-identical.  Other shapes, float32 (whose 128-wide tiles sit at the shared-memory limit
+# below) and one gate per head were not searched and keep the generic defaults.
+TUNED_SETTINGS = {
+    (128, 128, "bfloat16", False): dict(block_v=128, num_warps=(8, 4, 8, 8),
+                                        num_stages=(2, 1, 3, 2)),
+}
+
+
+def default_settings(key_dim, value_dim, dtype, per_head):
+    """``block_v``, ``num_warps``, ``num_stages``, ``split_grads`` and ``grads_block_v`` the
+    kernel runs with where the caller gives none (see ``TUNED_SETTINGS``)."""
+    generic = dataclasses.asdict(triton_lowering.Options())
+    settings = dict(block_v=min(value_dim, 64), num_warps=tuple(generic["num_warps"]),
+                    num_stages=tuple(generic["num_stages"]), split_grads=generic["split_grads"],
+                    grads_block_v=generic["grads_block_v"])
+    tuned = TUNED_SETTINGS.get((key_dim, value_dim, jnp.dtype(dtype).name, bool(per_head)), {})
+    return dict(settings, **tuned)
+
+
 # Shared memory of the Triton lowering.  Triton keeps there the tiles the chunk kernels work
 # on; the grads kernel holds the most: the state the chunk starts from and its end state's
 # gradient ([Dk, Dv] each), the chunk's q, k, v and dO ([C, D] each) and, with one gate per
@@ -127,11 +153,13 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
       backend: ``"triton"`` (Pallas on GPU) or ``"mosaic"`` (Pallas on TPU); ``None``:
         ``"mosaic"`` on TPU, else ``"triton"``.  interpret: run in the Pallas interpreter;
         ``None``: unless the backend's hardware is present.
-      block_v: value columns per program of the two sequential kernels (``None``: all, or
-        64 for heads wider than 64).
+      block_v: value columns per program of the two sequential kernels (``None``: the
+        defaults, :func:`default_settings`: all, or 64 for heads wider than 64, except where a
+        search found better ones, ``TUNED_SETTINGS``).
       num_warps, num_stages: Triton settings, an int for all four kernels (states, outputs,
-        dstates, grads) or a 4-tuple.  split_grads: the backward's per-chunk work in two
-        kernels, dq apart from dk and dv (``None``: one kernel).  grads_block_v: that work
+        dstates, grads) or a 4-tuple (``None``: the defaults).  split_grads: the backward's
+        per-chunk work in two kernels, dq apart from dk and dv (``None``: the defaults, one
+        kernel).  grads_block_v: that work
         (either kernel's) takes the value columns this many at a time, a power of two from 16
         that divides the value head size (``None``: all at once).  block_v, too, is the
         Triton lowering's alone.
@@ -148,14 +176,20 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
         interpret = jax.default_backend() != NATIVE_PLATFORM[backend]
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[3]
-    if block_v is None:
+    per_head = log_alpha.shape[3] == 1
+    if backend == "triton":
+        defaults = default_settings(key_dim, value_dim, q.dtype, per_head)
+        block_v, num_warps, num_stages, split_grads = (
+            defaults[name] if given is None else given
+            for name, given in (("block_v", block_v), ("num_warps", num_warps),
+                                ("num_stages", num_stages), ("split_grads", split_grads)))
+    elif block_v is None:
         block_v = min(value_dim, 64)
     check_inputs(key_dim, value_dim, q.dtype, chunk_size, block_v)
     check_grads_block_v(grads_block_v, value_dim)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     padded = -(-length // chunk_size) * chunk_size
-    per_head = log_alpha.shape[3] == 1
     if backend == "triton" and not interpret:
         check_shared_memory(key_dim, value_dim, q.dtype, chunk_size, per_head)
     plan = tiles.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
