@@ -67,3 +67,13 @@ def test_a_check_that_raises_is_recorded_and_the_variant_still_runs():
     exact = bench_linear.check_record(
         lambda a: bench_linear.reference(a, per_head=True), arrays, per_head=True)
     assert exact["passed"] and max(exact["errors"].values()) == 0.0
+
+
+def test_the_check_runs_at_the_widest_head_size_timed():
+    """--kernel-options aimed at 128-wide heads must hold at the check's shape too."""
+    from benchmarks import bench_linear
+    args = bench_linear.parse_args(["--head-dims", "64,128", "--lengths", "2048"])
+    assert bench_linear.check_shape(args, bench_linear.shapes(args)) == dict(
+        batch=2, length=512, heads=4, head_dim=128)
+    args = bench_linear.parse_args(["--head-dims", "64", "--lengths", "2048"])
+    assert bench_linear.check_shape(args, bench_linear.shapes(args))["head_dim"] == 64
