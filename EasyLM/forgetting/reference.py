@@ -60,7 +60,10 @@ def reference_forgetting_attention(q, k, v, log_f, key_mask=None):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(f32), keys,
                         precision=lax.Precision.HIGHEST) / math.sqrt(head_dim)
     c = jnp.swapaxes(cumulative_log_forget(log_f), 1, 2)  # [B, H, L]
-    scores = scores + c[:, :, :, None] - c[:, :, None, :]
+    # The decay c_i - c_j first: both sums reach thousands along a long row with strong
+    # gates, and adding c_i to a score before subtracting c_j would round the pair's decay
+    # at that magnitude (2e-5 relative error in the output at 2,048 tokens).
+    scores = scores + (c[:, :, :, None] - c[:, :, None, :])
     visible = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if key_mask is not None:
         visible = visible & key_mask.astype(bool)[:, None, None, :]
