@@ -11,14 +11,17 @@ import pytest
 import torch
 import transformers
 
+from EasyLM.forgetting import cumulative_log_forget
 from EasyLM.models.llama import convert_easylm_to_hf
 from EasyLM.models.llama.llama_model import FlaxLLaMAForCausalLMModule
 from EasyLM.models.llama.windowed_lm import WindowedLM
 from FoT.hf import modeling_fot_llama as modeling
 from FoT.hf.cache_fot_llama import FoTCache
 from FoT.hf.configuration_fot_llama import FoTLlamaConfig
+from FoT.hf.forgetting_fot_llama import forgetting_attention as torch_forgetting_attention
 from FoT.hf.modeling_fot_llama import FoTLlamaForCausalLM
 from FoT.inference import MemoryOptions
+from test_forgetting_kernels import STRONG, float64_forward, random_inputs, relative_error
 from test_hf_fot import VOCAB, WINDOW, tiny_fot_checkpoint
 
 ATOL = 1e-4
@@ -221,3 +224,15 @@ def test_export_writes_the_fox_layers_and_fields(tmp_path):
     fields = json.loads((tmp_path / "fot_export" / "config.json").read_text())
     assert not any(key.startswith(("attention_type", "forgetting")) for key in fields)
     assert load(tmp_path / "fot_export").config.attention_type == ["softmax"] * 3
+
+
+def test_the_pytorch_attention_keeps_long_contexts_decay_exact():
+    """The export's attention takes each pair's decay before it meets the score: along 2,048
+    tokens of strong gates (running sums near -2,900) it stays within 1e-6 of float64 maths
+    on the same float32 sums, as the JAX reference does."""
+    q, k, v, log_f, _ = random_inputs(7, 1, 2048, 2, 1, 32, STRONG)
+    c = cumulative_log_forget(log_f)
+    heads_first = [torch.from_numpy(np.array(x)).transpose(1, 2) for x in (q, k, v, c)]
+    out = torch_forgetting_attention(*heads_first[:3], heads_first[3], heads_first[3])
+    got = out.transpose(1, 2).numpy()
+    assert relative_error(got, float64_forward(q, k, v, c)) < 1e-6

@@ -53,8 +53,10 @@ def forgetting_attention(q, k, v, decay_q, decay_k):
         end = min(start + QUERY_BLOCK, num_queries)
         visible = num_keys - num_queries + end  # keys later queries of the block may see
         scores = torch.matmul(q[:, :, start:end].float(), keys[:, :, :visible].transpose(2, 3))
-        scores = (scores * head_dim ** -0.5 + decay_q[:, :, start:end, None]
-                  - decay_k[:, :, None, :visible])
+        # Each pair's decay first: the running sums grow along the context, and adding one
+        # to a score before subtracting the other would round the decay at their magnitude.
+        scores = scores * head_dim ** -0.5 + (decay_q[:, :, start:end, None]
+                                              - decay_k[:, :, None, :visible])
         hidden = torch.ones(end - start, visible, dtype=torch.bool, device=q.device).triu(
             num_keys - num_queries + start + 1)
         probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
