@@ -63,7 +63,7 @@ def check_grads_block_v(grads_block_v, value_dim):
 
 
 # The Triton lowering's settings where a search found better ones than the generic defaults
-# (``block_v`` min(value head size, 64), the settings of :class:`triton_lowering.Options`),
+# (:func:`generic_block_v`, the settings of :class:`triton_lowering.Options`),
 # by (key head size, value head size, input dtype, one gate per head).  Measured on an H100
 # (2026-12-07, ``benchmarks.tune_linear --shapes 4096x128 --budget 180``, bf16, GLA's gates,
 # 8 rows x 16 heads of 4,096 tokens): 8 warps in the grads kernel is most of it; forward +
@@ -77,11 +77,16 @@ TUNED_SETTINGS = {
 }
 
 
+def generic_block_v(value_dim):
+    """Value columns per program of the sequential kernels where nothing better is known."""
+    return min(value_dim, 64)
+
+
 def default_settings(key_dim, value_dim, dtype, per_head):
     """``block_v``, ``num_warps``, ``num_stages``, ``split_grads`` and ``grads_block_v`` the
     kernel runs with where the caller gives none (see ``TUNED_SETTINGS``)."""
     generic = dataclasses.asdict(triton_lowering.Options())
-    settings = dict(block_v=min(value_dim, 64), num_warps=tuple(generic["num_warps"]),
+    settings = dict(block_v=generic_block_v(value_dim), num_warps=tuple(generic["num_warps"]),
                     num_stages=tuple(generic["num_stages"]), split_grads=generic["split_grads"],
                     grads_block_v=generic["grads_block_v"])
     tuned = TUNED_SETTINGS.get((key_dim, value_dim, jnp.dtype(dtype).name, bool(per_head)), {})
@@ -184,7 +189,7 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
             for name, given in (("block_v", block_v), ("num_warps", num_warps),
                                 ("num_stages", num_stages), ("split_grads", split_grads)))
     elif block_v is None:
-        block_v = min(value_dim, 64)
+        block_v = generic_block_v(value_dim)
     check_inputs(key_dim, value_dim, q.dtype, chunk_size, block_v)
     check_grads_block_v(grads_block_v, value_dim)
     if scale is None:
