@@ -8,8 +8,8 @@ A greedy search in one process, per shape (``LxD``, bf16, ``--tokens`` per call 
 ``--width`` = H * D as in :mod:`benchmarks.bench_linear`, its inputs and GLA's gates), over
 the four kernels of :mod:`EasyLM.linear.kernels.triton_lowering` in turn:
 
-1. ``states`` (sequential): ``block_v`` (value columns per program, shared with ``dstates``)
-   x warps x stages, the forward timed;
+1. ``states`` (sequential): ``block_v`` x ``block_k`` (the state's value columns and key
+   rows per program, shared with ``dstates``) x warps x stages, the forward timed;
 2. ``outputs`` (per chunk): warps x stages, the forward timed;
 3. ``dstates`` (sequential): warps x stages, forward + backward timed;
 4. ``grads`` (per chunk): one kernel or two (``split_grads``: dq apart from dk and dv) x
@@ -46,12 +46,13 @@ from EasyLM.linear.kernels.flash import default_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("states", "outputs", "dstates", "grads")
-GRIDS = dict(states=dict(block_v=(32, 64, 128), warps=(4, 8), stages=(1, 2, 3)),
+GRIDS = dict(states=dict(block_v=(32, 64, 128), block_k=(None, 64, 32), warps=(4, 8),
+                         stages=(1, 2, 3)),
              outputs=dict(warps=(4, 8), stages=(1, 2)),
              dstates=dict(warps=(4, 8), stages=(1, 2, 3)),
              grads=dict(split=(False, True), grads_block_v=(None, 64), warps=(4, 8),
                         stages=(1, 2)))
-SMOKE_GRIDS = dict(states=dict(block_v=(16,), warps=(4,), stages=(2,)),
+SMOKE_GRIDS = dict(states=dict(block_v=(16,), block_k=(16,), warps=(4,), stages=(2,)),
                    outputs=dict(warps=(4,), stages=(1,)), dstates=dict(warps=(4,), stages=(2,)),
                    grads=dict(split=(True,), grads_block_v=(16,), warps=(8,), stages=(1,)))
 AGREEMENT = 2e-2  # bf16: the best setting against the defaults, outputs and gradients
@@ -154,6 +155,10 @@ def candidates(incumbent, stage, grids, value_dim):
             if c["block_v"] > value_dim:
                 continue
             options["block_v"] = c["block_v"]
+        if "block_k" in c:
+            if c["block_k"] is not None and c["block_k"] >= value_dim:
+                continue  # one block: the same program as all the key rows at once
+            options["block_k"] = c["block_k"]
         if "split" in c:
             options["split_grads"] = c["split"]
         if "grads_block_v" in c:
@@ -187,7 +192,9 @@ def search_shape(shape, args, interpret, grids):
 
 
 def describe(options):
-    return (f"block_v {options['block_v']} warps {','.join(map(str, options['num_warps']))} "
+    return (f"block_v {options['block_v']}"
+            + (f" block_k {options['block_k']}" if options.get("block_k") else "")
+            + f" warps {','.join(map(str, options['num_warps']))} "
             f"stages {','.join(map(str, options['num_stages']))}"
             + (" split grads" if options["split_grads"] else "")
             + (f" grads block_v {options['grads_block_v']}" if options.get("grads_block_v")

@@ -89,6 +89,10 @@ KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 3e-5}
     # the backward's per-chunk work in two kernels (dq; dk and dv), both paths, and per head
     ((1, 320, 2, 2, 16), True, 0.7, dict(chunk_size=64, split_grads=True)),
     ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64, split_grads=True)),
+    # the sequential kernels' states in blocks of key rows (and of value columns), gates per
+    # key dimension (each block decays by its own) and per head
+    ((1, 80, 2, 2, 32), True, 0.7, dict(chunk_size=32, block_k=16)),
+    ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64, block_k=16, block_v=16)),
 ])
 def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
     check_kernel(shape, per_dim, mu, options)
@@ -125,22 +129,30 @@ def test_grads_block_v_is_checked():
 
 
 def test_block_v_is_checked():
-    """The forward's value blocks: a power of two from 16 dividing the value head size."""
-    kernel_flash.check_inputs(64, 64, jnp.float32, 64, block_v=32)
+    """The sequential kernels' state blocks: powers of two from 16 dividing the head size."""
+    kernel_flash.check_inputs(64, 64, jnp.float32, 64, block_v=32, block_k=16)
     for bad in (8, 24, 128, True):
         with pytest.raises(NotImplementedError, match=(
                 f"block_v {bad} must be a power of two from 16 that divides the value head "
                 f"size 64")):
             kernel_flash.check_inputs(64, 64, jnp.float32, 64, block_v=bad)
+        with pytest.raises(NotImplementedError, match=(
+                f"block_k {bad} must be a power of two from 16 that divides the key head "
+                f"size 32")):
+            kernel_flash.check_inputs(32, 64, jnp.float32, 64, block_k=bad)
+    q, k, v, log_alpha, _ = inputs(1, 8, 2, 2, 16, per_dim=True, mu=WEAK)
+    with pytest.raises(ValueError, match="block_k is a setting of the Triton lowering"):
+        fused_linear_attention(q, k, v, log_alpha, backend="mosaic", block_k=16,
+                               interpret=True)
 
 
 def test_tuned_defaults_apply_where_they_were_measured_only():
     """bf16 128-wide heads with a gate per key dimension take the searched settings; float32,
     one gate per head and other head sizes the generic ones; what a caller gives wins."""
     tuned = kernel_flash.default_settings(128, 128, jnp.bfloat16, per_head=False)
-    assert tuned == dict(kernel_flash.TUNED_SETTINGS[(128, 128, "bfloat16", False)],
-                         split_grads=False, grads_block_v=None)
-    generic = dict(block_v=64, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1),
+    assert tuned == dict(dict(block_k=None, split_grads=False, grads_block_v=None),
+                         **kernel_flash.TUNED_SETTINGS[(128, 128, "bfloat16", False)])
+    generic = dict(block_v=64, block_k=None, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1),
                    split_grads=False, grads_block_v=None)
     for key_dim, dtype, per_head in ((128, jnp.float32, False), (128, jnp.bfloat16, True),
                                      (64, jnp.bfloat16, False)):
@@ -189,7 +201,8 @@ def test_mosaic_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, opti
     ("cuda", "triton", {}), ("cuda", "triton", dict(split_grads=True)), ("tpu", "mosaic", {}),
     pytest.param("cuda", "triton", dict(grads_block_v=64), id="cuda-triton-grads_block_v"),
     pytest.param("cuda", "triton", dict(split_grads=True, grads_block_v=64),
-                 id="cuda-triton-split-grads_block_v")])
+                 id="cuda-triton-split-grads_block_v"),
+    pytest.param("cuda", "triton", dict(block_k=32), id="cuda-triton-block_k")])
 @pytest.mark.parametrize("per_dim", [True, False])
 def test_kernel_lowers_for_the_hardware(platform, backend, options, per_dim):
     """Forward and backward lower to Triton IR / Mosaic MLIR at a training shape (GQA, a row
@@ -241,6 +254,24 @@ def test_gpu_kernel(shape, per_dim, mu, dtype, tolerance):
             outputs_and_gradients("pallas", lowered, **options)
         options["chunk_size"] = 32
     got = outputs_and_gradients("pallas", lowered, **options)
+    for name, a, b in zip(NAMES, got, want):
+        assert relative(a.astype(jnp.float32), b) < tolerance, (name, relative(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape,per_dim,mu,options", [
+    ((2, 1024, 4, 2, 128), True, STRONG, dict(block_k=64)),
+    ((1, 2000, 4, 4, 128), True, 0.7, dict(block_k=32, block_v=64, chunk_size=32)),
+    ((2, 512, 4, 1, 64), False, WEAK, dict(block_k=16, block_v=32)),
+])
+def test_gpu_kernel_in_state_blocks(shape, per_dim, mu, options, dtype, tolerance):
+    """The sequential kernels with the state split into blocks of key rows (and of value
+    columns), compiled: outputs and gradients as the recurrence's."""
+    args = inputs(*shape, per_dim=per_dim, mu=mu, seed=5)
+    want = outputs_and_gradients("scan", args)
+    lowered = tuple(x.astype(dtype) for x in args[:3]) + args[3:]
+    got = outputs_and_gradients("pallas", lowered, interpret=False, **options)
     for name, a, b in zip(NAMES, got, want):
         assert relative(a.astype(jnp.float32), b) < tolerance, (name, relative(a, b))
 

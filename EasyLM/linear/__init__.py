@@ -98,8 +98,8 @@ def linear_attention(q, k, v, log_alpha, key_mask=None, implementation="auto", *
       initial_state: ``[B, H, Dk, Dv]`` float32 state before the first token (None: zeros).
       return_state: also return the state after the last token.
       kernel_options: passed to :func:`EasyLM.linear.kernels.fused_linear_attention` by the
-        ``pallas`` variant (``interpret``, ``block_v``, ``num_warps``, ``num_stages``,
-        ``split_grads``, ``grads_block_v``).
+        ``pallas`` variant (``interpret``, ``block_v``, ``block_k``, ``num_warps``,
+        ``num_stages``, ``split_grads``, ``grads_block_v``).
     """
     check_shapes(q, k, v, log_alpha, initial_state)
     if implementation == "auto":

@@ -35,7 +35,7 @@ def _divides_into_blocks(block, dim):
             and not block & (block - 1) and not dim % block)
 
 
-def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
+def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None, block_k=None):
     """``NotImplementedError`` (one line) unless the kernel takes these settings."""
     for name, dim in (("key", key_dim), ("value", value_dim)):
         if dim not in SUPPORTED_DIMS:
@@ -47,9 +47,11 @@ def check_inputs(key_dim, value_dim, dtype, chunk_size, block_v=None):
     if chunk_size not in (16, 32, 64, 128):
         raise NotImplementedError(f"{KERNEL} takes chunks of 16, 32, 64 or 128 tokens, not "
                                   f"{chunk_size}")
-    if block_v is not None and not _divides_into_blocks(block_v, value_dim):
-        raise NotImplementedError(f"{KERNEL}: block_v {block_v} must be a power of two from "
-                                  f"16 that divides the value head size {value_dim}")
+    for name, block, dim in (("block_v", block_v, "value"), ("block_k", block_k, "key")):
+        size = value_dim if dim == "value" else key_dim
+        if block is not None and not _divides_into_blocks(block, size):
+            raise NotImplementedError(f"{KERNEL}: {name} {block} must be a power of two from "
+                                      f"16 that divides the {dim} head size {size}")
 
 
 def check_grads_block_v(grads_block_v, value_dim):
@@ -83,10 +85,12 @@ def generic_block_v(value_dim):
 
 
 def default_settings(key_dim, value_dim, dtype, per_head):
-    """``block_v``, ``num_warps``, ``num_stages``, ``split_grads`` and ``grads_block_v`` the
-    kernel runs with where the caller gives none (see ``TUNED_SETTINGS``)."""
+    """``block_v``, ``block_k``, ``num_warps``, ``num_stages``, ``split_grads`` and
+    ``grads_block_v`` the kernel runs with where the caller gives none (see
+    ``TUNED_SETTINGS``)."""
     generic = dataclasses.asdict(triton_lowering.Options())
-    settings = dict(block_v=generic_block_v(value_dim), num_warps=tuple(generic["num_warps"]),
+    settings = dict(block_v=generic_block_v(value_dim), block_k=None,
+                    num_warps=tuple(generic["num_warps"]),
                     num_stages=tuple(generic["num_stages"]), split_grads=generic["split_grads"],
                     grads_block_v=generic["grads_block_v"])
     tuned = TUNED_SETTINGS.get((key_dim, value_dim, jnp.dtype(dtype).name, bool(per_head)), {})
@@ -145,7 +149,7 @@ def check_supported(key_dim, value_dim, dtype, chunk_size, *, per_head=False, ba
 
 def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
                            initial_state=None, backend=None, interpret=None, block_v=None,
-                           num_warps=None, num_stages=None, split_grads=None,
+                           block_k=None, num_warps=None, num_stages=None, split_grads=None,
                            grads_block_v=None):
     """``(out [B, L, H, Dv] in q.dtype, final state [B, H, Dk, Dv] float32)`` as
     :func:`EasyLM.linear.scan.scan_linear_attention` computes them, fused; differentiable in
@@ -160,20 +164,26 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
         ``None``: unless the backend's hardware is present.
       block_v: value columns per program of the two sequential kernels (``None``: the
         defaults, :func:`default_settings`: all, or 64 for heads wider than 64, except where a
-        search found better ones, ``TUNED_SETTINGS``).
+        search found better ones, ``TUNED_SETTINGS``).  block_k: the state's key rows per
+        program of those kernels, a power of two from 16 that divides the key head size
+        (``None``: the defaults, all of them unless tuned): more, smaller programs, for rows
+        x heads too few to fill the GPU.
       num_warps, num_stages: Triton settings, an int for all four kernels (states, outputs,
         dstates, grads) or a 4-tuple (``None``: the defaults).  split_grads: the backward's
         per-chunk work in two kernels, dq apart from dk and dv (``None``: the defaults, one
         kernel).  grads_block_v: that work
         (either kernel's) takes the value columns this many at a time, a power of two from 16
-        that divides the value head size (``None``: all at once).  block_v, too, is the
-        Triton lowering's alone.
+        that divides the value head size (``None``: all at once).  block_v and block_k,
+        too, are the Triton lowering's alone.
     """
     backend = pick_backend(backend)
     check_triton_settings(backend, num_warps, num_stages)
     if backend == "mosaic" and split_grads:
         raise ValueError("split_grads is a setting of the Triton lowering; the mosaic backend "
                          "computes each chunk's gradients in one kernel")
+    if backend == "mosaic" and block_k is not None:
+        raise ValueError("block_k is a setting of the Triton lowering; the mosaic backend "
+                         "runs each head's whole state in one program")
     if backend == "mosaic" and grads_block_v is not None:
         raise ValueError("grads_block_v is a setting of the Triton lowering; the mosaic "
                          "backend computes each chunk's gradients with its states whole")
@@ -184,13 +194,14 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     per_head = log_alpha.shape[3] == 1
     if backend == "triton":
         defaults = default_settings(key_dim, value_dim, q.dtype, per_head)
-        block_v, num_warps, num_stages, split_grads = (
+        block_v, block_k, num_warps, num_stages, split_grads = (
             defaults[name] if given is None else given
-            for name, given in (("block_v", block_v), ("num_warps", num_warps),
-                                ("num_stages", num_stages), ("split_grads", split_grads)))
+            for name, given in (("block_v", block_v), ("block_k", block_k),
+                                ("num_warps", num_warps), ("num_stages", num_stages),
+                                ("split_grads", split_grads)))
     elif block_v is None:
         block_v = generic_block_v(value_dim)
-    check_inputs(key_dim, value_dim, q.dtype, chunk_size, block_v)
+    check_inputs(key_dim, value_dim, q.dtype, chunk_size, block_v, block_k)
     check_grads_block_v(grads_block_v, value_dim)
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
@@ -200,7 +211,7 @@ def fused_linear_attention(q, k, v, log_alpha, *, scale=None, chunk_size=64,
     plan = tiles.Plan(batch=batch, length=padded, heads=heads, key_dim=key_dim,
                                 value_dim=value_dim, chunk=chunk_size, sub=SUBCHUNK,
                                 block_v=block_v, scale=float(scale), dtype=jnp.dtype(q.dtype),
-                                per_head=per_head)
+                                per_head=per_head, block_k=block_k)
     options = triton_lowering.Options(**{
         name: (value,) * 4 if isinstance(value, int) else tuple(value)
         for name, value in (("num_warps", num_warps), ("num_stages", num_stages))

@@ -47,7 +47,8 @@ def dot(a, b, dims, dtype):
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Shapes and tiling of one call: ``chunk`` tokens a chunk, ``sub`` a sub-chunk,
-    ``block_v`` value columns per program of the Triton lowering's sequential kernels."""
+    ``block_v`` value columns and ``block_k`` key rows of the state per program of the Triton
+    lowering's sequential kernels (``block_k`` None: all of them)."""
     batch: int
     length: int  # padded to whole chunks
     heads: int
@@ -59,6 +60,11 @@ class Plan:
     scale: float
     dtype: object
     per_head: bool = False  # one gate per head: c has a last axis of 1
+    block_k: int | None = None
+
+    @property
+    def key_block(self):
+        return self.key_dim if self.block_k is None else self.block_k
 
     @property
     def n_chunks(self):

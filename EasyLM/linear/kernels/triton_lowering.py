@@ -2,12 +2,13 @@
 
 Four kernels, two sequential along the row and two parallel over its chunks:
 
-* ``states`` (one program per row, head and value block) runs the recurrence once per chunk
-  and stores the state each chunk starts from, ``h [B, N, H, Dk, Dv]`` in the input dtype,
-  and the final state (float32).
+* ``states`` (one program per row, head and block of the state: ``block_k`` of its key rows
+  by ``block_v`` of its value columns, each block's recurrence independent of the others')
+  runs the recurrence once per chunk and stores the state each chunk starts from,
+  ``h [B, N, H, Dk, Dv]`` in the input dtype, and the final state (float32).
 * ``outputs`` (one program per chunk, row and head) computes the chunk's outputs from the
   state it starts from and its own tokens (:func:`EasyLM.linear.kernels.tiles.chunk_outputs`).
-* ``dstates`` (per row, head and value block) runs the recurrence of the state's gradient
+* ``dstates`` (per row, head and block of the state) runs the recurrence of the state's gradient
   backwards and stores the gradient each chunk's end receives, and the initial state's.
 * ``grads`` (per chunk, row and head) computes dq, dk, dv and ``db = q * dq - k * dk``
   (:func:`EasyLM.linear.kernels.tiles.chunk_grads`); with ``Options.split_grads``, two kernels
@@ -53,12 +54,16 @@ class Options:
 
 class _IO:
     """One chunk of one row and head of whole-array ``[B, L, H, D]`` refs (``refs``: name ->
-    ref), at positions relative to the chunk's first token ``start``."""
+    ref), at positions relative to the chunk's first token ``start``.  ``keys``: the key
+    columns (a ``pl.ds``) that q, k and gates per key dimension are read at (None: all)."""
 
-    def __init__(self, refs, row, head, start, chunk=None):
+    def __init__(self, refs, row, head, start, chunk=None, keys=None):
         self.refs, self.row, self.head, self.start, self.chunk = refs, row, head, start, chunk
+        self.keys = keys
 
     def load(self, name, start, size, columns=None):
+        if columns is None and self.keys is not None and name in ("q", "k", "c"):
+            columns = self.keys if self.refs[name].shape[3] > 1 else None
         cols = slice(None) if columns is None else columns
         return self.refs[name][self.row, pl.ds(self.start + start, size), self.head,
                                cols].astype(jnp.float32)
@@ -83,19 +88,29 @@ class _IO:
         pl.when(condition)(body)
 
 
+def _state_block(plan):
+    """The key rows and value columns (``pl.ds`` each) of the state this program of a
+    sequential kernel runs, and the columns of the gates' chunk sums ``tot`` they decay by."""
+    block, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    key_blocks = plan.key_dim // plan.key_block
+    rows = pl.ds(lax.rem(block, key_blocks) * plan.key_block, plan.key_block)
+    columns = pl.ds(lax.div(block, key_blocks) * plan.block_v, plan.block_v)
+    gates = slice(None) if plan.per_head else rows
+    return row, head, rows, columns, gates
+
+
 def _states_kernel(k_ref, v_ref, c_ref, tot_ref, s0_ref, h_ref, final_ref, *, plan):
-    vb, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    columns = pl.ds(vb * plan.block_v, plan.block_v)
+    row, head, rows, columns, gates = _state_block(plan)
 
     def body(n, state):
-        h_ref[row, n, head, :, columns] = state.astype(h_ref.dtype)
-        io = _IO(dict(k=k_ref, v=v_ref, c=c_ref), row, head, n * plan.chunk)
+        h_ref[row, n, head, rows, columns] = state.astype(h_ref.dtype)
+        io = _IO(dict(k=k_ref, v=v_ref, c=c_ref), row, head, n * plan.chunk, keys=rows)
         keys = tiles.written_keys(plan, io, tiles.Chunk(plan, io))
         written = dot(keys, io.load("v", 0, plan.chunk, columns), TN, plan.dtype)
-        return jnp.exp(tot_ref[row, n, head, :])[:, None] * state + written
+        return jnp.exp(tot_ref[row, n, head, gates])[:, None] * state + written
 
-    final_ref[row, head, :, columns] = lax.fori_loop(
-        0, plan.n_chunks, body, s0_ref[row, head, :, columns])
+    final_ref[row, head, rows, columns] = lax.fori_loop(
+        0, plan.n_chunks, body, s0_ref[row, head, rows, columns])
 
 
 def _outputs_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, o_ref, *, plan):
@@ -105,19 +120,18 @@ def _outputs_kernel(q_ref, k_ref, v_ref, c_ref, h_ref, o_ref, *, plan):
 
 
 def _dstates_kernel(q_ref, do_ref, c_ref, tot_ref, dfinal_ref, dh_ref, ds0_ref, *, plan):
-    vb, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    columns = pl.ds(vb * plan.block_v, plan.block_v)
+    row, head, rows, columns, gates = _state_block(plan)
 
     def body(t, dstate):
         n = plan.n_chunks - 1 - t
-        dh_ref[row, n, head, :, columns] = dstate.astype(dh_ref.dtype)
-        io = _IO(dict(q=q_ref, do=do_ref, c=c_ref), row, head, n * plan.chunk)
+        dh_ref[row, n, head, rows, columns] = dstate.astype(dh_ref.dtype)
+        io = _IO(dict(q=q_ref, do=do_ref, c=c_ref), row, head, n * plan.chunk, keys=rows)
         queries = tiles.decayed_queries(plan, io, tiles.Chunk(plan, io))
         read = dot(queries, io.load("do", 0, plan.chunk, columns), TN, plan.dtype)
-        return jnp.exp(tot_ref[row, n, head, :])[:, None] * dstate + read
+        return jnp.exp(tot_ref[row, n, head, gates])[:, None] * dstate + read
 
-    ds0_ref[row, head, :, columns] = lax.fori_loop(
-        0, plan.n_chunks, body, dfinal_ref[row, head, :, columns])
+    ds0_ref[row, head, rows, columns] = lax.fori_loop(
+        0, plan.n_chunks, body, dfinal_ref[row, head, rows, columns])
 
 
 def _grads_kernel(*refs, plan, part, block_v):
@@ -132,7 +146,8 @@ def _grads_kernel(*refs, plan, part, block_v):
 
 
 def _sequential_grid(plan):
-    return (plan.value_dim // plan.block_v, plan.batch, plan.heads)
+    blocks = (plan.value_dim // plan.block_v) * (plan.key_dim // plan.key_block)
+    return (blocks, plan.batch, plan.heads)
 
 
 def _chunk_grid(plan):
