@@ -70,8 +70,12 @@ def test_chunked_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
 # The kernel's gate gradient is q * dq - k * dk, reverse-summed inside each chunk: with gates
 # of alpha near 0.05 a token (STRONG) the pairs it adds and subtracts are much larger than the
 # result, and it is 4e-6 to 1.3e-5 from a float64 scan (the chunked form 2e-6 to 5e-6, the
-# float32 scan 2e-8; measured 2026-12-06).  Every other quantity is within 1e-6.
-KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 3e-5}
+# float32 scan 2e-8; measured 2026-12-06 on the CPU of that day).  With one gate per head
+# (the pairs also summed over the key dimension) at (1, 80, 2, 1, 32), chunks of 64, another
+# CPU (AMD EPYC, 2026-12-07) gave 2.8e-5, and 4.8e-5 with grads_block_v 16 (the sums over
+# value blocks in another order), where the float32 scan is 2.3e-8 from float64: XLA's CPU
+# code, and so the rounding, differs between machines.  Every other quantity is within 1e-6.
+KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 1e-4}
 
 
 # The kernel in the Pallas interpreter: whole chunks, a row ending inside a chunk, GQA, gates

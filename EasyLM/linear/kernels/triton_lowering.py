@@ -93,8 +93,8 @@ def _state_block(plan):
     sequential kernel runs, and the columns of the gates' chunk sums ``tot`` they decay by."""
     block, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     key_blocks = plan.key_dim // plan.key_block
-    rows = pl.ds(lax.rem(block, key_blocks) * plan.key_block, plan.key_block)
-    columns = pl.ds(lax.div(block, key_blocks) * plan.block_v, plan.block_v)
+    rows = pl.ds(block % key_blocks * plan.key_block, plan.key_block)
+    columns = pl.ds(block // key_blocks * plan.block_v, plan.block_v)
     gates = slice(None) if plan.per_head else rows
     return row, head, rows, columns, gates
 
