@@ -9,11 +9,15 @@ from benchmarks import tune_linear
 
 def test_candidates_start_from_the_incumbent_and_fit_the_head():
     incumbent = tune_linear.defaults(64)
-    assert incumbent == dict(block_v=64, num_warps=(4, 4, 4, 4), num_stages=(2, 1, 2, 1),
-                             split_grads=False, grads_block_v=None)
+    assert incumbent == dict(block_v=64, block_k=None, num_warps=(4, 4, 4, 4),
+                             num_stages=(2, 1, 2, 1), split_grads=False, grads_block_v=None)
     found = tune_linear.candidates(incumbent, "states", tune_linear.GRIDS, 64)
     assert found[0] == incumbent
     assert {c["block_v"] for c in found} == {32, 64}  # 128 does not divide a 64-wide head
+    # key blocks of 64 are the whole 64-wide head (the incumbent's None): not tried apart
+    assert {c["block_k"] for c in found} == {None, 32}
+    assert " block_k 32 " in tune_linear.describe(
+        next(c for c in found if c["block_k"] == 32))
     grads = tune_linear.candidates(incumbent, "grads", tune_linear.GRIDS, 64)
     # Only the grads kernel's (the fourth) warps and stages change.
     assert {(c["num_warps"][:3], c["num_stages"][:3]) for c in grads} == {((4, 4, 4), (2, 1, 2))}
