@@ -182,7 +182,8 @@ def test_tuned_defaults_apply_where_they_were_measured_only():
 @pytest.mark.slow
 def test_tuned_block_v_equals_the_generic_one_in_the_interpreter():
     """The searched settings change where the work runs, not what it computes: bf16 128-wide
-    heads, outputs and gradients equal with the value columns in one block and in two."""
+    heads, outputs and gradients equal with the state in one block of value columns and two
+    of key rows (the tuned ones) and in two of value columns and one of key rows."""
     args = inputs(1, 48, 1, 1, 128, per_dim=True, mu=0.7)
     args = [x.astype(jnp.bfloat16) for x in args[:3]] + list(args[3:])
     tuned = outputs_and_gradients("pallas", args, interpret=True)

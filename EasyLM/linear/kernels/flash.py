@@ -73,8 +73,14 @@ def check_grads_block_v(grads_block_v, value_dim):
 # in the benchmark: 1.37 ms at this shape, against 1.36 before), outputs and gradients
 # bit-identical.  Other shapes, float32 (whose 128-wide tiles sit at the shared-memory limit
 # below) and one gate per head were not searched and keep the generic defaults.
+# block_k 64 (the state's key rows in two blocks: twice the sequential kernels' programs, each
+# with half the work per chunk), timed later that day on another H100 beside the settings
+# above (``benchmarks.bench_linear --head-dims 128``, 2k-16k tokens, B x H 256 to 32): forward
+# 1.452/1.448/1.699/2.047 -> 1.415/1.398/1.544/1.726 ms, forward + backward
+# 4.177/4.169/4.519/5.334 -> 4.217/4.060/4.238/4.846 ms; the fewer the rows x heads, the more
+# it gains (16% of the forward at 16k, 2 x 16).
 TUNED_SETTINGS = {
-    (128, 128, "bfloat16", False): dict(block_v=128, num_warps=(8, 4, 8, 8),
+    (128, 128, "bfloat16", False): dict(block_v=128, block_k=64, num_warps=(8, 4, 8, 8),
                                         num_stages=(2, 1, 3, 2)),
 }
 
