@@ -75,6 +75,8 @@ def test_chunked_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
 # CPU (AMD EPYC, 2026-12-07) gave 2.8e-5, and 4.8e-5 with grads_block_v 16 (the sums over
 # value blocks in another order), where the float32 scan is 2.3e-8 from float64: XLA's CPU
 # code, and so the rounding, differs between machines.  Every other quantity is within 1e-6.
+# Compiled on an H100 (2026-12-07), float32, strong gates at (2, 1024, 4, 2, 128) with the state
+# in key blocks of 64: 1.6e-5 (the sums over key blocks in another order).
 KERNEL_TOLERANCE = {("dlog_alpha", STRONG): 1e-4}
 
 
@@ -236,8 +238,9 @@ def check_kernel(shape, per_dim, mu, options):
         assert relative(a, b) < KERNEL_TOLERANCE.get((name, mu), 1e-5), (name, relative(a, b))
 
 
-# The compiled kernel: float32 as tight as in the interpreter; bf16 rounds q, k, v, the decayed
-# tiles and the score tiles to 8 bits before each product.
+# The compiled kernel: float32 as tight as in the interpreter (KERNEL_TOLERANCE's gate gradient
+# of strong gates included); bf16 rounds q, k, v, the decayed tiles and the score tiles to 8
+# bits before each product.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape,per_dim,mu", [
@@ -260,7 +263,8 @@ def test_gpu_kernel(shape, per_dim, mu, dtype, tolerance):
         options["chunk_size"] = 32
     got = outputs_and_gradients("pallas", lowered, **options)
     for name, a, b in zip(NAMES, got, want):
-        assert relative(a.astype(jnp.float32), b) < tolerance, (name, relative(a, b))
+        limit = max(tolerance, KERNEL_TOLERANCE.get((name, mu), 0.0))
+        assert relative(a.astype(jnp.float32), b) < limit, (name, relative(a, b))
 
 
 @pytest.mark.gpu
@@ -278,7 +282,8 @@ def test_gpu_kernel_in_state_blocks(shape, per_dim, mu, options, dtype, toleranc
     lowered = tuple(x.astype(dtype) for x in args[:3]) + args[3:]
     got = outputs_and_gradients("pallas", lowered, interpret=False, **options)
     for name, a, b in zip(NAMES, got, want):
-        assert relative(a.astype(jnp.float32), b) < tolerance, (name, relative(a, b))
+        limit = max(tolerance, KERNEL_TOLERANCE.get((name, mu), 0.0))
+        assert relative(a.astype(jnp.float32), b) < limit, (name, relative(a, b))
 
 
 @pytest.mark.slow
