@@ -11,7 +11,10 @@
 # command, cut anywhere and run again, carries on.
 #   bash experiments/uptrain.sh FAMILY [stage ...]   FAMILY: fox or supra
 #                                                    stages: model data train eval
-#                                                    (default: all, in that order)
+#                                                    (default: all, in that order), and
+#                                                    probe (on request: each layer
+#                                                    converted alone against the base
+#                                                    model, experiments.conversion_probe)
 # The model (hf/, tokenizer/) and the corpus (data/) are those of experiments/pretrained_fot.sh
 # under the same UPTRAIN_OUT (runs/smollm2), built once for all; this recipe adds
 # FAMILY_init/ (the converted model), FAMILY/ (the run) and eval/FAMILY/ (one folder per
@@ -21,9 +24,10 @@
 # UPTRAIN_CONFIG (configs/smollm2_FAMILY.json), UPTRAIN_GGUF (a carried .gguf file: no
 # download), UPTRAIN_TOKENIZER (OUT/tokenizer), UPTRAIN_DATA_ARGS (experiments.code_corpus),
 # UPTRAIN_NATIVE (the base model's context, 8192), UPTRAIN_LONG (the long documents, 32768),
-# UPTRAIN_DTYPE (of the evaluations, bf16) and UPTRAIN_EVAL_ARGS (eval.loss_by_position:
-# --max_docs 16 --bucket_size 1024) change it; further runner flags go in UPTRAIN_RUNNER_ARGS
-# (the test suite runs a tiny version).
+# UPTRAIN_DTYPE (of the evaluations, bf16), UPTRAIN_EVAL_ARGS (eval.loss_by_position:
+# --max_docs 16 --bucket_size 1024) and UPTRAIN_PROBE_ARGS (experiments.conversion_probe:
+# --length 1024 --max_docs 4; it writes eval/FAMILY/probe/) change it; further runner flags
+# go in UPTRAIN_RUNNER_ARGS (the test suite runs a tiny version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 family=${1:-}
@@ -108,6 +112,11 @@ for stage in $stages; do
     done
     python -m experiments.report tokens --spans ${UPTRAIN_SPANS:-2048,$native} \
       --output_dir $out/eval/$family/report "${paths[@]}" ;;
-  *) echo "unknown stage $stage (model data train eval)" >&2; exit 2 ;;
+  probe)
+    [ -f $out/eval/$family/probe/probe.json ] || python -m experiments.conversion_probe \
+      --hf_model $out/hf "${convert_args[@]}" --tokenizer $tokenizer \
+      --data $out/data/heldout.jsonl ${UPTRAIN_PROBE_ARGS:---length 1024 --max_docs 4} \
+      --output_dir $out/eval/$family/probe ;;
+  *) echo "unknown stage $stage (model data train eval probe)" >&2; exit 2 ;;
   esac
 done

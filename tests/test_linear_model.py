@@ -227,7 +227,8 @@ def test_linear_layers_beside_fot_memory_train_and_run_windowed(tmp_path, family
 @pytest.mark.slow
 def test_the_supra_uptraining_recipe_runs_end_to_end(docs_page_run):
     """docs/linear.md's cpu blocks (experiments/uptrain.sh supra on a random tiny GQA LLaMA,
-    and GLA from scratch): the converted model, the run and the evaluations they write."""
+    its probe stage, and GLA from scratch): the converted model, the run and the evaluations
+    they write."""
     import json
     import os
 
@@ -258,6 +259,11 @@ def test_the_supra_uptraining_recipe_runs_end_to_end(docs_page_run):
     assert tokens[0] == "| model | training tokens | loss within 64 | loss within 128 |"
     assert tokens[3].startswith("| step_2 | 1,024 |") and tokens[4].startswith("| step_4 | 2,048 |")
     assert (out / "eval" / "supra" / "report" / "token_loss.png").stat().st_size > 0
+    # The probe stage: each layer converted alone, against the base model.
+    probe = json.loads((out / "eval" / "supra" / "probe" / "probe.json").read_text())
+    assert [row["layer"] for row in probe["layers"]] == [0, 1]
+    assert (probe["num_docs"], probe["length"]) == (2, 128)
+    assert all(np.isfinite(row["rms_ratio"]) for row in probe["layers"])
     gla = checkout / "runs" / "code_gla_cpu"
     assert load_llama_config(str(next(gla.glob("gla/*/checkpoints/step_10")))
                              ).attention_type == "gla"
