@@ -122,6 +122,18 @@ def _cpu_seconds():
 _expensive = {}  # node id -> CPU seconds of an unmarked test over the limit
 
 
+@pytest.fixture
+def x64():
+    """64-bit types on for the test (``jax_enable_x64``, as a user's program may set it:
+    Python ints become int64), off again after it."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     start = _cpu_seconds()

@@ -142,6 +142,15 @@ def test_triton_interpret_float32(shape, mu):
 
 
 @pytest.mark.slow
+def test_kernel_runs_with_64_bit_types_enabled(x64):
+    """Python ints are int64 with jax_enable_x64; the kernel's indices stay int32
+    (FoT.kernels.indices), block skipping included."""
+    assert_matches_reference((1, 128, 2, 1, 64), STRONG, implementation="pallas",
+                             backend="triton", interpret=True, skip_threshold=1e-6,
+                             **SMALL_TILES)
+
+
+@pytest.mark.slow
 def test_triton_interpret_bfloat16():
     assert_matches_reference((1, 128, 4, 2, 128), STRONG, jnp.bfloat16, seed=2,
                              implementation="pallas", backend="triton", interpret=True,

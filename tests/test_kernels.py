@@ -75,6 +75,14 @@ def test_triton_interpret_float32(shape, C, stepping, packing):
 
 
 @pytest.mark.slow
+def test_triton_interpret_with_64_bit_types_enabled(x64):
+    """Python ints are int64 with jax_enable_x64; the kernel's indices (memory slots,
+    readers, causal ranges) stay int32 (FoT.kernels.indices)."""
+    assert_matches_reference((4, 32, 2, 1, 64), 2, True, 1, jnp.float32, backend="triton",
+                             interpret=True, **SMALL_BLOCKS)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [
     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32),
     dict(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16),

@@ -104,6 +104,22 @@ def test_kernel_equals_the_recurrence_in_float32(shape, per_dim, mu, options):
     check_kernel(shape, per_dim, mu, options)
 
 
+# With jax_enable_x64 a Python int is int64, which lax's integer ops refuse beside the
+# kernel's int32 indices (FoT.kernels.indices): the sub-chunk path and key blocks.
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,per_dim,mu,options", [
+    ((1, 48, 2, 2, 16), True, STRONG, dict(chunk_size=16)),
+    ((1, 80, 2, 1, 32), False, STRONG, dict(chunk_size=64, block_k=16, block_v=16)),
+])
+def test_kernel_runs_with_64_bit_types_enabled(x64, shape, per_dim, mu, options):
+    args = tuple(x.astype(jnp.float32) for x in inputs(*shape, per_dim=per_dim, mu=mu))
+    want = outputs_and_gradients("scan", args)
+    got = outputs_and_gradients("pallas", args, interpret=True, **options)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == jnp.float32, name
+        assert relative(a, b) < KERNEL_TOLERANCE.get((name, mu), 1e-5), (name, relative(a, b))
+
+
 # The backward's per-chunk work over the value columns in blocks (grads_block_v), two or four
 # of them, in one kernel and split (dq; dk and dv): gates per key dimension weak (whole-chunk
 # matmuls), strong (sixteen tokens at a time) and both in one row, and per head.

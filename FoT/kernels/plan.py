@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from FoT.kernels.indices import index_div, index_min, index_rem
 from FoT.slots import allowed_slots
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -73,19 +74,19 @@ class TilingPlan:
     # --- index arithmetic (works on Python ints and traced int32 scalars) ---
 
     def kv_head(self, head):
-        """Key/value head read by query ``head`` (lax.div: indices are non-negative, and
-        Mosaic lowers ``//`` through a sign test)."""
-        return lax.div(head, self.group)
+        """Key/value head read by query ``head`` (:mod:`FoT.kernels.indices`: indices are
+        non-negative, and Mosaic lowers ``//`` through a sign test)."""
+        return index_div(head, self.group)
 
     def neighbour_row(self, row, slot):
         """Row whose memory keys/values fill ``slot`` of ``row``: ``(row - slot) mod B``."""
         # Adding a multiple of B that is >= C keeps the dividend non-negative, so rem is mod.
         wrap = self.batch * -(-self.cross_batch_range // self.batch)
-        return lax.rem(row - slot + wrap, self.batch)
+        return index_rem(row - slot + wrap, self.batch)
 
     def reader_row(self, row, slot):
         """Row reading ``row``'s memory keys/values through its ``slot``: ``(row + slot) mod B``."""
-        return lax.rem(row + slot, self.batch)
+        return index_rem(row + slot, self.batch)
 
     def slot_table(self):
         """``n_b`` as int32, padded to a power-of-two length."""
@@ -123,17 +124,17 @@ class TilingPlan:
         """For query tile ``q_block``: key tiles ``[0, full_end)`` are entirely visible and
         ``[full_end, masked_end)`` straddle the diagonal; later ones are skipped."""
         first_query = q_block * block_q
-        full_end = lax.div(first_query + 1, block_k)
-        masked_end = lax.div(first_query + block_q + block_k - 1, block_k)
+        full_end = index_div(first_query + 1, block_k)
+        masked_end = index_div(first_query + block_q + block_k - 1, block_k)
         return full_end, masked_end
 
     def local_query_range(self, k_block, block_q, block_k):
         """For key tile ``k_block``: query tiles before ``masked_start`` see none of it,
         ``[masked_start, full_start)`` straddle the diagonal, later ones see all of it."""
         first_key = k_block * block_k
-        masked_start = lax.div(first_key, block_q)
-        full_start = lax.div(first_key + block_k - 1 + block_q - 1, block_q)
-        return masked_start, lax.min(full_start, self.num_blocks(block_q))
+        masked_start = index_div(first_key, block_q)
+        full_start = index_div(first_key + block_k - 1 + block_q - 1, block_q)
+        return masked_start, index_min(full_start, self.num_blocks(block_q))
 
     @staticmethod
     def causal_mask(q_block, k_block, block_q, block_k, key_major=False):

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from FoT.kernels import tiles
+from FoT.kernels.indices import index_div, index_rem
 from FoT.kernels.plan import BlockSizes, pad_pow2
 
 
@@ -80,9 +81,9 @@ def _stream_keys(plan, block_q, block_k, row, q_block, n_slots, k_loc_ref, k_mem
     num_k = plan.num_blocks(block_k)
 
     def memory_step(t, carry):
-        slot = 1 + lax.div(t, num_k)
+        slot = 1 + index_div(t, num_k)
         source = plan.neighbour_row(row, slot)
-        start = lax.rem(t, num_k) * block_k
+        start = index_rem(t, num_k) * block_k
         return visit(carry, _tile(k_mem_ref, source, start, block_k),
                      _tile(v_ref, source, start, block_k), None)
 
@@ -176,7 +177,7 @@ def _dkv_kernel(reader_slots_ref, reader_counts_ref, q_ref, k_loc_ref, k_mem_ref
     width = max(plan.cross_batch_range, 1)
 
     def memory_reader(t, carry):
-        g, j = lax.div(t, num_readers), lax.rem(t, num_readers)
+        g, j = index_div(t, num_readers), index_rem(t, num_readers)
         reader = plan.reader_row(row, reader_slots_ref[row * width + j])
         return fold_queries(carry, k_mem, reader, kv_head * plan.group + g, 0, num_q, False)
 

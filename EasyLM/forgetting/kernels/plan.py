@@ -16,8 +16,8 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
-from jax import lax
 
+from FoT.kernels.indices import index_div
 from FoT.kernels.plan import LOG2_E, BlockSizes, TilingPlan
 from FoT.kernels.plan import check_blocks as shared_check_blocks
 from FoT.kernels.plan import check_inputs as shared_check_inputs
@@ -63,15 +63,15 @@ class ForgettingPlan:
         return self.length // block
 
     def kv_head(self, head):
-        """Key/value head read by query ``head`` (lax.div: Mosaic lowers ``//`` through a sign
-        test)."""
-        return lax.div(head, self.group)
+        """Key/value head read by query ``head`` (:mod:`FoT.kernels.indices`: Mosaic lowers ``//``
+        through a sign test)."""
+        return index_div(head, self.group)
 
     def table_index(self, row, head, position):
         """Index into a flattened ``[B, H, L // skip_block]`` skip table of the skip block
         holding token ``position``."""
         blocks = self.num_blocks(self.skip_block)
-        return (row * self.num_heads + head) * blocks + lax.div(position, self.skip_block)
+        return (row * self.num_heads + head) * blocks + index_div(position, self.skip_block)
 
     # --- causal ranges (the cross-batch kernel's local slot) ---
 
@@ -87,8 +87,8 @@ class ForgettingPlan:
         diagonal and ``[full_start, end)`` see all of it; ``end`` is the skip table's end, in
         query tiles."""
         first_key = k_block * block_k
-        masked_start = lax.div(first_key, block_q)
-        full_start = lax.div(first_key + block_k - 1 + block_q - 1, block_q)
+        masked_start = index_div(first_key, block_q)
+        full_start = index_div(first_key + block_k - 1 + block_q - 1, block_q)
         return masked_start, full_start, end_skip_block * (self.skip_block // block_q)
 
     causal_mask = staticmethod(TilingPlan.causal_mask)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from FoT.kernels.indices import index_div
+
 # A chunk whose gates sum to more than -MILD_LIMIT in every key dimension takes whole-chunk
 # matmuls with factored decays (exp(F_i) and exp(-F_j) within exp(+-40) of 1); a stronger one,
 # sixteen tokens at a time with every exponent <= 0.
@@ -93,8 +95,11 @@ class Chunk:
         float32's range, and the chunk's pairs are whole-chunk matmuls."""
         return jnp.min(self.total()) > -MILD_LIMIT
 
+    def _div(self, index):
+        return index_div(index, self.plan.sub)
+
     def _sub_of_row(self, rows):
-        return lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), self.plan.sub)
+        return self._div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0))
 
     def from_start(self, c):
         """``[C, Dk]``: log decay from the chunk's start through each token (inclusive)."""
@@ -115,8 +120,8 @@ class Chunk:
         size = c.shape[0]
         i = lax.broadcasted_iota(jnp.int32, (size, size), 0)
         j = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-        sub_i, sub_j = lax.div(i, self.plan.sub), lax.div(j, self.plan.sub)
-        key_sub = lax.div(lax.broadcasted_iota(jnp.int32, (1, size), 1), self.plan.sub)
+        sub_i, sub_j = self._div(i), self._div(j)
+        key_sub = self._div(lax.broadcasted_iota(jnp.int32, (1, size), 1))
         rest = sum(jnp.where(key_sub == m, t - c_row, 0.0) for m, t in enumerate(self.totals))
         spanned = sum(jnp.where((sub_j < m) & (m < sub_i), t, 0.0)
                       for m, t in enumerate(self.totals))
