@@ -11,7 +11,9 @@ from jax import lax
 
 
 def _same_type(a, b):
-    dtype = getattr(a, "dtype", None) or getattr(b, "dtype", None)
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        dtype = getattr(b, "dtype", None)
     return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
 
 
