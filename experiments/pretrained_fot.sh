@@ -7,7 +7,8 @@
 #                                                      (default: all, in that order)
 # PRETRAINED_OUT (runs/smollm2), PRETRAINED_GGUF (a carried .gguf file: no download),
 # PRETRAINED_CONFIG (configs/smollm2_fot.json), PRETRAINED_DATA_ARGS (experiments.code_corpus),
-# PRETRAINED_MIX_ARGS (experiments.recall_data), PRETRAINED_LENGTHS (passkey lengths),
+# PRETRAINED_MIX_ARGS (experiments.recall_data), PRETRAINED_RECALL_STYLE (how the inserted facts
+# come back: repeat, question or mixed; repeat by default), PRETRAINED_LENGTHS (passkey lengths),
 # PRETRAINED_TRIALS, PRETRAINED_EVAL_ARGS (eval.loss_by_position), PRETRAINED_NATIVE (the base
 # model's context, 8192) and PRETRAINED_RETENTION_ARGS (short-context retention: loss of
 # held-out documents of the native length, base vs continued model) change it; further runner
@@ -40,7 +41,8 @@ for stage in $stages; do
     # row group, 4 x 1024 tokens), carry 6-16 statements, 30% of them recalled at the end.
     mix_args=${PRETRAINED_MIX_ARGS:---fraction 0.8 --chunk_chars 12000 --min_facts 6 --max_facts 16 --recall_share 0.3 --min_chars 3000}
     [ -f $out/data/train_recall.jsonl ] || python -m experiments.recall_data \
-      --input $out/data/train.jsonl --output $out/data/train_recall.jsonl $mix_args ;;
+      --input $out/data/train.jsonl --output $out/data/train_recall.jsonl \
+      --recall_style ${PRETRAINED_RECALL_STYLE:-repeat} $mix_args ;;
   train)
     python -m running_utils.runner --config $config "${runner_args[@]}" ;;
   export)

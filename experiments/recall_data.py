@@ -20,10 +20,16 @@ bounded by the piece: with pieces of about the cross-batch span a training row g
 so every recalled number is a training signal for retrieval through memory rather than for
 guessing.
 
-The statements use their own wording and numbers of 3 to 7 digits; nothing in them is shaped
-like the passkey prompt of ``eval.passkey`` (no "pass key", no filler text), so a passkey
-result after this training is a transfer, not a rehearsal. Writes the mixed JSON lines
-(atomically) and prints how many documents carry facts.
+``--recall_style`` says how a fact comes back at the end: ``repeat`` (the statement again, word
+for word), ``question`` (a question about it followed by its answer, e.g. ``Which order number
+does Tavoren have? Tavoren has order number 48213.``) or ``mixed`` (either, half and half). A
+model continued on source files alone stops answering questions with the numbers it read;
+the questions keep that habit in the training signal.
+
+The statements and questions use their own wording and numbers of 3 to 7 digits; nothing in
+them is shaped like the passkey prompt of ``eval.passkey`` (no "pass key", no "Remember it",
+no filler text), so a passkey result after this training is a transfer, not a rehearsal.
+Writes the mixed JSON lines (atomically) and prints how many documents carry facts.
 """
 import argparse
 import json
@@ -34,6 +40,11 @@ THINGS = ("serial number", "room number", "account id", "order number", "access 
           "ticket number", "badge id", "locker code", "invoice number", "batch number")
 STATEMENTS = ("The {thing} of {name} is {value}.", "{name} has {thing} {value}.",
               "Note: the {thing} for {name} is {value}.")
+# A question about a fact, then its answer (the number last, as a reader answering would end).
+QUESTIONS = ("What is the {thing} of {name}? The {thing} of {name} is {value}.",
+             "Which {thing} does {name} have? {name} has {thing} {value}.",
+             "Question: the {thing} for {name}? Answer: {value}.")
+RECALL_STYLES = ("repeat", "question", "mixed")
 SYLLABLES = ("ka", "ren", "to", "vo", "mi", "sal", "dor", "en", "qua", "li", "bar", "tek",
              "os", "ni", "vel", "ra", "gun", "zi", "fe", "mar")
 
@@ -42,31 +53,37 @@ def random_name(rng):
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
 
 
-def facts(rng, count):
-    """``count`` statements with distinct names, each ``(text, name)``."""
+def facts(rng, count, recall_style="repeat"):
+    """``count`` facts with distinct names, each ``(statement, recall)``: the statement
+    inserted in the text and what comes back at the end (:data:`RECALL_STYLES`)."""
+    if recall_style not in RECALL_STYLES:
+        raise ValueError(f"recall_style {recall_style!r}: expected one of {RECALL_STYLES}")
     names, out = set(), []
     while len(out) < count:
         name = random_name(rng)
         if name in names:
             continue
         names.add(name)
-        digits = rng.randint(3, 7)
+        digits = rng.randint(3, 7)  # the draws in recipe v3's order: its data stays the same
         value = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
-        text = rng.choice(STATEMENTS).format(thing=rng.choice(THINGS), name=name, value=value)
-        out.append((text, name))
+        template = rng.choice(STATEMENTS)
+        fields = dict(thing=rng.choice(THINGS), name=name, value=value)
+        statement = template.format(**fields)
+        ask = recall_style == "question" or (recall_style == "mixed" and rng.random() < 0.5)
+        out.append((statement, rng.choice(QUESTIONS).format(**fields) if ask else statement))
     return out
 
 
-def with_facts(text, rng, min_facts, max_facts, recall_share):
+def with_facts(text, rng, min_facts, max_facts, recall_share, recall_style="repeat"):
     """``text`` with statements inserted at line breaks of its first ``1 - recall_share`` and
-    repeated, shuffled, after it."""
+    recalled, shuffled, after it."""
     lines = text.split("\n")
     head = max(1, int(len(lines) * (1 - recall_share)))
-    chosen = facts(rng, rng.randint(min_facts, max_facts))
+    chosen = facts(rng, rng.randint(min_facts, max_facts), recall_style)
     places = sorted(rng.randrange(head) for _ in chosen)
     for offset, (place, (statement, _)) in enumerate(zip(places, chosen)):
         lines.insert(place + offset, statement)
-    recalled = [statement for statement, _ in chosen]
+    recalled = [recall for _, recall in chosen]
     rng.shuffle(recalled)
     return "\n".join(lines) + "\n\n" + "\n".join(recalled) + "\n"
 
@@ -88,7 +105,7 @@ def pieces(text, chunk_chars):
 
 
 def mix(input_path, output_path, fraction, min_facts, max_facts, recall_share, min_chars, seed,
-        field="text", chunk_chars=0):
+        field="text", chunk_chars=0, recall_style="repeat"):
     """Write the mixed file; returns ``(documents, documents with facts)``."""
     rng = random.Random(seed)
     total = changed = 0
@@ -99,7 +116,8 @@ def mix(input_path, output_path, fraction, min_facts, max_facts, recall_share, m
             record = json.loads(line)
             for text in pieces(record[field], chunk_chars):
                 if len(text) >= min_chars and rng.random() < fraction:
-                    text = with_facts(text, rng, min_facts, max_facts, recall_share)
+                    text = with_facts(text, rng, min_facts, max_facts, recall_share,
+                                      recall_style)
                     changed += 1
                 out.write(json.dumps(dict(record, **{field: text})) + "\n")
                 total += 1
@@ -123,6 +141,9 @@ def main(argv=None):
     parser.add_argument("--chunk_chars", type=int, default=0,
                         help="cut documents at line breaks into pieces of at most this many "
                              "characters first (0: keep them whole)")
+    parser.add_argument("--recall_style", default="repeat", choices=RECALL_STYLES,
+                        help="how facts come back at the end: the statement again, a question "
+                             "and its answer, or either")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.input):
@@ -135,7 +156,7 @@ def main(argv=None):
         parser.error("--chunk_chars must be >= 0")
     total, changed = mix(args.input, args.output, args.fraction, args.min_facts, args.max_facts,
                          args.recall_share, args.min_chars, args.seed, args.field,
-                         args.chunk_chars)
+                         args.chunk_chars, args.recall_style)
     print(f"{args.output}: {total} documents, {changed} with facts")
 
 

@@ -4,6 +4,7 @@ file, imported with memory layers, then ``experiments/pretrained_fot.sh`` builds
 this checkout's files, trains a few steps, exports and runs every evaluation of the recipe."""
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -12,6 +13,15 @@ from helpers import REPO
 from tiny_pretrained import CORPUS_ARGS, runner_args, write_tiny_pretrained
 
 from eval.loss_by_position import loss_by_position
+from experiments import recall_data
+
+
+def recall_pattern(templates):
+    """A regex matching a whole line made from any of ``templates``."""
+    fields = dict(thing=r"[a-z ]+", name=r"[A-Z][a-z]+", value=r"\d{3,7}")
+    parts = [re.escape(t).replace(r"\{", "{").replace(r"\}", "}").format(**fields)
+             for t in templates]
+    return re.compile("^(" + "|".join(parts) + ")$")
 
 
 class _FakeModel:
@@ -41,6 +51,7 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_pretrained_gqa_model(tmp_path):
     env = dict(os.environ, PRETRAINED_OUT=str(out), PRETRAINED_WINDOW="64",
                PRETRAINED_DATA_ARGS=CORPUS_ARGS,
                PRETRAINED_MIX_ARGS="--fraction 0.5 --chunk_chars 3000 --min_chars 1000",
+               PRETRAINED_RECALL_STYLE="question",
                PRETRAINED_RUNNER_ARGS=runner_args(64), PRETRAINED_LENGTHS="512,1024",
                PRETRAINED_TRIALS="1",
                PRETRAINED_EVAL_ARGS="--min_length 1024 --max_length 1024 --max_docs 2 "
@@ -53,7 +64,14 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_pretrained_gqa_model(tmp_path):
 
     mixed = [json.loads(line) for line in open(out / "data" / "train_recall.jsonl")]
     assert any("\n\n" in record["text"] for record in mixed)
-    assert max(len(record["text"]) for record in mixed) <= 3000 + 2000  # pieces + statements
+    assert max(len(record["text"]) for record in mixed) <= 3000 + 2000  # pieces + facts
+    # PRETRAINED_RECALL_STYLE=question: the facts come back as questions and answers only
+    endings = [record["text"].rstrip("\n").rsplit("\n\n", 1)[-1].split("\n")
+               for record in mixed]
+    assert any(all(recall_pattern(recall_data.QUESTIONS).match(x) for x in lines)
+               for lines in endings)
+    assert not any(all(recall_pattern(recall_data.STATEMENTS).match(x) for x in lines)
+                   for lines in endings)
     assert list((out / "fot").glob("*/checkpoints/step_4"))
     assert (out / "exported" / "config.json").exists()
     for name in ("passkey_base", "passkey_fot", "passkey_fot_hf", "passkey_fot_no_memory"):

@@ -68,3 +68,59 @@ def test_a_negative_chunk_size_is_refused(tmp_path, capsys):
                           "--chunk_chars", "-1"])
     assert stop.value.code == 2
     assert "--chunk_chars" in capsys.readouterr().err
+
+
+def _number(text):
+    return re.findall(r"\d{3,7}", text)[-1]
+
+
+def _name(statement):
+    """The made-up name in a statement (the one capitalised word that is not its first)."""
+    return next(w for w in re.findall(r"[A-Z][a-z]+", statement) if w not in ("The", "Note"))
+
+
+@pytest.mark.parametrize("style", ["question", "mixed"])
+def test_questions_at_the_end_ask_about_a_statement_and_end_with_its_number(style):
+    """Each recalled line is about one inserted statement: the same name and number, the
+    number last; ``question`` recalls only as questions, ``mixed`` as both; none of it
+    borrows the passkey prompt's words."""
+    asked = repeated = 0
+    for seed in range(40):
+        mixed = recall_data.with_facts(_text(60, seed=seed), random.Random(seed), 3, 3, 0.3,
+                                       style)
+        body, recalled = mixed.rstrip("\n").rsplit("\n\n", 1)
+        statements = {_name(line): line for line in body.split("\n") if re.search(r"\d", line)}
+        assert len(statements) == 3
+        for line in recalled.split("\n"):
+            assert line.rstrip(".").endswith(_number(line))
+            assert "pass key" not in line.lower() and "remember" not in line.lower()
+            if line in statements.values():
+                repeated += 1
+                continue
+            asked += 1
+            assert "?" in line
+            about = [name for name in statements if name in line]
+            assert len(about) == 1 and _number(line) == _number(statements[about[0]])
+    assert asked and (repeated if style == "mixed" else not repeated)
+
+
+def test_the_repeat_style_writes_what_it_wrote_before_the_styles():
+    """The default recall (recipe v3's data) draws the same random numbers as before the
+    question styles existed: the same seed gives the same file, byte for byte."""
+    text = "\n".join(f"line {i}" for i in range(12))
+    assert recall_data.with_facts(text, random.Random(7), 2, 2, 0.3) == (
+        "line 0\nNote: the room number for Osren is 940.\nline 1\nline 2\nline 3\nline 4\n"
+        "line 5\nThe badge id of Ferengun is 1614.\nline 6\nline 7\nline 8\nline 9\nline 10\n"
+        "line 11\n\nThe badge id of Ferengun is 1614.\nNote: the room number for Osren is 940.\n")
+
+
+def test_an_unknown_recall_style_is_refused(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        recall_data.main(["--input", str(source), "--output", str(tmp_path / "o.jsonl"),
+                          "--recall_style", "quiz"])
+    assert stop.value.code == 2
+    assert "--recall_style" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="recall_style 'quiz'"):
+        recall_data.facts(random.Random(0), 1, "quiz")
