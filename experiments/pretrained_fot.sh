@@ -9,8 +9,9 @@
 # PRETRAINED_CONFIG (configs/smollm2_fot.json), PRETRAINED_DATA_ARGS (experiments.code_corpus),
 # PRETRAINED_MIX_ARGS (experiments.recall_data), PRETRAINED_RECALL_STYLE (how the inserted facts
 # come back: repeat, question or mixed; repeat by default), PRETRAINED_LENGTHS (passkey lengths),
-# PRETRAINED_TRIALS, PRETRAINED_EVAL_ARGS (eval.loss_by_position), PRETRAINED_NATIVE (the base
-# model's context, 8192) and PRETRAINED_RETENTION_ARGS (short-context retention: loss of
+# PRETRAINED_TRIALS, PRETRAINED_EVAL_ARGS (eval.loss_by_position), PRETRAINED_PROBE_ARGS
+# (experiments.recall_probe of the base and FoT models, the facts repeated and asked about),
+# PRETRAINED_NATIVE (the base model's context, 8192) and PRETRAINED_RETENTION_ARGS (short-context retention: loss of
 # held-out documents of the native length, base vs continued model) change it; further runner
 # flags go in PRETRAINED_RUNNER_ARGS (the test suite runs a tiny version).
 set -euo pipefail
@@ -61,6 +62,17 @@ for stage in $stages; do
     python -m eval.passkey --load_checkpoint "$checkpoint" --tokenizer $out/tokenizer \
       --dtype bf16 --last_context_length $window "${passkey[@]}" --no_memory \
       --output_dir $out/eval/passkey_fot_no_memory
+    # Facts read back or asked about, base model (whole text in its context) and FoT model
+    probe_args=${PRETRAINED_PROBE_ARGS:---chars 12000}
+    for style in repeat question; do
+      python -m experiments.recall_probe --hf_model $out/hf --tokenizer $out/tokenizer \
+        --data $out/data/heldout.jsonl --dtype bf16 --recall_style $style \
+        --output_dir $out/eval/recall_base_$style $probe_args
+      python -m experiments.recall_probe --load_checkpoint "$checkpoint" \
+        --tokenizer $out/tokenizer --data $out/data/heldout.jsonl \
+        --last_context_length $window --dtype bf16 --recall_style $style \
+        --output_dir $out/eval/recall_fot_$style $probe_args
+    done
     eval_args=${PRETRAINED_EVAL_ARGS:---min_length 16384 --max_length 16384 --max_docs 16 --bucket_size 1024}
     python -m eval.loss_by_position --load_checkpoint "$checkpoint" --tokenizer $out/tokenizer \
       --data $out/data/heldout.jsonl --last_context_length $window --context_windows 1,4,16,64 \

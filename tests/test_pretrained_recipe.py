@@ -2,6 +2,7 @@
 CPU: a tiny random GQA LLaMA with tied embeddings and a byte-level tokenizer, written as a GGUF
 file, imported with memory layers, then ``experiments/pretrained_fot.sh`` builds its data from
 this checkout's files, trains a few steps, exports and runs every evaluation of the recipe."""
+import itertools
 import json
 import os
 import re
@@ -57,6 +58,7 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_pretrained_gqa_model(tmp_path):
                PRETRAINED_EVAL_ARGS="--min_length 1024 --max_length 1024 --max_docs 2 "
                                     "--bucket_size 256",
                PRETRAINED_NATIVE="256",
+               PRETRAINED_PROBE_ARGS="--chars 1500 --num_docs 2 --min_facts 2 --max_facts 2",
                PRETRAINED_RETENTION_ARGS="--min_length 256 --max_length 256 --max_docs 2 "
                                          "--bucket_size 64")
     subprocess.run(["bash", "experiments/pretrained_fot.sh", "data", "train", "export", "eval"],
@@ -84,6 +86,13 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_pretrained_gqa_model(tmp_path):
     assert set(loss["loss_past_first_window"]) >= {f"reads {m} window" + "s" * (m > 1)
                                                     for m in (1, 4, 16, 64)}
     assert all(np.isfinite(v) for v in loss["loss_past_first_window"].values())
+    for name, style in itertools.product(("base", "fot"), ("repeat", "question")):
+        probe = json.loads((out / "eval" / f"recall_{name}_{style}" / "recall_probe.json")
+                           .read_text())
+        assert probe["recall_style"] == style and probe["documents"] == 2
+        for variant in ("with memory", "without memory"):
+            assert 0 <= probe["scores"][variant]["digit_accuracy"] <= 1
+            assert np.isfinite(probe["scores"][variant]["loss"])
     for name in ("retention_base", "retention_fot"):
         result = json.loads((out / "eval" / name / "loss_by_position.json").read_text())
         assert result["last_context_length"] == 256
