@@ -79,6 +79,17 @@ def number_list(kind=int, count=None, low=None, high=None):
     return parse
 
 
+def fraction(text):
+    """An argparse ``type``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
 def integer(low):
     """An argparse ``type``: an integer ``>= low``."""
     def parse(text):

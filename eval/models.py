@@ -14,6 +14,7 @@ from EasyLM import cli
 from EasyLM.jax_utils import dtype_name
 from EasyLM.models.llama.windowed_lm import WindowedLM
 from EasyLM.tokenizer import load_tokenizer
+from running_utils.runner_utils import apply_gpu_memory_fraction
 
 
 class TorchWindowedLM:
@@ -124,6 +125,11 @@ def add_model_arguments(parser):
                        help="HEADS,QUERIES processed at a time in memory layers")
     group.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     group.add_argument("--mem_dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    group.add_argument("--gpu_memory_fraction", type=cli.fraction, default=None,
+                       help="share of each GPU's memory JAX takes (default: JAX's 0.75); "
+                            "lower it to evaluate beside another job on the same GPU. "
+                            "XLA_PYTHON_CLIENT_MEM_FRACTION in the environment wins, as with "
+                            "the runner")
 
 
 def model_from_args(args, use_memory=True):
@@ -152,7 +158,9 @@ def load_model_from_args(args, use_memory=True):
 
 
 def _checked_model_arguments(args):
-    """``(flag, path)`` of the tokenizer, once the model and tokenizer flags are checked."""
+    """``(flag, path)`` of the tokenizer, once the model and tokenizer flags are checked; sets
+    the GPU memory share before anything starts JAX's backend."""
+    apply_gpu_memory_fraction(getattr(args, "gpu_memory_fraction", None))
     if args.load_checkpoint is not None:
         cli.checkpoint_argument("--load_checkpoint", args.load_checkpoint)
         if args.tokenizer is None:

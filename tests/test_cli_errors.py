@@ -1,8 +1,10 @@
 """Every command behaves like the runner: a bad input is one line on stderr naming the flag,
 exit status 2, before any work and with nothing written; a failure midway leaves no output;
 an export's files all have open()'s mode; the evaluations print the paths they wrote."""
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,8 @@ import pytest
 from EasyLM import cli
 from EasyLM.models.llama import convert_easylm_to_hf, convert_hf_to_easylm
 from eval import loss_by_position, passkey
-from eval import dictionary_lookup, window_rules
+from eval import dictionary_lookup, models, window_rules
+from running_utils.runner_utils import MEMORY_FRACTION_VARIABLES
 from helpers import REPO, TINY_SP, cpu_env
 from test_hf_fot import tiny_fot_checkpoint
 
@@ -110,6 +113,34 @@ def test_bad_evaluation_inputs_fail_in_one_line_naming_the_flag(model, tmp_path,
         line = one_line_error(capsys, command.main, argv)
         assert f"error: {flag}" in line and words in line, (command.__name__, line)
         assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_takes_its_share_of_the_gpu_before_jax_starts(tmp_path, monkeypatch,
+                                                                     capsys):
+    """``--gpu_memory_fraction`` of every evaluation sets JAX's variable when the flags are
+    checked (before the backend starts); one already in the environment wins, as with the
+    runner."""
+    for name in MEMORY_FRACTION_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    export = fake_export(tmp_path / "hf")
+    shutil.copy(TINY_SP, os.path.join(export, "tokenizer.model"))
+    parser = argparse.ArgumentParser()
+    models.add_model_arguments(parser)
+    args = parser.parse_args(["--hf_model", export, "--gpu_memory_fraction", "0.3"])
+    models.tokenizer_from_args(args)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.3"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    models.tokenizer_from_args(parser.parse_args(["--hf_model", export,
+                                                  "--gpu_memory_fraction", "0.2"]))
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    models.tokenizer_from_args(parser.parse_args(["--hf_model", export]))  # no flag: JAX's own
+    assert not any(name in os.environ for name in MEMORY_FRACTION_VARIABLES)
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--hf_model", export, "--gpu_memory_fraction", bad])
+        assert exit_.value.code == 2
+        assert "argument --gpu_memory_fraction:" in capsys.readouterr().err
 
 
 def test_bad_converter_inputs_fail_in_one_line_naming_the_flag(model, tmp_path, capsys):
