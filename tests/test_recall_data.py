@@ -60,14 +60,16 @@ def test_the_command_writes_pieces_with_facts(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_a_negative_chunk_size_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("flag,value", [("--chunk_chars", "-1"), ("--recall_style", "quiz")])
+def test_bad_flags_are_refused_naming_them(tmp_path, capsys, flag, value):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"text": "a"}) + "\n")
     with pytest.raises(SystemExit) as stop:
         recall_data.main(["--input", str(source), "--output", str(tmp_path / "o.jsonl"),
-                          "--chunk_chars", "-1"])
+                          flag, value])
     assert stop.value.code == 2
-    assert "--chunk_chars" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def _number(text):
@@ -114,13 +116,6 @@ def test_the_repeat_style_writes_what_it_wrote_before_the_styles():
         "line 11\n\nThe badge id of Ferengun is 1614.\nNote: the room number for Osren is 940.\n")
 
 
-def test_an_unknown_recall_style_is_refused(tmp_path, capsys):
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"text": "a"}) + "\n")
-    with pytest.raises(SystemExit) as stop:
-        recall_data.main(["--input", str(source), "--output", str(tmp_path / "o.jsonl"),
-                          "--recall_style", "quiz"])
-    assert stop.value.code == 2
-    assert "--recall_style" in capsys.readouterr().err
+def test_an_unknown_recall_style_is_refused_by_the_library_too():
     with pytest.raises(ValueError, match="recall_style 'quiz'"):
         recall_data.facts(random.Random(0), 1, "quiz")
