@@ -11,9 +11,10 @@
 # come back: repeat, question or mixed; repeat by default), PRETRAINED_LENGTHS (passkey lengths),
 # PRETRAINED_TRIALS, PRETRAINED_EVAL_ARGS (eval.loss_by_position), PRETRAINED_PROBE_ARGS
 # (experiments.recall_probe of the base and FoT models, the facts repeated and asked about),
-# PRETRAINED_NATIVE (the base model's context, 8192) and PRETRAINED_RETENTION_ARGS (short-context retention: loss of
-# held-out documents of the native length, base vs continued model) change it; further runner
-# flags go in PRETRAINED_RUNNER_ARGS (the test suite runs a tiny version).
+# PRETRAINED_NATIVE (the base model's context, 8192) and PRETRAINED_RETENTION_ARGS
+# (short-context retention: loss of held-out documents of the native length, base vs continued
+# model) change it; further runner flags go in PRETRAINED_RUNNER_ARGS (the test suite runs a
+# tiny version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${PRETRAINED_OUT:-runs/smollm2}
